@@ -1,0 +1,10 @@
+# The two commands of the README.
+.PHONY: demo test
+
+demo:
+	./scripts/setup.sh
+	.venv/bin/spine-fl simulate --out results/default
+
+test:
+	./scripts/setup.sh
+	.venv/bin/python -m pytest -q

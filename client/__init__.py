@@ -1,0 +1,1 @@
+"""Site side: the ClientApp that trains on a site's data without sending it anywhere."""

@@ -1,0 +1,1 @@
+"""Packaged TOML configuration (federation, sites)."""

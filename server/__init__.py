@@ -1,0 +1,1 @@
+"""Coordinator side: the ServerApp, its strategy and the results it writes."""

@@ -1,0 +1,104 @@
+"""Flower's own strategies, configured from RunSettings, wrapped to record per-site metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flwr.common import Parameters, Scalar, ndarrays_to_parameters
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from spine_fl.shared.config import RunSettings
+
+
+def round_config(settings: RunSettings, sites: list[str]) -> Callable[[int], dict[str, Scalar]]:
+    """What every site receives with each round: the run's settings and the site order."""
+
+    def config(server_round: int) -> dict[str, Scalar]:
+        return {**settings.to_run_config(), "round": server_round, "sites": ",".join(sites)}
+
+    return config
+
+
+def weighted_mean(reports: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Example-weighted mean of each numeric metric the sites reported (site_index excluded)."""
+    total = sum(n for n, _ in reports) or 1
+    keys = {k for _, m in reports for k in m if k != "site_index"}
+    return {k: sum(n * float(m[k]) for n, m in reports if k in m) / total for k in sorted(keys)}
+
+
+def build_strategy(settings: RunSettings, initial: list, sites: list[str]) -> Strategy:
+    common: dict[str, Any] = dict(
+        fraction_fit=1.0,
+        fraction_evaluate=1.0,
+        min_fit_clients=settings.min_sites,
+        min_evaluate_clients=settings.min_sites,
+        min_available_clients=settings.min_sites,
+        on_fit_config_fn=round_config(settings, sites),
+        on_evaluate_config_fn=round_config(settings, sites),
+        initial_parameters=ndarrays_to_parameters(initial),
+        accept_failures=True,
+        fit_metrics_aggregation_fn=weighted_mean,
+        evaluate_metrics_aggregation_fn=weighted_mean,
+    )
+    if settings.strategy == "fedprox":
+        return FedProx(proximal_mu=settings.proximal_mu, **common)
+    if settings.strategy == "fedadam":
+        return FedAdam(eta=settings.server_learning_rate, eta_l=settings.learning_rate, tau=1e-3, **common)
+    return FedAvg(**common)
+
+
+@dataclass
+class RoundLog:
+    """Per-round, per-site metrics as the sites reported them."""
+
+    sites: list[str]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    on_round: Callable[[dict[str, Any]], None] | None = None
+
+    def record(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]], failures: int) -> None:
+        per_site: dict[str, dict[str, float]] = {}
+        for n, metrics in reports:
+            index = int(metrics.get("site_index", -1))
+            name = self.sites[index] if 0 <= index < len(self.sites) else f"unknown-{index}"
+            per_site[name] = {k: float(v) for k, v in metrics.items() if k != "site_index"} | {"n": n}
+        total = sum(n for n, _ in reports) or 1
+        entry: dict[str, Any] = {"round": server_round}
+        for key in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss"):
+            values = [(n, float(m[key])) for n, m in reports if key in m]
+            entry[key] = sum(n * v for n, v in values) / total if values else float("nan")
+        entry["per_site"] = per_site
+        entry["failures"] = failures
+        self.rounds.append(entry)
+        if self.on_round:
+            self.on_round(entry)
+
+
+class RecordingStrategy(Strategy):
+    """Delegates every step to Flower's strategy; additionally keeps the sites' evaluation reports."""
+
+    def __init__(self, inner: Strategy, log: RoundLog):
+        super().__init__()
+        self.inner = inner
+        self.log = log
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round, results, failures):  # type: ignore[override]
+        return self.inner.aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[override]
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round, results: list[tuple[ClientProxy, Any]], failures):  # type: ignore[override]
+        self.log.record(server_round, [(r.num_examples, r.metrics) for _, r in results], len(failures))
+        return self.inner.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round, parameters):  # type: ignore[override]
+        return self.inner.evaluate(server_round, parameters)

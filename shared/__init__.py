@@ -1,0 +1,1 @@
+"""What both sides need: data contract, DICOM pipeline, tasks, models, metrics, config."""

@@ -1,0 +1,111 @@
+"""Run configuration: TOML scenario files validated into typed settings.
+
+The same settings travel to the ServerApp as Flower's flat run config (`to_run_config`), so a
+scenario runs identically in the simulation engine and, later, the deployment engine.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .tasks import get_task
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+SOURCES = ("synthetic", "vertebral_column")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the file and the setting."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the coordinator decides for a run; sites receive it with every round."""
+
+    task: str = "tfesi_radiograph"
+    image_size: int = 64
+    strategy: str = "fedavg"
+    rounds: int = 10
+    local_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    proximal_mu: float = 0.0
+    server_learning_rate: float = 0.03  # FedAdam's eta
+    min_sites: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} unknown; choose one of {', '.join(STRATEGIES)}")
+        for name in ("image_size", "rounds", "local_epochs", "batch_size", "min_sites"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.server_learning_rate <= 0 or self.proximal_mu < 0:
+            raise ConfigError("learning rates must be > 0 and proximal_mu >= 0")
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, config: dict[str, Any]) -> "RunSettings":
+        known = {f.name: f.type for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in known}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ConsortiumSettings:
+    source: str = "synthetic"
+    sites: int = 3
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"consortium.source {self.source!r} unknown; choose {', '.join(SOURCES)}")
+        if self.sites < 1:
+            raise ConfigError("consortium.sites must be at least 1")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    consortium: ConsortiumSettings
+    run: RunSettings
+    cpus_per_site: float = 1.0
+
+
+def _typed(cls: type, table: dict[str, Any], where: str) -> Any:
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    try:
+        return cls(**table)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_scenario(path: Path | str) -> Scenario:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: scenario file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(raw) - {"name", "consortium", "run", "simulation"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
+    simulation = raw.get("simulation", {})
+    return Scenario(
+        name=str(raw.get("name", path.stem)),
+        consortium=_typed(ConsortiumSettings, raw.get("consortium", {}), f"{path} [consortium]"),
+        run=_typed(RunSettings, raw.get("run", {}), f"{path} [run]"),
+        cpus_per_site=float(simulation.get("cpus_per_site", 1.0)),
+    )

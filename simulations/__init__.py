@@ -1,0 +1,1 @@
+"""Scenarios for Flower's simulation engine, with pooled and local-only baselines."""

@@ -1,0 +1,52 @@
+"""The two references every federated result is read against, on the same splits:
+pooled (all sites' training data in one place: the upper reference) and local-only (each site
+alone: what a hospital gets without the consortium). Both train for as many epochs as a site
+trains in the whole federated run (rounds x local epochs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spine_fl.shared.config import RunSettings
+from spine_fl.shared.data_contract import SiteData
+from spine_fl.shared.models import build_model
+from spine_fl.shared.tasks import get_task
+from spine_fl.shared.training import TrainSettings, train
+
+from .evaluation import Scores, score_sites
+
+
+def concatenate(parts: list[SiteData]) -> SiteData:
+    return SiteData(
+        np.concatenate([d.patient_ids for d in parts]),
+        np.concatenate([d.split for d in parts]),
+        np.concatenate([d.y for d in parts]),
+        np.concatenate([d.features for d in parts]),
+        None if parts[0].images is None else np.concatenate([d.images for d in parts]),
+        pd.concat([d.subgroups for d in parts], ignore_index=True),
+    )
+
+
+def _train_settings(run: RunSettings) -> TrainSettings:
+    return TrainSettings(epochs=run.rounds * run.local_epochs, batch_size=run.batch_size,
+                         learning_rate=run.learning_rate, seed=run.seed)
+
+
+def pooled(run: RunSettings, sites: dict[str, SiteData], device: torch.device) -> tuple[Scores, Scores]:
+    """Held-out and external scores of one model trained on all sites' training data."""
+    model = build_model(get_task(run.task), run.seed)
+    train(model, concatenate([d.subset("train") for d in sites.values()]), _train_settings(run), device)
+    return score_sites(model, sites, "test", device), score_sites(model, sites, "external", device)
+
+
+def local_only(run: RunSettings, sites: dict[str, SiteData], device: torch.device) -> Scores:
+    """Each site's own model scored on that site's held-out split."""
+    per_site = {}
+    for name, data in sites.items():
+        model = build_model(get_task(run.task), run.seed)
+        train(model, data.subset("train"), _train_settings(run), device)
+        per_site.update(score_sites(model, {name: data}, "test", device).per_site)
+    return Scores(per_site)

@@ -1,0 +1,124 @@
+"""`spine-fl simulate`: one scenario through Flower's simulation engine, plus the baselines.
+
+Steps: build the consortium's site folders -> run the ServerApp and one ClientApp per site as
+virtual SuperNodes -> score the final shared model, the pooled and the local-only baselines on
+the same held-out splits -> metrics.json and plots in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from spine_fl.server.app import build_server_app
+from spine_fl.server.results import FEDERATION_FILE, MODEL_FILE, atomic_write_json, load_model
+from spine_fl.shared import plots
+from spine_fl.shared.config import Scenario, load_scenario
+from spine_fl.shared.data_contract import load_site
+from spine_fl.shared.models import pick_device
+from spine_fl.shared.synthetic_consortium import synthesize_consortium
+from spine_fl.shared.tasks import get_task
+from spine_fl.shared.vertebral_column import ATTRIBUTION, write_sites
+
+from . import baselines
+from .evaluation import score_sites
+
+METRICS_FILE = "metrics.json"
+
+
+def packaged_scenario(name: str) -> Path:
+    path = resources.files("spine_fl.simulations") / f"{name}.toml"
+    return Path(str(path))
+
+
+def build_consortium(scenario: Scenario, data_dir: Path) -> list[Path]:
+    c = scenario.consortium
+    if c.source == "vertebral_column":
+        return write_sites(data_dir, c.sites, c.seed)
+    task = get_task(scenario.run.task)
+    modalities: tuple[str, ...] = ()
+    if task.image is not None:
+        modalities = ("mri",) if "MR" in task.image.modalities else ("radiograph",)
+    return synthesize_consortium(data_dir, c.sites, c.seed, modalities)
+
+
+def run_federation(scenario: Scenario, site_dirs: list[Path], out_dir: Path,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+    from flwr.simulation import run_simulation
+
+    from spine_fl.client.app import build_client_app
+
+    names = [p.name for p in site_dirs]
+    gpus = 1.0 / len(site_dirs) if torch.cuda.is_available() else 0.0
+    run_simulation(
+        server_app=build_server_app(scenario.run, names, out_dir, on_round),
+        client_app=build_client_app(site_dirs),
+        num_supernodes=len(site_dirs),
+        backend_config={
+            "client_resources": {"num_cpus": scenario.cpus_per_site, "num_gpus": gpus},
+            "init_args": {"num_cpus": max(os.cpu_count() or 1, int(scenario.cpus_per_site)), "include_dashboard": False},
+        },
+    )
+
+
+def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    site_dirs = build_consortium(scenario, out_dir / "sites")
+    run = scenario.run
+    sites = {p.name: load_site(p, get_task(run.task), run.image_size) for p in site_dirs}
+
+    fed_started = time.perf_counter()
+    run_federation(scenario, site_dirs, out_dir, on_round)
+    fed_seconds = time.perf_counter() - fed_started
+    federation = json.loads((out_dir / FEDERATION_FILE).read_text())
+
+    device = pick_device()
+    model, _ = load_model(out_dir / MODEL_FILE)
+    fed_test = score_sites(model, sites, "test", device)
+    fed_external = score_sites(model, sites, "external", device)
+    pooled_test, pooled_external = baselines.pooled(run, sites, device)
+    local_test = baselines.local_only(run, sites, device)
+
+    metrics = {
+        "task": run.task,
+        "scenario": scenario.name,
+        "sites": list(sites),
+        "patients": {s: {k: int((d.split == k).sum()) for k in ("train", "test", "external")} for s, d in sites.items()},
+        "federated": {**fed_test.summary(), "external": fed_external.summary() if fed_external.per_site else None},
+        "pooled": {**pooled_test.summary(), "external": pooled_external.summary() if pooled_external.per_site else None},
+        "local_only": local_test.summary(),
+        "rounds": federation["rounds"],
+        "config": {"run": run.to_run_config(), "consortium": asdict(scenario.consortium),
+                   "cpus_per_site": scenario.cpus_per_site},
+        "timing": {"federated_seconds": round(fed_seconds, 1),
+                   "total_seconds": round(time.perf_counter() - started, 1), "device": str(device)},
+    }
+    if scenario.consortium.source == "vertebral_column":
+        metrics["data_attribution"] = ATTRIBUTION
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
+    plots.roc_per_site(out_dir / "roc_per_site.png", fed_test.per_site, f"{run.task}: federated model, held-out")
+    plots.calibration(out_dir / "calibration.png",
+                      {"federated": fed_test.pooled(), "pooled": pooled_test.pooled(),
+                       "local-only": local_test.pooled()}, "calibration on held-out patients")
+    plots.metric_per_round(out_dir / "auroc_per_round.png", federation["rounds"],
+                           {"pooled": metrics["pooled"]["auroc"], "local_only": metrics["local_only"]["auroc"]})
+    return metrics
+
+
+def load(scenario: str | Path | None) -> Scenario:
+    if scenario is None:
+        return load_scenario(packaged_scenario("default"))
+    path = Path(scenario)
+    if not path.exists() and not path.suffix:
+        path = packaged_scenario(str(scenario))
+    return load_scenario(path)

@@ -1,0 +1,15 @@
+"""spine-fl: federated outcome prediction for spine clinics (Flower + Opacus + SecAgg+)."""
+
+import os
+
+# Hospitals allow no unsolicited outbound traffic: every process that imports spine-fl
+# (CLI, ServerApp, ClientApp, Ray workers) runs with Flower's and Ray's phone-home switched off.
+for _name, _value in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+__version__ = "0.1.0"
