@@ -33,7 +33,7 @@ class RunSettings:
     batch_size: int = 32
     learning_rate: float = 1e-3
     proximal_mu: float = 0.0
-    server_learning_rate: float = 0.03  # FedAdam's eta
+    server_learning_rate: float = 0.1  # FedAdam's eta (Flower's default)
     min_sites: int = 2
     seed: int = 0
 
