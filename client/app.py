@@ -1,9 +1,9 @@
-"""The ClientApp: trains the shared model on this site's training split and evaluates it on the
-site's held-out split. Only weights, example counts and numeric metrics leave the site."""
+"""The ClientApp: trains the shared model with DP-SGD on this site's training split and evaluates
+it on the site's held-out split. Only weights, example counts and numeric metrics leave the site,
+each reply recorded in the site's egress ledger first (see mods.py for the order of concerns)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,20 +16,24 @@ from spine_fl.shared.config import RunSettings
 from spine_fl.shared.metrics import binary_metrics
 from spine_fl.shared.models import build_model, pick_device
 from spine_fl.shared.tasks import get_task
-from spine_fl.shared.training import TrainSettings, get_weights, predict, set_weights, train
+from spine_fl.shared.training import DpSettings, TrainSettings, get_weights, predict, set_weights, train
 
-from .site_data import Site, resolve_site, site_data
+from .mods import site_mods
+from .privacy_ledger import PrivacyLedger, SpendRecord, dataset_id
+from .privacy_plan import plan_round
+from .site_config import Site
+from .site_data import resolve_site, site_data
 
 
 class SiteClient(NumPyClient):
-    def __init__(self, site: Site):
+    def __init__(self, site: Site, run_id: str):
         self.site = site
+        self.run_id = run_id
         self.device = pick_device()
 
     def _prepare(self, parameters: list[np.ndarray], config: dict[str, Scalar]):
         settings = RunSettings.from_run_config(config)
-        task = get_task(settings.task)
-        model = build_model(task, settings.seed)
+        model = build_model(get_task(settings.task), settings.seed)
         set_weights(model, parameters)
         return settings, model, site_data(self.site, settings.task, settings.image_size)
 
@@ -40,15 +44,36 @@ class SiteClient(NumPyClient):
     def fit(self, parameters, config):
         settings, model, data = self._prepare(parameters, config)
         train_split = data.subset("train")
+        server_round = int(config.get("round", 0))
         local = TrainSettings(
             epochs=settings.local_epochs,
             batch_size=settings.batch_size,
             learning_rate=settings.learning_rate,
+            optimizer=settings.optimizer,
             proximal_mu=float(config.get("proximal_mu", settings.proximal_mu)),
-            seed=settings.seed * 100_003 + int(config.get("round", 0)),
+            seed=settings.seed * 100_003 + server_round,
         )
-        loss = train(model, train_split, local, self.device)
-        return get_weights(model), len(train_split), {"train_loss": loss, "site_index": self._site_index(config)}
+        metrics: dict[str, Scalar] = {"site_index": self._site_index(config), "dp": int(settings.dp)}
+        if settings.dp:
+            plan = plan_round(settings, len(train_split))
+            loss, spend = train(model, train_split, local, self.device,
+                                DpSettings(plan.noise_multiplier, plan.max_grad_norm))
+            assert spend is not None
+            ledger = PrivacyLedger(self.site.state_dir, dataset_id(self.site.data_dir))
+            ledger.append(SpendRecord(self.run_id, server_round, spend.noise_multiplier, spend.sample_rate,
+                                      spend.steps, plan.max_grad_norm, plan.delta, settings.accountant))
+            run_history = ledger.history(self.run_id)
+            metrics.update(
+                epsilon_run=ledger.epsilon(plan.delta, settings.accountant, self.run_id),
+                epsilon_lifetime=ledger.epsilon(plan.delta, settings.accountant),
+                delta=plan.delta, noise_multiplier=spend.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                sample_rate=spend.sample_rate, steps_run=sum(n for _, _, n in run_history),
+            )
+        else:
+            loss, _ = train(model, train_split, local, self.device)
+        weights = get_weights(model)
+        _check_secagg_range(weights, settings)
+        return weights, len(train_split), {**metrics, "train_loss": loss}
 
     def evaluate(self, parameters, config):
         _, model, data = self._prepare(parameters, config)
@@ -58,13 +83,23 @@ class SiteClient(NumPyClient):
         return metrics["log_loss"], len(held_out), {**metrics, "site_index": self._site_index(config)}
 
 
-def build_client_app(site_dirs: Sequence[Path] | None = None) -> ClientApp:
-    """In simulation, site_dirs maps partition ids to site folders; in deployment it is None."""
+def _check_secagg_range(weights: list[np.ndarray], settings: RunSettings) -> None:
+    """SecAgg+ clips every weight to +-clipping_range: refuse to send what it would distort."""
+    if not settings.secagg:
+        return
+    largest = max(float(np.abs(w).max()) for w in weights if w.size)
+    if largest > settings.secagg_clipping_range:
+        raise ValueError(f"a model weight of magnitude {largest:.2f} exceeds secagg_clipping_range "
+                         f"{settings.secagg_clipping_range:g}; raise the range in the run config")
+
+
+def build_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
+    """In simulation, `sites` maps partition ids to sites; in deployment the node config names the site."""
 
     def client_fn(context: Context):
-        return SiteClient(resolve_site(context, site_dirs)).to_client()
+        return SiteClient(resolve_site(context, sites), str(context.run_id)).to_client()
 
-    return ClientApp(client_fn=client_fn)
+    return ClientApp(client_fn=client_fn, mods=site_mods(sites))
 
 
 app = build_client_app()

@@ -6,7 +6,6 @@ would dominate a round, so validated arrays are kept per process, keyed by what 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -15,30 +14,24 @@ from flwr.app import Context
 from spine_fl.shared.data_contract import SiteData, load_site
 from spine_fl.shared.tasks import get_task
 
+from .site_config import Site, load_site_config
+
 _CACHE: dict[tuple[str, str, int, float], SiteData] = {}
-
-
-@dataclass(frozen=True)
-class Site:
-    name: str
-    data_dir: Path
 
 
 class SiteConfigError(ValueError):
     pass
 
 
-def resolve_site(context: Context, site_dirs: Sequence[Path] | None) -> Site:
-    """Simulation: the partition id picks one of site_dirs. Deployment: `--node-config 'site=... data-dir=...'`."""
+def resolve_site(context: Context, sites: Sequence[Site] | None) -> Site:
+    """Simulation: the partition id picks one of `sites`. Deployment: `--node-config 'site-config=FILE'`."""
     config = context.node_config
-    if site_dirs is not None:
-        index = int(config["partition-id"])
-        return Site(Path(site_dirs[index]).name, Path(site_dirs[index]))
-    if "data-dir" not in config:
-        raise SiteConfigError("this SuperNode has no 'data-dir' in its node config; start it with "
-                              "--node-config 'site=<name> data-dir=<folder>'")
-    data_dir = Path(str(config["data-dir"]))
-    return Site(str(config.get("site", data_dir.name)), data_dir)
+    if sites is not None:
+        return sites[int(config["partition-id"])]
+    if "site-config" not in config:
+        raise SiteConfigError("this SuperNode has no 'site-config' in its node config; start it with "
+                              "--node-config 'site-config=configs/sites/<site>.toml'")
+    return load_site_config(Path(str(config["site-config"])))
 
 
 def site_data(site: Site, task_name: str, image_size: int) -> SiteData:

@@ -1,7 +1,8 @@
 """The ServerApp: one training path (Flower's DefaultWorkflow over a legacy strategy).
 
 Flower's SecAgg+ only runs through `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`, so
-the coordinator always runs DefaultWorkflow; secure aggregation plugs in as its fit workflow.
+the coordinator always runs DefaultWorkflow; secure aggregation is its fit workflow unless a run
+explicitly sets secagg = false.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from spine_fl.shared.tasks import get_task
 from spine_fl.shared.training import get_weights
 
 from .results import write_federation_results
+from .refusal_watch import RefusalWatchingGrid
+from .secure_aggregation import secagg_fit_workflow
 from .strategy import RecordingStrategy, RoundLog, build_strategy
 
 
@@ -41,14 +44,17 @@ def build_server_app(
         site_names = sites or str(context.run_config.get("sites", "")).split(",")
         results_dir = out_dir or Path(str(context.run_config.get("out-dir", "spine-fl-results")))
         initial = get_weights(build_model(get_task(run.task), run.seed))
-        log = RoundLog(site_names, on_round=on_round)
+        log = RoundLog(site_names, run.min_sites, on_round=on_round)
         strategy = RecordingStrategy(build_strategy(run, initial, site_names), log)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=run.rounds), strategy=strategy)
-        DefaultWorkflow()(grid, legacy)
+        watched = RefusalWatchingGrid(grid, log.record_refusal)
+        DefaultWorkflow(fit_workflow=secagg_fit_workflow(run))(watched, legacy)  # type: ignore[arg-type]
+        if run.rounds not in log.trained_rounds:
+            log.stop(f"round {run.rounds} did not complete")
         final = parameters_to_ndarrays(
             compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
         )
-        write_federation_results(results_dir, run, site_names, final, log.rounds)
+        write_federation_results(results_dir, run, site_names, final, log)
 
     return app
 

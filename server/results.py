@@ -17,6 +17,9 @@ from spine_fl.shared.models import build_model
 from spine_fl.shared.tasks import get_task
 from spine_fl.shared.training import set_weights
 
+from .secure_aggregation import QUANTIZATION_RANGE
+from .strategy import RoundLog
+
 MODEL_FILE = "model.pt"
 FEDERATION_FILE = "federation.json"
 
@@ -54,8 +57,34 @@ def load_model(path: Path) -> tuple[torch.nn.Module, RunSettings]:
     return model, settings
 
 
+def privacy_section(settings: RunSettings, sites: list[str], log: RoundLog) -> dict[str, Any]:
+    """Per site: what this run spent, as the site reported it after its last trained round."""
+    per_site = {}
+    for site in sites:
+        reported = log.privacy.get(site, {})
+        dp = bool(reported.get("dp", settings.dp))
+        per_site[site] = {
+            "epsilon": reported.get("epsilon_run") if dp else None,
+            "epsilon_lifetime": reported.get("epsilon_lifetime") if dp else None,
+            "delta": reported.get("delta") if dp else None,
+            "noise_multiplier": reported.get("noise_multiplier") if dp else None,
+            "max_grad_norm": reported.get("max_grad_norm") if dp else None,
+            "sample_rate": reported.get("sample_rate") if dp else None,
+            "steps": int(reported["steps_run"]) if dp and "steps_run" in reported else None,
+            "accountant": settings.accountant,
+            "dp": dp,
+            "secagg": settings.secagg,
+            "trained": site in log.privacy,
+        }
+    return {"per_site": per_site, "refusals": log.refusals,
+            "secagg": {"enabled": settings.secagg, "clipping_range": settings.secagg_clipping_range,
+                       "max_weight": settings.secagg_max_weight, "quantization_range": QUANTIZATION_RANGE}}
+
+
 def write_federation_results(out_dir: Path, settings: RunSettings, sites: list[str],
-                             weights: list[np.ndarray], rounds: list[dict[str, Any]]) -> None:
+                             weights: list[np.ndarray], log: RoundLog) -> None:
     save_model(out_dir / MODEL_FILE, settings, weights)
-    atomic_write_json(out_dir / FEDERATION_FILE, {"task": settings.task, "sites": sites,
-                                                  "config": settings.to_run_config(), "rounds": rounds})
+    atomic_write_json(out_dir / FEDERATION_FILE, {
+        "task": settings.task, "sites": sites, "config": settings.to_run_config(),
+        "status": "stopped" if log.stopped else "completed", "stop_reason": log.stopped or None,
+        "rounds": log.rounds, "privacy": privacy_section(settings, sites, log)})

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any, Callable
 
-from flwr.common import Parameters, Scalar, ndarrays_to_parameters
+from flwr.common import Parameters, Scalar, log, ndarrays_to_parameters
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
@@ -50,34 +51,67 @@ def build_strategy(settings: RunSettings, initial: list, sites: list[str]) -> St
     return FedAvg(**common)
 
 
+def _site_name(sites: list[str], metrics: dict[str, Scalar]) -> str:
+    index = int(metrics.get("site_index", -1))
+    return sites[index] if 0 <= index < len(sites) else f"unknown-{index}"
+
+
+def _weighted(reports: list[tuple[int, dict[str, Scalar]]], key: str) -> float:
+    values = [(n, float(m[key])) for n, m in reports if key in m]
+    total = sum(n for n, _ in values)
+    return sum(n * v for n, v in values) / total if total else float("nan")
+
+
 @dataclass
 class RoundLog:
-    """Per-round, per-site metrics as the sites reported them."""
+    """What the coordinator learns per round: sites' evaluation and privacy reports, refusals."""
 
     sites: list[str]
+    min_sites: int
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+    trained_rounds: list[int] = field(default_factory=list)
+    stopped: str = ""
     on_round: Callable[[dict[str, Any]], None] | None = None
 
-    def record(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]], failures: int) -> None:
-        per_site: dict[str, dict[str, float]] = {}
+    def record_fit(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]]) -> None:
         for n, metrics in reports:
-            index = int(metrics.get("site_index", -1))
-            name = self.sites[index] if 0 <= index < len(self.sites) else f"unknown-{index}"
-            per_site[name] = {k: float(v) for k, v in metrics.items() if k != "site_index"} | {"n": n}
-        total = sum(n for n, _ in reports) or 1
-        entry: dict[str, Any] = {"round": server_round}
+            self.privacy[_site_name(self.sites, metrics)] = {k: float(v) for k, v in metrics.items()
+                                                              if k not in ("site_index", "train_loss")}
+        if len(reports) < self.min_sites:
+            self.stop(f"round {server_round}: only {len(reports)} site(s) trained, fewer than min_sites = "
+                      f"{self.min_sites}; the run ends here")
+        else:
+            self.trained_rounds.append(server_round)
+
+    def record_refusal(self, server_round: int | None, refusal: dict[str, Any]) -> None:
+        self.refusals.append({"round": server_round, **refusal})
+        log(WARNING, "spine-fl: site %s refused (%s): %s", refusal.get("site", "?"), refusal.get("rule"),
+            refusal.get("message"))
+
+    def stop(self, reason: str) -> None:
+        if not self.stopped:
+            self.stopped = reason
+            log(WARNING, "spine-fl: %s", reason)
+
+    def record_evaluate(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]], failures: int) -> None:
+        per_site = {_site_name(self.sites, m): {k: float(v) for k, v in m.items() if k != "site_index"} | {"n": n}
+                    for n, m in reports}
+        entry: dict[str, Any] = {"round": server_round, "trained": server_round in self.trained_rounds}
         for key in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss"):
-            values = [(n, float(m[key])) for n, m in reports if key in m]
-            entry[key] = sum(n * v for n, v in values) / total if values else float("nan")
+            entry[key] = _weighted(reports, key)
         entry["per_site"] = per_site
         entry["failures"] = failures
+        entry["refusals"] = [r for r in self.refusals if r["round"] == server_round]
         self.rounds.append(entry)
         if self.on_round:
             self.on_round(entry)
 
 
 class RecordingStrategy(Strategy):
-    """Delegates every step to Flower's strategy; additionally keeps the sites' evaluation reports."""
+    """Delegates every step to Flower's strategy; keeps the sites' reports and refusals, and ends
+    the run (by selecting no more sites) once fewer than min_sites train in a round."""
 
     def __init__(self, inner: Strategy, log: RoundLog):
         super().__init__()
@@ -88,16 +122,25 @@ class RecordingStrategy(Strategy):
         return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
+        previous = server_round - 1
+        if previous >= 1 and previous not in self.log.trained_rounds:
+            self.log.stop(f"round {previous} did not complete (secure aggregation needs enough sites); "
+                          "the run ends here")
+        if self.log.stopped:
+            return []
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[override]
+        self.log.record_fit(server_round, [(r.num_examples, r.metrics) for _, r in results])
         return self.inner.aggregate_fit(server_round, results, failures)
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[override]
+        if self.log.stopped and server_round not in self.log.trained_rounds:
+            return []
         return self.inner.configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(self, server_round, results: list[tuple[ClientProxy, Any]], failures):  # type: ignore[override]
-        self.log.record(server_round, [(r.num_examples, r.metrics) for _, r in results], len(failures))
+        self.log.record_evaluate(server_round, [(r.num_examples, r.metrics) for _, r in results], len(failures))
         return self.inner.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(self, server_round, parameters):  # type: ignore[override]

@@ -7,13 +7,15 @@ scenario runs identically in the simulation engine and, later, the deployment en
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .tasks import get_task
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ACCOUNTANTS = ("rdp", "prv")
+OPTIMIZERS = ("sgd", "adam")
 SOURCES = ("synthetic", "vertebral_column")
 
 
@@ -31,11 +33,24 @@ class RunSettings:
     rounds: int = 10
     local_epochs: int = 2
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    optimizer: str = "sgd"  # plain SGD, or adam; under DP noise, Adam's per-weight scaling amplifies the noise
+    learning_rate: float = 0.3
     proximal_mu: float = 0.0
     server_learning_rate: float = 0.1  # FedAdam's eta (Flower's default)
     min_sites: int = 2
     seed: int = 0
+    # Differential privacy at every site (Opacus DP-SGD). Either a noise multiplier, or a target
+    # epsilon for the whole run (> 0) from which each site derives its own noise multiplier.
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 0.0
+    delta: float = 0.0  # 0: each site uses 1 / (10 n) for its n training patients
+    accountant: str = "rdp"
+    # Secure aggregation (Flower SecAgg+). See server/secure_aggregation.py for the ranges.
+    secagg: bool = True
+    secagg_clipping_range: float = 8.0
+    secagg_max_weight: float = 1000.0
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -46,6 +61,16 @@ class RunSettings:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.server_learning_rate <= 0 or self.proximal_mu < 0:
             raise ConfigError("learning rates must be > 0 and proximal_mu >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"accountant {self.accountant!r} unknown; choose one of {', '.join(ACCOUNTANTS)}")
+        if self.dp and (self.max_grad_norm <= 0 or (self.target_epsilon <= 0 and self.noise_multiplier <= 0)):
+            raise ConfigError("with dp = true, max_grad_norm must be > 0 and noise_multiplier or target_epsilon > 0")
+        if not 0 <= self.delta < 1:
+            raise ConfigError("delta must be in [0, 1)")
+        if self.secagg and (self.secagg_clipping_range <= 0 or self.secagg_max_weight < 1):
+            raise ConfigError("secagg_clipping_range must be > 0 and secagg_max_weight >= 1")
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -76,6 +101,13 @@ class Scenario:
     consortium: ConsortiumSettings
     run: RunSettings
     cpus_per_site: float = 1.0
+    # [policy]: every virtual site's policy rules; [policy.<site>]: one site's overrides
+    policy: dict[str, Any] = field(default_factory=dict)
+    state_dir: str | None = None  # sites' ledgers and keys; default <out>/site-state
+
+    def site_policy(self, site: str) -> dict[str, Any]:
+        common = {k: v for k, v in self.policy.items() if not isinstance(v, dict)}
+        return {**common, **self.policy.get(site, {})}
 
 
 def _typed(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -99,7 +131,7 @@ def load_scenario(path: Path | str) -> Scenario:
         raise ConfigError(f"{path}: scenario file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    unknown = sorted(set(raw) - {"name", "consortium", "run", "simulation"})
+    unknown = sorted(set(raw) - {"name", "consortium", "run", "simulation", "policy"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
     simulation = raw.get("simulation", {})
@@ -108,4 +140,6 @@ def load_scenario(path: Path | str) -> Scenario:
         consortium=_typed(ConsortiumSettings, raw.get("consortium", {}), f"{path} [consortium]"),
         run=_typed(RunSettings, raw.get("run", {}), f"{path} [run]"),
         cpus_per_site=float(simulation.get("cpus_per_site", 1.0)),
+        policy=dict(raw.get("policy", {})),
+        state_dir=simulation.get("state_dir"),
     )

@@ -48,7 +48,9 @@ class OutcomeModel(nn.Module):
             nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU()) if n_features else None
         )
         width = (self.encoder.out_features if self.encoder else 0) + (hidden if n_features else 0)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        # LayerNorm centres the (non-negative, post-ReLU) features: without it DP-SGD's noise on the
+        # head weights adds up to one large common shift of every patient's logit (all-positive output)
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, 1))
 
     def forward(self, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         parts = []

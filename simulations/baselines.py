@@ -1,7 +1,9 @@
 """The two references every federated result is read against, on the same splits:
 pooled (all sites' training data in one place: the upper reference) and local-only (each site
 alone: what a hospital gets without the consortium). Both train for as many epochs as a site
-trains in the whole federated run (rounds x local epochs).
+trains in the whole federated run (rounds x local epochs), with the run's optimizer and, when the
+run uses DP, DP-SGD with its noise multiplier and clipping norm: the comparison isolates what
+federation costs, not what privacy costs (compare a dp = false run for that).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from spine_fl.shared.config import RunSettings
 from spine_fl.shared.data_contract import SiteData
 from spine_fl.shared.models import build_model
 from spine_fl.shared.tasks import get_task
-from spine_fl.shared.training import TrainSettings, train
+from spine_fl.client.privacy_plan import plan_round
+from spine_fl.shared.training import DpSettings, TrainSettings, train
 
 from .evaluation import Scores, score_sites
 
@@ -32,13 +35,18 @@ def concatenate(parts: list[SiteData]) -> SiteData:
 
 def _train_settings(run: RunSettings) -> TrainSettings:
     return TrainSettings(epochs=run.rounds * run.local_epochs, batch_size=run.batch_size,
-                         learning_rate=run.learning_rate, seed=run.seed)
+                         learning_rate=run.learning_rate, seed=run.seed, optimizer=run.optimizer)
+
+
+def _dp(run: RunSettings, n_train: int) -> DpSettings | None:
+    return DpSettings(plan_round(run, n_train).noise_multiplier, run.max_grad_norm) if run.dp else None
 
 
 def pooled(run: RunSettings, sites: dict[str, SiteData], device: torch.device) -> tuple[Scores, Scores]:
     """Held-out and external scores of one model trained on all sites' training data."""
     model = build_model(get_task(run.task), run.seed)
-    train(model, concatenate([d.subset("train") for d in sites.values()]), _train_settings(run), device)
+    pooled_train = concatenate([d.subset("train") for d in sites.values()])
+    train(model, pooled_train, _train_settings(run), device, _dp(run, len(pooled_train)))
     return score_sites(model, sites, "test", device), score_sites(model, sites, "external", device)
 
 
@@ -47,6 +55,7 @@ def local_only(run: RunSettings, sites: dict[str, SiteData], device: torch.devic
     per_site = {}
     for name, data in sites.items():
         model = build_model(get_task(run.task), run.seed)
-        train(model, data.subset("train"), _train_settings(run), device)
+        own = data.subset("train")
+        train(model, own, _train_settings(run), device, _dp(run, len(own)))
         per_site.update(score_sites(model, {name: data}, "test", device).per_site)
     return Scores(per_site)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from spine_fl.client.site_config import Site, policy_from_table
 from spine_fl.server.app import build_server_app
 from spine_fl.server.results import FEDERATION_FILE, MODEL_FILE, atomic_write_json, load_model
 from spine_fl.shared import plots
@@ -50,18 +51,25 @@ def build_consortium(scenario: Scenario, data_dir: Path) -> list[Path]:
     return synthesize_consortium(data_dir, c.sites, c.seed, modalities)
 
 
-def run_federation(scenario: Scenario, site_dirs: list[Path], out_dir: Path,
+def virtual_sites(scenario: Scenario, site_dirs: list[Path], out_dir: Path) -> list[Site]:
+    """Each virtual site with its own policy and its own state folder (ledgers and signing key)."""
+    state_root = Path(scenario.state_dir) if scenario.state_dir else out_dir / "site-state"
+    return [Site(p.name, p, state_root / p.name,
+                 policy_from_table(scenario.site_policy(p.name), f"scenario {scenario.name} [policy]"))
+            for p in site_dirs]
+
+
+def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
                    on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
     from flwr.simulation import run_simulation
 
     from spine_fl.client.app import build_client_app
 
-    names = [p.name for p in site_dirs]
-    gpus = 1.0 / len(site_dirs) if torch.cuda.is_available() else 0.0
+    gpus = 1.0 / len(sites) if torch.cuda.is_available() else 0.0
     run_simulation(
-        server_app=build_server_app(scenario.run, names, out_dir, on_round),
-        client_app=build_client_app(site_dirs),
-        num_supernodes=len(site_dirs),
+        server_app=build_server_app(scenario.run, [s.name for s in sites], out_dir, on_round),
+        client_app=build_client_app(sites),
+        num_supernodes=len(sites),
         backend_config={
             "client_resources": {"num_cpus": scenario.cpus_per_site, "num_gpus": gpus},
             "init_args": {"num_cpus": max(os.cpu_count() or 1, int(scenario.cpus_per_site)), "include_dashboard": False},
@@ -78,7 +86,7 @@ def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, An
     sites = {p.name: load_site(p, get_task(run.task), run.image_size) for p in site_dirs}
 
     fed_started = time.perf_counter()
-    run_federation(scenario, site_dirs, out_dir, on_round)
+    run_federation(scenario, virtual_sites(scenario, site_dirs, out_dir), out_dir, on_round)
     fed_seconds = time.perf_counter() - fed_started
     federation = json.loads((out_dir / FEDERATION_FILE).read_text())
 
@@ -97,7 +105,10 @@ def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, An
         "federated": {**fed_test.summary(), "external": fed_external.summary() if fed_external.per_site else None},
         "pooled": {**pooled_test.summary(), "external": pooled_external.summary() if pooled_external.per_site else None},
         "local_only": local_test.summary(),
+        "status": federation["status"],
+        "stop_reason": federation["stop_reason"],
         "rounds": federation["rounds"],
+        "privacy": federation["privacy"],
         "config": {"run": run.to_run_config(), "consortium": asdict(scenario.consortium),
                    "cpus_per_site": scenario.cpus_per_site},
         "timing": {"federated_seconds": round(fed_seconds, 1),

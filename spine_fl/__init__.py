@@ -1,5 +1,6 @@
 """spine-fl: federated outcome prediction for spine clinics (Flower + Opacus + SecAgg+)."""
 
+import logging
 import os
 
 # Hospitals allow no unsolicited outbound traffic: every process that imports spine-fl
@@ -11,5 +12,13 @@ for _name, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
 }.items():
     os.environ.setdefault(_name, _value)
+
+# Opacus calls logging.basicConfig at import, which would print every DEBUG line of Flower a second
+# time through the root logger. A root handler of our own (what Python's last resort shows:
+# WARNING and above) makes that call a no-op.
+if not logging.getLogger().handlers:
+    _handler = logging.StreamHandler()
+    _handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(_handler)
 
 __version__ = "0.1.0"
