@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common import Scalar
 
 from spine_fl.shared.config import RunSettings
@@ -93,13 +94,14 @@ def _check_secagg_range(weights: list[np.ndarray], settings: RunSettings) -> Non
                          f"{settings.secagg_clipping_range:g}; raise the range in the run config")
 
 
-def build_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
-    """In simulation, `sites` maps partition ids to sites; in deployment the node config names the site."""
+def build_client_app(sites: Sequence[Site] | None = None, outer_mods: Sequence[Mod] = ()) -> ClientApp:
+    """In simulation, `sites` maps partition ids to sites; in deployment the node config names the site.
+    `outer_mods` wrap everything (e.g. a test's recorder of what leaves the site)."""
 
     def client_fn(context: Context):
         return SiteClient(resolve_site(context, sites), str(context.run_id)).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=site_mods(sites))
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, *site_mods(sites)])
 
 
 app = build_client_app()

@@ -14,9 +14,10 @@ import time
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+from flwr.clientapp.typing import Mod
 
 from spine_fl.client.site_config import Site, policy_from_table
 from spine_fl.server.app import build_server_app
@@ -60,7 +61,7 @@ def virtual_sites(scenario: Scenario, site_dirs: list[Path], out_dir: Path) -> l
 
 
 def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
-                   on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+                   on_round: Callable[[dict[str, Any]], None] | None = None, outer_mods: Sequence[Mod] = ()) -> None:
     from flwr.simulation import run_simulation
 
     from spine_fl.client.app import build_client_app
@@ -68,7 +69,7 @@ def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
     gpus = 1.0 / len(sites) if torch.cuda.is_available() else 0.0
     run_simulation(
         server_app=build_server_app(scenario.run, [s.name for s in sites], out_dir, on_round),
-        client_app=build_client_app(sites),
+        client_app=build_client_app(sites, outer_mods),
         num_supernodes=len(sites),
         backend_config={
             "client_resources": {"num_cpus": scenario.cpus_per_site, "num_gpus": gpus},
@@ -77,7 +78,8 @@ def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
     )
 
 
-def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict:
+def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None,
+             outer_mods: Sequence[Mod] = ()) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     started = time.perf_counter()
@@ -86,7 +88,7 @@ def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, An
     sites = {p.name: load_site(p, get_task(run.task), run.image_size) for p in site_dirs}
 
     fed_started = time.perf_counter()
-    run_federation(scenario, virtual_sites(scenario, site_dirs, out_dir), out_dir, on_round)
+    run_federation(scenario, virtual_sites(scenario, site_dirs, out_dir), out_dir, on_round, outer_mods)
     fed_seconds = time.perf_counter() - fed_started
     federation = json.loads((out_dir / FEDERATION_FILE).read_text())
 

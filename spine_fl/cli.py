@@ -97,5 +97,36 @@ def simulate(
     console.print(f"results in {out} ({metrics['timing']['total_seconds']} s)")
 
 
+ledger_app = typer.Typer(help="The site's signed egress ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    site: str = typer.Option(..., help="site name; its config is configs/sites/<site>.toml unless --config"),
+    config: Optional[Path] = typer.Option(None, help="the site's TOML config (gives state_dir)"),
+    state_dir: Optional[Path] = typer.Option(None, help="the site's state folder directly (e.g. a simulation's "
+                                             "results/default/site-state/<site>)"),
+) -> None:
+    """Check every signature and hash link of the site's egress ledger; name the first broken line."""
+    from spine_fl.client.egress_ledger import LEDGER_FILE, verify
+    from spine_fl.client.site_config import SiteConfigFileError, load_site_config
+
+    if state_dir is None:
+        try:
+            state_dir = load_site_config(config or Path("configs/sites") / f"{site}.toml").state_dir
+        except SiteConfigFileError as exc:
+            console.print(f"[red]{exc}[/] (or pass --state-dir)")
+            raise typer.Exit(2) from None
+    result = verify(state_dir)
+    where = state_dir / LEDGER_FILE
+    if result.ok:
+        console.print(f"[green]ledger intact[/]: {where}, {result.lines} line(s), every signature and link valid")
+        raise typer.Exit(0)
+    line = f" at line {result.first_broken_line}" if result.first_broken_line else ""
+    console.print(f"[red]ledger BROKEN{line}[/]: {where}: {result.problem}", highlight=False)
+    raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

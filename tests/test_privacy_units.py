@@ -1,0 +1,117 @@
+"""Privacy building blocks: accounting vs Google's dp-accounting, ledgers, policy rules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from spine_fl.cli import app
+from spine_fl.client.egress_ledger import KEY_FILE, EgressLedger, verify
+from spine_fl.client.policy import SitePolicy, rule_violations
+from spine_fl.client.privacy_ledger import PrivacyLedger, PrivacyLedgerError, SpendRecord
+from spine_fl.shared.config import RunSettings
+from spine_fl.shared.privacy_accounting import epsilon
+
+from privacy_reference import independent_epsilon
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("noise,rate,steps", [(1.0, 0.2, 50), (0.8, 0.25, 40), (1.5, 0.1, 300)])
+def test_epsilon_matches_dp_accounting_within_2_percent(accountant: str, noise: float, rate: float, steps: int) -> None:
+    ours = epsilon([(noise, rate, steps)], 1e-3, accountant)
+    theirs = independent_epsilon(noise, rate, steps, 1e-3, accountant)
+    assert ours == pytest.approx(theirs, rel=0.02)
+
+
+def test_rounds_compose_like_one_long_run() -> None:
+    per_round = [(1.0, 0.2, 5)] * 12
+    assert epsilon(per_round, 1e-3) == pytest.approx(epsilon([(1.0, 0.2, 60)], 1e-3), rel=1e-9)
+    assert epsilon(per_round, 1e-3) > epsilon(per_round[:6], 1e-3)
+
+
+def test_privacy_ledger_survives_new_processes_and_refuses_corruption(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path, "abc")
+    ledger.append(SpendRecord("run1", 1, 1.0, 0.2, 5, 1.0, 1e-3, "rdp"))
+    ledger.append(SpendRecord("run2", 1, 1.0, 0.2, 5, 1.0, 1e-3, "rdp"))
+    reopened = PrivacyLedger(tmp_path, "abc")  # what a restarted process sees
+    assert reopened.history() == [(1.0, 0.2, 5), (1.0, 0.2, 5)]
+    assert reopened.epsilon(1e-3, "rdp", "run2") < reopened.epsilon(1e-3, "rdp")
+    with reopened.path.open("a") as handle:
+        handle.write("{not json\n")
+    with pytest.raises(PrivacyLedgerError, match="line 3 is unreadable"):
+        reopened.epsilon(1e-3, "rdp")
+
+
+def _ledger_with_lines(state: Path, n: int = 5) -> EgressLedger:
+    ledger = EgressLedger(state)
+    for i in range(n):
+        ledger.append({"kind": "train", "round": i, "metrics": {"auroc": 0.5 + i / 100}, "arrays": []})
+    return ledger
+
+
+def test_site_key_is_private_and_ledger_verifies(tmp_path: Path) -> None:
+    _ledger_with_lines(tmp_path)
+    assert oct((tmp_path / KEY_FILE).stat().st_mode & 0o777) == "0o600"
+    result = verify(tmp_path)
+    assert result.ok and result.lines == 5
+
+
+def _rewrite(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+@pytest.mark.parametrize("tamper,line", [("edit", 3), ("delete", 3), ("swap", 2), ("insert", 3), ("truncate", 5)])
+def test_any_tampering_is_detected_and_named(tmp_path: Path, tamper: str, line: int) -> None:
+    ledger = _ledger_with_lines(tmp_path)
+    lines = ledger.path.read_bytes().splitlines()
+    if tamper == "edit":
+        lines[2] = lines[2].replace(b'"auroc":0.52', b'"auroc":0.92')
+    elif tamper == "delete":
+        del lines[2]
+    elif tamper == "swap":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif tamper == "insert":
+        lines.insert(2, lines[0])
+    elif tamper == "truncate":
+        lines = lines[:4]
+    _rewrite(ledger.path, lines)
+    result = verify(tmp_path)
+    assert not result.ok
+    assert result.first_broken_line == line
+    cli = CliRunner().invoke(app, ["ledger", "verify", "--site", "x", "--state-dir", str(tmp_path)])
+    assert cli.exit_code == 1 and f"line {line}" in cli.output
+
+
+def test_one_flipped_byte_is_caught(tmp_path: Path) -> None:
+    ledger = _ledger_with_lines(tmp_path)
+    data = bytearray(ledger.path.read_bytes())
+    target = data.index(b'"round":3') + 8
+    data[target] = ord("4")
+    ledger.path.write_bytes(bytes(data))
+    assert verify(tmp_path).first_broken_line == 4
+
+
+def test_policy_rules_name_the_violated_rule() -> None:
+    policy = SitePolicy(min_noise_multiplier=1.0, allowed_tasks=("tfesi_mri",), max_rounds=5)
+    run = RunSettings(task="rbp_tabular", noise_multiplier=0.5, rounds=10)
+    rules = {r.rule for r in rule_violations(policy, run, secagg_in_use=False)}
+    assert rules == {"allowed_tasks", "min_noise_multiplier", "require_secagg", "max_rounds"}
+    assert rule_violations(SitePolicy(), RunSettings(), secagg_in_use=True) == []
+    assert [r.rule for r in rule_violations(SitePolicy(), RunSettings(dp=False), True)] == ["require_dp"]
+
+
+def test_target_epsilon_sets_each_sites_noise_for_the_whole_run() -> None:
+    from spine_fl.client.privacy_plan import plan_round
+
+    run = RunSettings(task="rbp_tabular", target_epsilon=4.0, rounds=5, local_epochs=2, batch_size=16)
+    small, large = plan_round(run, 60), plan_round(run, 200)
+    assert small.noise_multiplier > large.noise_multiplier  # a smaller site needs more noise
+    for plan in (small, large):
+        spend = plan.round_spend
+        whole_run = epsilon([(plan.noise_multiplier, spend.sample_rate, spend.steps * run.rounds)], plan.delta)
+        assert whole_run == pytest.approx(4.0, abs=0.05)
+        assert plan.delta < 1 / 60
