@@ -25,9 +25,12 @@ def round_config(settings: RunSettings, sites: list[str]) -> Callable[[int], dic
 
 def weighted_mean(reports: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
     """Example-weighted mean of each numeric metric the sites reported (site_index excluded)."""
-    total = sum(n for n, _ in reports) or 1
-    keys = {k for _, m in reports for k in m if k != "site_index"}
-    return {k: sum(n * float(m[k]) for n, m in reports if k in m) / total for k in sorted(keys)}
+    out: dict[str, Scalar] = {}
+    for key in sorted({k for _, m in reports for k in m if k != "site_index"}):
+        pairs = [(n, float(m[key])) for n, m in reports if key in m]
+        total = sum(n for n, _ in pairs)
+        out[key] = sum(n * v for n, v in pairs) / total if total else float("nan")
+    return out
 
 
 def build_strategy(settings: RunSettings, initial: list, sites: list[str]) -> Strategy:
@@ -54,12 +57,6 @@ def build_strategy(settings: RunSettings, initial: list, sites: list[str]) -> St
 def _site_name(sites: list[str], metrics: dict[str, Scalar]) -> str:
     index = int(metrics.get("site_index", -1))
     return sites[index] if 0 <= index < len(sites) else f"unknown-{index}"
-
-
-def _weighted(reports: list[tuple[int, dict[str, Scalar]]], key: str) -> float:
-    values = [(n, float(m[key])) for n, m in reports if key in m]
-    total = sum(n for n, _ in values)
-    return sum(n * v for n, v in values) / total if total else float("nan")
 
 
 @dataclass
@@ -99,8 +96,9 @@ class RoundLog:
         per_site = {_site_name(self.sites, m): {k: float(v) for k, v in m.items() if k != "site_index"} | {"n": n}
                     for n, m in reports}
         entry: dict[str, Any] = {"round": server_round, "trained": server_round in self.trained_rounds}
+        means = weighted_mean(reports)
         for key in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss"):
-            entry[key] = _weighted(reports, key)
+            entry[key] = means.get(key, float("nan"))
         entry["per_site"] = per_site
         entry["failures"] = failures
         entry["refusals"] = [r for r in self.refusals if r["round"] == server_round]

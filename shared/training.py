@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -86,6 +87,10 @@ def train(model: nn.Module, data: SiteData, settings: TrainSettings, device: tor
     trained, spend = model, None
     if dp is not None:
         from opacus import PrivacyEngine
+
+        # Opacus' secure_mode needs torchcsprng; the CSPRNG-seeded generator above stands in for it.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no grad
 
         engine = PrivacyEngine(secure_mode=False)
         trained, optimizer, loader = engine.make_private(
