@@ -75,8 +75,10 @@ def test_flower_strategies_train_the_tabular_task(strategy: str, tmp_path: Path)
     scenario = tmp_path / f"{strategy}.toml"
     scenario.write_text(
         f'name = "{strategy}"\n[consortium]\nsource = "synthetic"\nsites = 3\nseed = 11\n'
-        f'[run]\ntask = "rbp_tabular"\nstrategy = "{strategy}"\nrounds = 6\nlocal_epochs = 1\n'
-        f'batch_size = 16\nproximal_mu = 0.05\nserver_learning_rate = 0.1\nlearning_rate = 0.3\nmin_sites = 3\n'
+        f'[run]\ntask = "rbp_tabular"\nstrategy = "{strategy}"\nrounds = 6\nlocal_epochs = 3\n'
+        f'optimizer = "adam"\nlearning_rate = 0.003\nproximal_mu = 0.05\nserver_learning_rate = 0.1\n'
+        f'min_sites = 3\ndp = false\n'  # deterministic: this test is about the strategies, not DP
+        f'[policy]\nrequire_dp = false\n'
     )
     metrics = _simulate(str(scenario), tmp_path / "out")
     assert metrics["config"]["run"]["strategy"] == strategy
