@@ -3,7 +3,6 @@ SecAgg+ vs plain FedAvg, what leaves a site, and a process killed mid-run."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import signal
