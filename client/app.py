@@ -16,6 +16,7 @@ from flwr.common import Scalar
 from spine_fl.shared.config import RunSettings
 from spine_fl.shared.metrics import binary_metrics
 from spine_fl.shared.models import build_model, pick_device
+from spine_fl.shared.privacy_accounting import epsilon
 from spine_fl.shared.tasks import get_task
 from spine_fl.shared.training import DpSettings, TrainSettings, get_weights, predict, set_weights, train
 
@@ -63,10 +64,10 @@ class SiteClient(NumPyClient):
             ledger = PrivacyLedger(self.site.state_dir, dataset_id(self.site.data_dir))
             ledger.append(SpendRecord(self.run_id, server_round, spend.noise_multiplier, spend.sample_rate,
                                       spend.steps, plan.max_grad_norm, plan.delta, settings.accountant))
-            run_history = ledger.history(self.run_id)
+            run_history, lifetime = ledger.history(self.run_id), ledger.history()
             metrics.update(
-                epsilon_run=ledger.epsilon(plan.delta, settings.accountant, self.run_id),
-                epsilon_lifetime=ledger.epsilon(plan.delta, settings.accountant),
+                epsilon_run=epsilon(run_history, plan.delta, settings.accountant),
+                epsilon_lifetime=epsilon(lifetime, plan.delta, settings.accountant),
                 delta=plan.delta, noise_multiplier=spend.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                 sample_rate=spend.sample_rate, steps_run=sum(n for _, _, n in run_history),
             )

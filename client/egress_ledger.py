@@ -87,11 +87,6 @@ class EgressLedger:
         tmp.write_bytes(_canonical(head))
         os.replace(tmp, self.head)
 
-    def lines(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(raw) for raw in self.path.read_bytes().splitlines() if raw.strip()]
-
 
 @dataclass
 class Verification:

@@ -17,11 +17,11 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from spine_fl.shared.config import ConfigError, RunSettings
+from spine_fl.shared.privacy_accounting import epsilon
+from spine_fl.shared.refusal import REFUSAL_CODE, Refusal
 
 from .egress_ledger import EgressLedger
 from .egress_record import SECAGG_CONFIGS, describe
-from spine_fl.shared.refusal import REFUSAL_CODE, Refusal
-
 from .policy import rule_violations
 from .privacy_ledger import PrivacyLedger, dataset_id
 from .privacy_plan import plan_round
@@ -97,11 +97,12 @@ def budget_refusal(site: Site, run: RunSettings, run_id: str) -> Refusal | None:
         return Refusal("min_noise_multiplier", f"the run's target epsilon needs noise multiplier "
                        f"{plan.noise_multiplier:.3f}, below this site's minimum {site.policy.min_noise_multiplier:g}")
     ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
+    lifetime, this_run = ledger.history(), ledger.history(run_id)
     nxt = [(plan.noise_multiplier, plan.round_spend.sample_rate, plan.round_spend.steps)]
-    for rule, run_filter, budget in (("epsilon_lifetime", None, site.policy.epsilon_lifetime),
-                                     ("epsilon_per_run", run_id, site.policy.epsilon_per_run)):
-        spent = ledger.epsilon(plan.delta, run.accountant, run_filter)
-        after = ledger.epsilon(plan.delta, run.accountant, run_filter, extra=nxt)
+    for rule, history, budget in (("epsilon_lifetime", lifetime, site.policy.epsilon_lifetime),
+                                  ("epsilon_per_run", this_run, site.policy.epsilon_per_run)):
+        spent = epsilon(history, plan.delta, run.accountant)
+        after = epsilon([*history, *nxt], plan.delta, run.accountant)
         if after > budget:
             return Refusal(rule, f"training this round would raise epsilon to {after:.3f}, over the "
                            f"{rule.replace('_', ' ')} budget {budget:g} (spent so far {spent:.3f})",

@@ -14,7 +14,6 @@ from spine_fl.shared.refusal import Refusal
 from spine_fl.shared.tasks import TASKS
 
 
-
 @dataclass(frozen=True)
 class SitePolicy:
     epsilon_lifetime: float = 20.0  # per dataset, over every run ever

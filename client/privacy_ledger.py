@@ -70,8 +70,8 @@ class PrivacyLedger:
         return [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.records()
                 if run_id is None or r.run_id == run_id]
 
-    def epsilon(self, delta: float, accountant: str, run_id: str | None = None, extra: History = ()) -> float:
-        return epsilon([*self.history(run_id), *extra], delta, accountant)
+    def epsilon(self, delta: float, accountant: str, run_id: str | None = None) -> float:
+        return epsilon(self.history(run_id), delta, accountant)
 
     def append(self, record: SpendRecord) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

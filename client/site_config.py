@@ -15,8 +15,10 @@ Relative paths are resolved against the file's folder.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+from spine_fl.shared.config import ConfigError, typed_from_table
 
 from .policy import SitePolicy
 
@@ -29,7 +31,7 @@ class Site:
     policy: SitePolicy
 
 
-class SiteConfigFileError(ValueError):
+class SiteConfigFileError(ConfigError):
     pass
 
 
@@ -50,11 +52,4 @@ def load_site_config(path: Path) -> Site:
 
 
 def policy_from_table(table: dict, where: str) -> SitePolicy:
-    allowed = {f.name for f in fields(SitePolicy)}
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise SiteConfigFileError(f"{where}: unknown rule(s) {', '.join(unknown)}; rules: {', '.join(sorted(allowed))}")
-    try:
-        return SitePolicy(**table)
-    except (TypeError, ValueError) as exc:
-        raise SiteConfigFileError(f"{where}: {exc}") from None
+    return typed_from_table(SitePolicy, table, where)

@@ -110,7 +110,8 @@ class Scenario:
         return {**common, **self.policy.get(site, {})}
 
 
-def _typed(cls: type, table: dict[str, Any], where: str) -> Any:
+def typed_from_table(cls: type, table: dict[str, Any], where: str) -> Any:
+    """A TOML table as the dataclass `cls`; unknown keys and invalid values raise ConfigError naming `where`."""
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -137,8 +138,8 @@ def load_scenario(path: Path | str) -> Scenario:
     simulation = raw.get("simulation", {})
     return Scenario(
         name=str(raw.get("name", path.stem)),
-        consortium=_typed(ConsortiumSettings, raw.get("consortium", {}), f"{path} [consortium]"),
-        run=_typed(RunSettings, raw.get("run", {}), f"{path} [run]"),
+        consortium=typed_from_table(ConsortiumSettings, raw.get("consortium", {}), f"{path} [consortium]"),
+        run=typed_from_table(RunSettings, raw.get("run", {}), f"{path} [run]"),
         cpus_per_site=float(simulation.get("cpus_per_site", 1.0)),
         policy=dict(raw.get("policy", {})),
         state_dir=simulation.get("state_dir"),

@@ -110,12 +110,13 @@ def ledger_verify(
 ) -> None:
     """Check every signature and hash link of the site's egress ledger; name the first broken line."""
     from spine_fl.client.egress_ledger import LEDGER_FILE, verify
-    from spine_fl.client.site_config import SiteConfigFileError, load_site_config
+    from spine_fl.client.site_config import load_site_config
+    from spine_fl.shared.config import ConfigError
 
     if state_dir is None:
         try:
             state_dir = load_site_config(config or Path("configs/sites") / f"{site}.toml").state_dir
-        except SiteConfigFileError as exc:
+        except ConfigError as exc:  # the file, or a rule in its [policy]
             console.print(f"[red]{exc}[/] (or pass --state-dir)")
             raise typer.Exit(2) from None
     result = verify(state_dir)
