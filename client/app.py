@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import Scalar
 
-from spine_fl.shared.config import RunSettings
+from spine_fl.shared.config import RunSettings, run_key_of
 from spine_fl.shared.metrics import binary_metrics
 from spine_fl.shared.models import build_model, pick_device
 from spine_fl.shared.privacy_accounting import epsilon
@@ -23,6 +23,7 @@ from spine_fl.shared.training import DpSettings, TrainSettings, get_weights, pre
 from .mods import site_mods
 from .privacy_ledger import PrivacyLedger, SpendRecord, dataset_id
 from .privacy_plan import plan_round
+from .received_models import save_received
 from .site_config import Site
 from .site_data import resolve_site, site_data
 
@@ -57,14 +58,15 @@ class SiteClient(NumPyClient):
         )
         metrics: dict[str, Scalar] = {"site_index": self._site_index(config), "dp": int(settings.dp)}
         if settings.dp:
+            run_key = run_key_of(config, self.run_id)  # the same run across coordinator restarts
             plan = plan_round(settings, len(train_split))
             loss, spend = train(model, train_split, local, self.device,
                                 DpSettings(plan.noise_multiplier, plan.max_grad_norm))
             assert spend is not None
             ledger = PrivacyLedger(self.site.state_dir, dataset_id(self.site.data_dir))
-            ledger.append(SpendRecord(self.run_id, server_round, spend.noise_multiplier, spend.sample_rate,
+            ledger.append(SpendRecord(run_key, server_round, spend.noise_multiplier, spend.sample_rate,
                                       spend.steps, plan.max_grad_norm, plan.delta, settings.accountant))
-            run_history, lifetime = ledger.history(self.run_id), ledger.history()
+            run_history, lifetime = ledger.history(run_key), ledger.history()
             metrics.update(
                 epsilon_run=epsilon(run_history, plan.delta, settings.accountant),
                 epsilon_lifetime=epsilon(lifetime, plan.delta, settings.accountant),
@@ -79,6 +81,7 @@ class SiteClient(NumPyClient):
 
     def evaluate(self, parameters, config):
         _, model, data = self._prepare(parameters, config)
+        save_received(self.site.state_dir, self.run_id, parameters, config)  # for the site's privacy audit
         held_out = data.subset("test")
         metrics = binary_metrics(held_out.y, predict(model, held_out, self.device))
         metrics.pop("n")

@@ -16,7 +16,7 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from spine_fl.shared.config import ConfigError, RunSettings
+from spine_fl.shared.config import ConfigError, RunSettings, run_key_of
 from spine_fl.shared.privacy_accounting import epsilon
 from spine_fl.shared.refusal import REFUSAL_CODE, Refusal
 
@@ -39,27 +39,37 @@ def run_config_of(msg: Message) -> dict | None:
     return None
 
 
+def message_kind(msg: Message) -> str:
+    """The message type, with the SecAgg+ stage (read before secaggplus_mod consumes it)."""
+    secagg = msg.content.config_records.get(SECAGG_CONFIGS) if msg.has_content() else None
+    stage = str(secagg.get("stage", "")) if secagg is not None else ""
+    return msg.metadata.message_type + (f"/secagg+{stage}" if stage else "")
+
+
+def record_egress(site: Site, run_id: str, msg: Message, kind: str, reply: Message) -> None:
+    """Append what `reply` carries out of the site to the signed egress ledger (before it leaves)."""
+    desc = describe(reply)
+    EgressLedger(site.state_dir).append({
+        "time": time.time(),
+        "run_id": run_id,
+        "round": int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else None,
+        "kind": kind,
+        **desc,
+        "epsilon": desc["metrics"].get("fitres.metrics/epsilon_lifetime"),
+    })
+
+
 def make_egress_ledger_mod(resolve: SiteResolver) -> Mod:
     def egress_ledger_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-        secagg = msg.content.config_records.get(SECAGG_CONFIGS) if msg.has_content() else None
-        stage = str(secagg.get("stage", "")) if secagg is not None else ""
+        kind = message_kind(msg)
         reply = call_next(msg, ctxt)
-        desc = describe(reply)
-        metrics = desc["metrics"]
-        EgressLedger(resolve(ctxt).state_dir).append({
-            "time": time.time(),
-            "run_id": str(ctxt.run_id),
-            "round": int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else None,
-            "kind": msg.metadata.message_type + (f"/secagg+{stage}" if stage else ""),
-            **desc,
-            "epsilon": metrics.get("fitres.metrics/epsilon_lifetime"),
-        })
+        record_egress(resolve(ctxt), str(ctxt.run_id), msg, kind, reply)
         return reply
 
     return egress_ledger_mod
 
 
-def _refuse(msg: Message, site: Site, refusal: Refusal) -> Message:
+def refuse(msg: Message, site: Site, refusal: Refusal) -> Message:
     reason = replace(refusal, site=site.name).to_reason()
     return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
 
@@ -75,15 +85,15 @@ def make_site_policy_mod(resolve: SiteResolver) -> Mod:
         try:
             run = RunSettings.from_run_config(config)
         except (ConfigError, TypeError, ValueError) as exc:
-            return _refuse(msg, site, Refusal("run_config", f"the run's settings are invalid: {exc}"))
+            return refuse(msg, site, Refusal("run_config", f"the run's settings are invalid: {exc}"))
         training = msg.metadata.message_type == MessageType.TRAIN
         violations = rule_violations(site.policy, run, SECAGG_CONFIGS in msg.content.config_records or not training)
         if violations:
-            return _refuse(msg, site, violations[0])
+            return refuse(msg, site, violations[0])
         if training and run.dp:
-            refusal = budget_refusal(site, run, str(ctxt.run_id))
+            refusal = budget_refusal(site, run, run_key_of(config, str(ctxt.run_id)))
             if refusal is not None:
-                return _refuse(msg, site, refusal)
+                return refuse(msg, site, refusal)
         return call_next(msg, ctxt)
 
     return site_policy_mod

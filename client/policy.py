@@ -24,9 +24,16 @@ class SitePolicy:
     allowed_tasks: tuple[str, ...] = tuple(TASKS)
     require_dp: bool = True
     require_secagg: bool = True
+    # SHA-256 of each app bundle (FAB) this site will run, as printed by `spine-fl bundle hash`.
+    # Empty: the site runs no bundle at all on Flower's deployment engine (simulation has none).
+    allowed_bundles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_tasks", tuple(self.allowed_tasks))
+        object.__setattr__(self, "allowed_bundles", tuple(h.strip().lower() for h in self.allowed_bundles))
+        malformed = [h for h in self.allowed_bundles if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+        if malformed:
+            raise ValueError(f"allowed_bundles entries must be 64-character SHA-256 hex digests; got {malformed[0]!r}")
         unknown = sorted(set(self.allowed_tasks) - set(TASKS))
         if unknown:
             raise ValueError(f"allowed_tasks names unknown task(s) {', '.join(unknown)}")

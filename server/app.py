@@ -1,20 +1,22 @@
 """The ServerApp: one training path (Flower's DefaultWorkflow over a legacy strategy).
 
-Flower's SecAgg+ only runs through `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`, so
-the coordinator always runs DefaultWorkflow; secure aggregation is its fit workflow unless a run
+Flower's SecAgg+ runs as the fit workflow of the legacy round loop (server/rounds.py, Flower's
+DefaultWorkflow steps plus retries of failed rounds); it is the fit workflow unless a run
 explicitly sets secagg = false.
 """
 
 from __future__ import annotations
 
+import uuid
+from logging import INFO
 from pathlib import Path
 from typing import Any, Callable
 
 from flwr.app import Context
+from flwr.common import log as flwr_log
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,8 +25,10 @@ from spine_fl.shared.models import build_model
 from spine_fl.shared.tasks import get_task
 from spine_fl.shared.training import get_weights
 
+from .checkpoint import Checkpoint, load_checkpoint, retire_checkpoint, save_checkpoint
+from .grid_watch import WatchingGrid
 from .results import write_federation_results
-from .refusal_watch import RefusalWatchingGrid
+from .rounds import run_rounds
 from .secure_aggregation import secagg_fit_workflow
 from .strategy import RecordingStrategy, RoundLog, build_strategy
 
@@ -34,8 +38,13 @@ def build_server_app(
     sites: list[str] | None = None,
     out_dir: Path | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    node_sites: dict[int, str] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> ServerApp:
-    """Settings given here win; otherwise they come from Flower's run config (`flwr run`)."""
+    """Settings given here win; otherwise they come from Flower's run config (`flwr run`).
+
+    Deployment (`spine-fl server`) also gives `node_sites` (enrolled SuperNode id -> site; no other
+    node is sent anything) and `checkpoint_dir` (resume after the last completed round)."""
     app = ServerApp()
 
     @app.main()
@@ -43,18 +52,32 @@ def build_server_app(
         run = settings or RunSettings.from_run_config(dict(context.run_config))
         site_names = sites or str(context.run_config.get("sites", "")).split(",")
         results_dir = out_dir or Path(str(context.run_config.get("out-dir", "spine-fl-results")))
-        initial = get_weights(build_model(get_task(run.task), run.seed))
         log = RoundLog(site_names, run.min_sites, on_round=on_round)
-        strategy = RecordingStrategy(build_strategy(run, initial, site_names), log)
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=run.rounds), strategy=strategy)
-        watched = RefusalWatchingGrid(grid, log.record_refusal)
-        DefaultWorkflow(fit_workflow=secagg_fit_workflow(run))(watched, legacy)  # type: ignore[arg-type]
-        if run.rounds not in log.trained_rounds:
-            log.stop(f"round {run.rounds} did not complete")
-        final = parameters_to_ndarrays(
-            compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-        )
-        write_federation_results(results_dir, run, site_names, final, log)
+        resumed = load_checkpoint(checkpoint_dir, run) if checkpoint_dir else None
+        done, run_key = (resumed.round, resumed.run_key) if resumed else (0, uuid.uuid4().hex)
+        if resumed:
+            log.restore(resumed.log)
+            flwr_log(INFO, "spine-fl: resuming after round %d from checkpoint sha256 %s", done, resumed.sha256)
+        final = resumed.weights if resumed else get_weights(build_model(get_task(run.task), run.seed))
+
+        def on_round_done(server_round: int, parameters: Any) -> None:
+            if checkpoint_dir:
+                save_checkpoint(checkpoint_dir, run, Checkpoint(server_round, parameters_to_ndarrays(parameters),
+                                                                log.state(), run_key))
+
+        if len(log.trained_rounds) < run.rounds and not log.stopped:
+            strategy = RecordingStrategy(build_strategy(run, final, site_names, done, run_key), log, done,
+                                         on_round_done)
+            legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=run.rounds), strategy=strategy)
+            watched = WatchingGrid(grid, log, node_sites, done)
+            run_rounds(watched, legacy, secagg_fit_workflow(run), log, run.rounds, done, run.round_retries)  # type: ignore[arg-type]
+            final = parameters_to_ndarrays(
+                compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+        if len(log.trained_rounds) < run.rounds:
+            log.stop(f"only {len(log.trained_rounds)} of {run.rounds} rounds trained")
+        write_federation_results(results_dir, run, site_names, final, log, resumed_after=done)
+        if checkpoint_dir and not log.stopped:
+            retire_checkpoint(checkpoint_dir, run_key)
 
     return app
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +10,7 @@ import numpy as np
 import torch
 
 from spine_fl.shared.config import RunSettings
+from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
 from spine_fl.shared.models import build_model
 from spine_fl.shared.tasks import get_task
 from spine_fl.shared.training import set_weights
@@ -22,23 +20,6 @@ from .strategy import RoundLog
 
 MODEL_FILE = "model.pt"
 FEDERATION_FILE = "federation.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=2, allow_nan=True).encode())
 
 
 def save_model(path: Path, settings: RunSettings, weights: list[np.ndarray]) -> None:
@@ -82,9 +63,10 @@ def privacy_section(settings: RunSettings, sites: list[str], log: RoundLog) -> d
 
 
 def write_federation_results(out_dir: Path, settings: RunSettings, sites: list[str],
-                             weights: list[np.ndarray], log: RoundLog) -> None:
+                             weights: list[np.ndarray], log: RoundLog, resumed_after: int = 0) -> None:
     save_model(out_dir / MODEL_FILE, settings, weights)
     atomic_write_json(out_dir / FEDERATION_FILE, {
         "task": settings.task, "sites": sites, "config": settings.to_run_config(),
         "status": "stopped" if log.stopped else "completed", "stop_reason": log.stopped or None,
-        "rounds": log.rounds, "privacy": privacy_section(settings, sites, log)})
+        "rounds": log.rounds, "dropouts": log.dropouts, "failed_rounds": log.failed_rounds, "resumed_after_round": resumed_after or None,
+        "privacy": privacy_section(settings, sites, log)})

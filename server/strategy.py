@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any, Callable
@@ -14,11 +15,14 @@ from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 from spine_fl.shared.config import RunSettings
 
 
-def round_config(settings: RunSettings, sites: list[str]) -> Callable[[int], dict[str, Scalar]]:
-    """What every site receives with each round: the run's settings and the site order."""
+def round_config(settings: RunSettings, sites: list[str], offset: int = 0,
+                 run_key: str = "") -> Callable[[int], dict[str, Scalar]]:
+    """What every site receives with each round: the run's settings, the site order, the round
+    (counted across coordinator restarts) and the run's key (sites' per-run budget survives them)."""
 
     def config(server_round: int) -> dict[str, Scalar]:
-        return {**settings.to_run_config(), "round": server_round, "sites": ",".join(sites)}
+        return {**settings.to_run_config(), "round": server_round + offset, "sites": ",".join(sites),
+                "run_key": run_key}
 
     return config
 
@@ -33,15 +37,16 @@ def weighted_mean(reports: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Sca
     return out
 
 
-def build_strategy(settings: RunSettings, initial: list, sites: list[str]) -> Strategy:
+def build_strategy(settings: RunSettings, initial: list, sites: list[str], offset: int = 0,
+                   run_key: str = "") -> Strategy:
     common: dict[str, Any] = dict(
         fraction_fit=1.0,
         fraction_evaluate=1.0,
         min_fit_clients=settings.min_sites,
         min_evaluate_clients=settings.min_sites,
         min_available_clients=settings.min_sites,
-        on_fit_config_fn=round_config(settings, sites),
-        on_evaluate_config_fn=round_config(settings, sites),
+        on_fit_config_fn=round_config(settings, sites, offset, run_key),
+        on_evaluate_config_fn=round_config(settings, sites, offset, run_key),
         initial_parameters=ndarrays_to_parameters(initial),
         accept_failures=True,
         fit_metrics_aggregation_fn=weighted_mean,
@@ -69,8 +74,31 @@ class RoundLog:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     refusals: list[dict[str, Any]] = field(default_factory=list)
     trained_rounds: list[int] = field(default_factory=list)
+    dropouts: list[dict[str, Any]] = field(default_factory=list)
     stopped: str = ""
     on_round: Callable[[dict[str, Any]], None] | None = None
+
+    _round_started: float = field(default_factory=time.monotonic)
+
+    failed_rounds: list[int] = field(default_factory=list)
+
+    PERSISTED = ("rounds", "privacy", "refusals", "trained_rounds", "dropouts", "failed_rounds")
+
+    def state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.PERSISTED}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for name in self.PERSISTED:
+            setattr(self, name, state.get(name, getattr(self, name)))
+
+    def record_failed_round(self, server_round: int) -> None:
+        self.failed_rounds.append(server_round)
+        log(WARNING, "spine-fl: round %s did not complete (e.g. a site dropped before secure aggregation "
+            "could mask its update); the global model is unchanged", server_round)
+
+    def record_dropout(self, server_round: int | None, site: str, stage: str) -> None:
+        self.dropouts.append({"round": server_round, "site": site, "stage": stage})
+        log(WARNING, "spine-fl: site %s did not reply in round %s (%s)", site, server_round, stage)
 
     def record_fit(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]]) -> None:
         for n, metrics in reports:
@@ -95,13 +123,17 @@ class RoundLog:
     def record_evaluate(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]], failures: int) -> None:
         per_site = {_site_name(self.sites, m): {k: float(v) for k, v in m.items() if k != "site_index"} | {"n": n}
                     for n, m in reports}
-        entry: dict[str, Any] = {"round": server_round, "trained": server_round in self.trained_rounds}
+        now = time.monotonic()
+        entry: dict[str, Any] = {"round": server_round, "trained": server_round in self.trained_rounds,
+                                 "seconds": round(now - self._round_started, 2)}
+        self._round_started = now
         means = weighted_mean(reports)
         for key in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss"):
             entry[key] = means.get(key, float("nan"))
         entry["per_site"] = per_site
         entry["failures"] = failures
         entry["refusals"] = [r for r in self.refusals if r["round"] == server_round]
+        entry["dropouts"] = sorted({d["site"] for d in self.dropouts if d["round"] == server_round})
         self.rounds.append(entry)
         if self.on_round:
             self.on_round(entry)
@@ -109,36 +141,42 @@ class RoundLog:
 
 class RecordingStrategy(Strategy):
     """Delegates every step to Flower's strategy; keeps the sites' reports and refusals, and ends
-    the run (by selecting no more sites) once fewer than min_sites train in a round."""
+    the run (by selecting no more sites) once fewer than min_sites train in a round.
 
-    def __init__(self, inner: Strategy, log: RoundLog):
+    `offset` is the number of rounds completed before a coordinator restart (Flower counts this
+    run's rounds from 1); `on_round_done(round, parameters)` is called after each evaluated round."""
+
+    def __init__(self, inner: Strategy, log: RoundLog, offset: int = 0,
+                 on_round_done: Callable[[int, Parameters], None] | None = None):
         super().__init__()
         self.inner = inner
         self.log = log
+        self.offset = offset
+        self.on_round_done = on_round_done
+        self._latest: Parameters | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
-        previous = server_round - 1
-        if previous >= 1 and previous not in self.log.trained_rounds:
-            self.log.stop(f"round {previous} did not complete (secure aggregation needs enough sites); "
-                          "the run ends here")
         if self.log.stopped:
             return []
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[override]
-        self.log.record_fit(server_round, [(r.num_examples, r.metrics) for _, r in results])
-        return self.inner.aggregate_fit(server_round, results, failures)
+        self.log.record_fit(server_round + self.offset, [(r.num_examples, r.metrics) for _, r in results])
+        aggregated = self.inner.aggregate_fit(server_round, results, failures)
+        self._latest = aggregated[0]
+        return aggregated
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[override]
-        if self.log.stopped and server_round not in self.log.trained_rounds:
-            return []
         return self.inner.configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(self, server_round, results: list[tuple[ClientProxy, Any]], failures):  # type: ignore[override]
-        self.log.record_evaluate(server_round, [(r.num_examples, r.metrics) for _, r in results], len(failures))
+        absolute = server_round + self.offset
+        self.log.record_evaluate(absolute, [(r.num_examples, r.metrics) for _, r in results], len(failures))
+        if self.on_round_done and self._latest is not None and absolute in self.log.trained_rounds:
+            self.on_round_done(absolute, self._latest)
         return self.inner.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(self, server_round, parameters):  # type: ignore[override]

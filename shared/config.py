@@ -6,6 +6,7 @@ scenario runs identically in the simulation engine and, later, the deployment en
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,15 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("sgd", "adam")
 SOURCES = ("synthetic", "vertebral_column")
+
+
+RUN_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: the coordinator's name for a run, used in file names
+
+
+def run_key_of(config: dict[str, Any], fallback: str) -> str:
+    """The run's key from a round's config; anything else than 32 hex digits falls back (never a path)."""
+    key = str(config.get("run_key", ""))
+    return key if RUN_KEY.fullmatch(key) else fallback
 
 
 class ConfigError(ValueError):
@@ -51,6 +61,8 @@ class RunSettings:
     secagg: bool = True
     secagg_clipping_range: float = 8.0
     secagg_max_weight: float = 1000.0
+    # A round that fails (e.g. a site vanished before SecAgg+ shared its keys) is retried this many times.
+    round_retries: int = 2
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -59,6 +71,8 @@ class RunSettings:
         for name in ("image_size", "rounds", "local_epochs", "batch_size", "min_sites"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.round_retries < 0:
+            raise ConfigError(f"round_retries must be 0 or more, got {self.round_retries}")
         if self.learning_rate <= 0 or self.server_learning_rate <= 0 or self.proximal_mu < 0:
             raise ConfigError("learning rates must be > 0 and proximal_mu >= 0")
         if self.optimizer not in OPTIMIZERS:
@@ -124,14 +138,19 @@ def typed_from_table(cls: type, table: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def read_toml(path: Path | str, what: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML ({exc})") from None
+
+
 def load_scenario(path: Path | str) -> Scenario:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: scenario file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    raw = read_toml(path, "scenario file")
     unknown = sorted(set(raw) - {"name", "consortium", "run", "simulation", "policy"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")

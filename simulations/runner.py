@@ -16,15 +16,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import tomli_w
 import torch
 from flwr.clientapp.typing import Mod
 
 from spine_fl.client.site_config import Site, policy_from_table
 from spine_fl.server.app import build_server_app
-from spine_fl.server.results import FEDERATION_FILE, MODEL_FILE, atomic_write_json, load_model
+from spine_fl.server.results import FEDERATION_FILE, MODEL_FILE, load_model
 from spine_fl.shared import plots
 from spine_fl.shared.config import Scenario, load_scenario
 from spine_fl.shared.data_contract import load_site
+from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
+from spine_fl.shared.model_card import save_predictions, write_model_card
 from spine_fl.shared.models import pick_device
 from spine_fl.shared.synthetic_consortium import synthesize_consortium
 from spine_fl.shared.tasks import get_task
@@ -34,6 +37,7 @@ from . import baselines
 from .evaluation import score_sites
 
 METRICS_FILE = "metrics.json"
+SCENARIO_FILE = "scenario.toml"
 
 
 def packaged_scenario(name: str) -> Path:
@@ -78,9 +82,19 @@ def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
     )
 
 
+def write_scenario(path: Path, scenario: Scenario) -> None:
+    """The scenario as run, beside its results: the site audit reads the policy from it."""
+    table = {"name": scenario.name, "consortium": asdict(scenario.consortium), "run": asdict(scenario.run),
+             "simulation": {"cpus_per_site": scenario.cpus_per_site,
+                            **({"state_dir": scenario.state_dir} if scenario.state_dir else {})},
+             "policy": scenario.policy}
+    atomic_write_bytes(path, tomli_w.dumps(table).encode())
+
+
 def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None,
              outer_mods: Sequence[Mod] = ()) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_scenario(out_dir / SCENARIO_FILE, scenario)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     started = time.perf_counter()
     site_dirs = build_consortium(scenario, out_dir / "sites")
@@ -125,6 +139,8 @@ def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, An
                        "local-only": local_test.pooled()}, "calibration on held-out patients")
     plots.metric_per_round(out_dir / "auroc_per_round.png", federation["rounds"],
                            {"pooled": metrics["pooled"]["auroc"], "local_only": metrics["local_only"]["auroc"]})
+    save_predictions(out_dir, {"federated": fed_test, "pooled": pooled_test, "local_only": local_test}, sites)
+    write_model_card(out_dir)
     return metrics
 
 

@@ -3,14 +3,17 @@
 import logging
 import os
 
-# Hospitals allow no unsolicited outbound traffic: every process that imports spine-fl
-# (CLI, ServerApp, ClientApp, Ray workers) runs with Flower's and Ray's phone-home switched off.
-for _name, _value in {
+# Hospitals allow no unsolicited outbound traffic, and a run must never install packages: every
+# process that imports spine-fl (CLI, ServerApp, ClientApp, Ray workers) runs with Flower's and
+# Ray's phone-home and Flower's dependency installation switched off; the SuperLink and SuperNode
+# processes spine-fl starts get these values forced (shared/flower_runtime.flower_env).
+QUIET_FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
-}.items():
+}
+for _name, _value in QUIET_FLOWER_ENV.items():
     os.environ.setdefault(_name, _value)
 
 # Opacus calls logging.basicConfig at import, which would print every DEBUG line of Flower a second

@@ -11,6 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from spine_fl.client.audit_cli import audit
+from spine_fl.shared.model_card_cli import report as report_command
+
 app = typer.Typer(help="spine-fl: federated outcome prediction for spine clinics.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
@@ -97,6 +100,9 @@ def simulate(
     console.print(f"results in {out} ({metrics['timing']['total_seconds']} s)")
 
 
+app.command("report")(report_command)
+app.command()(audit)
+
 ledger_app = typer.Typer(help="The site's signed egress ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 
@@ -127,6 +133,147 @@ def ledger_verify(
     line = f" at line {result.first_broken_line}" if result.first_broken_line else ""
     console.print(f"[red]ledger BROKEN{line}[/]: {where}: {result.problem}", highlight=False)
     raise typer.Exit(1)
+
+
+@app.command()
+def server(
+    config: Path = typer.Option(Path("configs/federation.toml"), help="the federation file"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS and no SuperNode authentication: "
+                                  "local experiments only"),
+    bundle: Optional[Path] = typer.Option(None, help="submit this app bundle (.fab) instead of building one "
+                                          "from this checkout"),
+) -> None:
+    """Coordinate a real federation: start a SuperLink, wait for the enrolled sites, run, write results."""
+    import ssl
+
+    import httpx
+
+    from spine_fl.server.coordinator import run_coordinator
+    from spine_fl.server.federation_config import load_federation
+    from spine_fl.server.serverapp_worker import ServerAppTaskError
+    from spine_fl.shared.bundle import BundleError
+    from spine_fl.shared.config import ConfigError
+    from spine_fl.shared.credentials import CredentialsError
+    from spine_fl.shared.processes import ProcessStartError
+
+    if insecure:
+        console.print("[bold red]WARNING: --insecure: no TLS, any SuperNode may connect. Never use this with "
+                      "patient data.[/]")
+    try:
+        fed = load_federation(config)
+        metrics = run_coordinator(fed, insecure, on_round=_round_line, say=lambda m: console.print(m, highlight=False),
+                                  bundle_file=bundle)
+    except (ConfigError, CredentialsError, BundleError, FileNotFoundError, ProcessStartError) as exc:
+        console.print(f"[red]cannot start:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except (ServerAppTaskError, httpx.HTTPError, ssl.SSLError) as exc:
+        console.print(f"[red]the run failed:[/] {exc} (the SuperLink's log is in {fed.state_dir})", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("interrupted; the SuperLink is stopped. Start again to resume after the last completed round.")
+        raise typer.Exit(130) from None
+    status = "[green]completed[/]" if metrics["status"] == "completed" else f"[red]stopped[/]: {metrics['stop_reason']}"
+    console.print(f"run {status}; results in {fed.out_dir}", highlight=False)
+    raise typer.Exit(0 if metrics["status"] == "completed" else 1)
+
+
+@app.command()
+def client(
+    site: str = typer.Option(..., help="this hospital's site name"),
+    config: Optional[Path] = typer.Option(None, help="the site's TOML config (default configs/sites/<site>.toml)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site key: local experiments only"),
+    runtime_port: int = typer.Option(9094, help="loopback port between the SuperNode and this process"),
+    attempts: int = typer.Option(5, min=1, help="tries to reach the coordinator before giving up"),
+    retry_seconds: float = typer.Option(3.0, help="pause between tries"),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for training (default: torch's)"),
+) -> None:
+    """Join a federation as one hospital: validate the data, connect out to the coordinator, serve."""
+    from spine_fl.client.site_config import load_site_config, load_site_connection
+    from spine_fl.client.site_node import SiteCannotJoin, run_site
+    from spine_fl.shared.config import ConfigError
+    from spine_fl.shared.processes import ProcessStartError
+
+    path = config or Path("configs/sites") / f"{site}.toml"
+    if insecure:
+        console.print("[bold red]WARNING: --insecure: no TLS and no site authentication. Never use this with "
+                      "patient data.[/]")
+    try:
+        site_def, connection = load_site_config(path), load_site_connection(path)
+        if site_def.name != site:
+            raise ConfigError(f"{path} is for site {site_def.name!r}, not {site!r}")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        run_site(path, site_def, connection, insecure=insecure, runtime_port=runtime_port, attempts=attempts,
+                 pause=retry_seconds, say=lambda m: console.print(m, highlight=False))
+    except (ConfigError, SiteCannotJoin, ProcessStartError) as exc:
+        console.print(f"[red]{site} is not joining:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print(f"{site}: interrupted; the SuperNode is stopped.")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def certs(
+    out: Path = typer.Option(Path("credentials"), help="folder for ca.crt, ca.key, server.crt, server.key"),
+    host: list[str] = typer.Option([], help="name/IP sites use to reach the coordinator (repeat); "
+                                   "localhost and 127.0.0.1 are always included"),
+) -> None:
+    """Coordinator: create the consortium CA and the coordinator's TLS certificate."""
+    from spine_fl.shared.credentials import CredentialsError, create_server_credentials
+
+    try:
+        made = create_server_credentials(out, host)
+    except CredentialsError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"wrote {made.ca_cert} (give to every site), {made.cert}, {made.key} and {out / 'ca.key'} "
+                  "(keep offline)", highlight=False)
+
+
+@app.command()
+def enroll(
+    site: str = typer.Option(..., help="site name"),
+    keys_dir: Path = typer.Option(Path("credentials"), help="where the site's key pair is written (at the site)"),
+    federation: Optional[Path] = typer.Option(None, help="coordinator: add this site's public key to the "
+                                              "federation file's enrolled sites"),
+    public_key: Optional[Path] = typer.Option(None, help="coordinator: the .pub file the site sent"),
+) -> None:
+    """Site: create the SuperNode key pair. Coordinator: enrol a site's public key (--federation)."""
+    from spine_fl.server.enrolment import enrol_public_key
+    from spine_fl.shared.config import ConfigError
+    from spine_fl.shared.credentials import CredentialsError, create_site_keys
+
+    try:
+        if federation is None:
+            keys = create_site_keys(keys_dir, site)
+            console.print(f"wrote {keys.private_key} (stays at the site, mode 0600) and {keys.public_key} "
+                          "(send to the coordinator)", highlight=False)
+            return
+        key_file = public_key or keys_dir / f"{site}_supernode_key.pub"
+        enrol_public_key(federation, site, key_file)
+        console.print(f"enrolled {site} ({key_file}) in {federation}", highlight=False)
+    except (CredentialsError, ConfigError) as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(1) from None
+
+
+bundle_app = typer.Typer(help="The app bundle (FAB) sites allow by hash.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("hash")
+def bundle_hash() -> None:
+    """Print the SHA-256 of the app bundle this checkout builds (what sites put in allowed_bundles)."""
+    from spine_fl.shared.bundle import BundleError, build_bundle
+
+    try:
+        print(build_bundle().sha256)
+    except BundleError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

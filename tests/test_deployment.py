@@ -1,0 +1,177 @@
+"""Flower's deployment engine for real: `spine-fl server` and one `spine-fl client` per site as
+separate processes on 127.0.0.1 (each starting a real SuperLink / SuperNode), TLS and SuperNode
+authentication on, stopped by PID. Faults are caused for real: a site killed mid-round, the
+coordinator killed and restarted, an unenrolled key, a client without TLS, a site with broken
+data, no coordinator at all, and a modified app bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from spine_fl.client.egress_ledger import LEDGER_FILE, verify
+from spine_fl.server.checkpoint import STATE_FILE
+from spine_fl.shared.bundle import build_bundle, project_root
+from spine_fl.shared.credentials import create_site_keys
+from spine_fl.simulations.loopback import build_loopback, wait_for
+
+pytestmark = pytest.mark.slow
+
+RUN = dict(task="tfesi_radiograph", image_size=32, rounds=3, local_epochs=1, batch_size=32, learning_rate=0.3,
+           min_sites=3, dp=True, secagg=True)
+POLICY = {"epsilon_per_run": 40.0, "epsilon_lifetime": 200.0}
+
+
+def _metrics(loop) -> dict:
+    return json.loads((loop.out_dir / "metrics.json").read_text())
+
+
+def _checkpoint_round(loop) -> int:
+    path = loop.root / "coordinator-state" / "checkpoint" / STATE_FILE
+    return json.loads(path.read_text())["round"] if path.exists() else 0
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    made = []
+
+    def build(run=RUN, n_sites=3):
+        loop = build_loopback(tmp_path, run, n_sites, POLICY)
+        made.append(loop)
+        return loop
+
+    yield build
+    for loop in made:
+        loop.stop_all()
+
+
+def test_tls_authenticated_run_with_dp_and_secagg_and_a_site_whose_data_fail(loopback):
+    loop = loopback(n_sites=4)
+    broken = loop.root / "data" / loop.sites[3] / "clinical.csv"
+    pd.read_csv(broken).drop(columns=["nrs_baseline"]).to_csv(broken, index=False)
+    server = loop.start_server()
+    clients = {s: loop.start_client(s) for s in loop.sites}
+    assert clients[loop.sites[3]].wait(120) == 1
+    refused = loop.output(loop.sites[3])
+    assert "not joining" in refused and "nrs_baseline" in refused
+    assert server.wait(420) == 0, loop.output("server")[-3000:]
+
+    metrics = _metrics(loop)
+    assert metrics["status"] == "completed" and metrics["engine"] == "deployment"
+    assert set(metrics["federated"]["per_site"]) == set(loop.sites[:3])
+    for site in loop.sites[:3]:
+        assert 0.0 <= metrics["federated"]["per_site"][site]["auroc"] <= 1.0
+        privacy = metrics["privacy"]["per_site"][site]
+        assert privacy["dp"] and privacy["secagg"] and privacy["epsilon"] > 0
+        assert verify(loop.root / "state" / site).ok
+    assert metrics["privacy"]["per_site"][loop.sites[3]]["trained"] is False
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert metrics["bundle_sha256"] == build_bundle().sha256
+    assert "round   3" in loop.output("server")
+    assert (loop.out_dir / "model.pt").exists() and (loop.out_dir / "auroc_per_round.png").exists()
+
+
+def test_a_site_killed_mid_round_drops_out_and_the_run_finishes_naming_it(loopback):
+    loop = loopback({**RUN, "rounds": 3, "min_sites": 2})
+    server = loop.start_server()
+    for site in loop.sites:
+        loop.start_client(site)
+    wait_for(lambda: _checkpoint_round(loop) >= 1, 240, "round 1 to complete")
+    victim = loop.sites[2]
+    loop.kill(victim)  # SIGKILL by PID; its SuperNode dies with it
+    assert server.wait(420) == 0, loop.output("server")[-3000:]
+    metrics = _metrics(loop)
+    assert metrics["status"] == "completed"
+    assert victim in {d["site"] for d in metrics["dropouts"]}
+    assert victim not in metrics["rounds"][-1]["per_site"]
+    assert set(metrics["rounds"][-1]["per_site"]) == set(loop.sites[:2])
+
+
+def test_coordinator_killed_after_a_round_resumes_at_the_next_one_with_the_same_model(loopback):
+    loop = loopback({**RUN, "rounds": 3})
+    first = loop.start_server()
+    for site in loop.sites:
+        loop.start_client(site)
+    wait_for(lambda: _checkpoint_round(loop) >= 1, 240, "round 1 to complete")
+    loop.kill("server")  # SIGKILL; the SuperLink dies with it
+    assert first.returncode != 0
+    done = _checkpoint_round(loop)
+    state = json.loads((loop.root / "coordinator-state" / "checkpoint" / STATE_FILE).read_text())
+    loop.processes.pop("server")
+    second = loop.start_server()
+    assert second.wait(420) == 0, loop.output("server")[-3000:]
+    assert f"resuming after round {done} from checkpoint sha256 {state['weights_sha256']}" in loop.output("server")
+    metrics = _metrics(loop)
+    assert metrics["status"] == "completed" and metrics["resumed_after_round"] == done
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    state_dir = loop.root / "coordinator-state"
+    assert not (state_dir / "checkpoint").exists()  # a finished run is not resumed again
+    assert len(list(state_dir.glob("checkpoint-finished-*"))) == 1
+
+
+def test_unenrolled_key_and_client_without_tls_are_refused(loopback):
+    loop = loopback()
+    server = loop.start_server()
+    wait_for(lambda: "listening on" in loop.output("server"), 60, "the coordinator to listen")
+    intruder = "intruder"
+    create_site_keys(loop.root / "credentials", intruder)
+    loop.write_site(intruder, loop.root / "data" / loop.sites[0], [build_bundle().sha256])
+    unenrolled = loop.start_client(intruder, attempts=2)
+    plain = loop.start_client(loop.sites[1], insecure=True, name="plain", attempts=2)
+    assert unenrolled.wait(120) == 1
+    assert plain.wait(120) == 1
+    assert server.poll() is None  # nobody enrolled got in; the coordinator is still waiting
+    assert "does not accept this site's key (not enrolled)" in loop.output(intruder)
+    assert "could not connect to the coordinator" in loop.output("plain")
+    assert "No SuperNode found with the given public key" in (loop.root / "coordinator-state" /
+                                                              "superlink.log").read_text()
+    assert not (loop.out_dir / "metrics.json").exists()
+
+
+def test_client_explains_when_the_coordinator_is_unreachable(loopback):
+    loop = loopback()
+    proc = loop.start_client(loop.sites[0], attempts=3, retry_seconds=0.2)
+    assert proc.wait(120) == 1
+    out = loop.output(loop.sites[0])
+    assert out.count("not reachable") == 3
+    assert "did not answer after 3 attempts" in out and "firewall" in out
+
+
+def _modified_bundle(tmp_path: Path, marker: Path) -> Path:
+    """The released code plus one line that would leave a mark if a site ever imported it."""
+    copy = tmp_path / "modified-app"
+    shutil.copytree(project_root(), copy, ignore=shutil.ignore_patterns(".git", ".venv", "results", "*.egg-info",
+                                                                         "__pycache__", "tests"))
+    app = copy / "client" / "app.py"
+    app.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n" + app.read_text())
+    content = build_bundle(copy).content
+    path = tmp_path / "modified.fab"
+    path.write_bytes(content)
+    return path
+
+
+def test_a_modified_bundle_is_refused_before_any_of_its_code_runs(loopback, tmp_path):
+    loop = loopback({**RUN, "rounds": 1})
+    marker = tmp_path / "modified-code-ran"
+    fab = _modified_bundle(tmp_path, marker)
+    assert "client/app.py" in zipfile.ZipFile(fab).namelist()
+    server = loop._start("server", ["server", "--config", str(loop.federation_file), "--bundle", str(fab)])
+    for site in loop.sites:
+        loop.start_client(site)
+    assert server.wait(300) == 1, loop.output("server")[-3000:]
+    metrics = _metrics(loop)
+    assert metrics["status"] == "stopped"
+    assert {r["rule"] for r in metrics["privacy"]["refusals"]} == {"allowed_bundles"}
+    assert not marker.exists()
+    modified_hash = metrics["bundle_sha256"]
+    assert modified_hash != build_bundle().sha256
+    for site in loop.sites:
+        lines = [json.loads(x) for x in (loop.root / "state" / site / LEDGER_FILE).read_text().splitlines()]
+        reasons = [x["error"]["reason"] for x in lines if "error" in x]
+        assert reasons and all(modified_hash in r for r in reasons)
+        assert not (loop.root / "state" / site / "privacy").exists()  # nothing trained

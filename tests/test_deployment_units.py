@@ -1,0 +1,156 @@
+"""The deployment engine's parts, without processes: checkpoints, the federation file, enrolment,
+credentials, the bundle allowlist, run keys, and the coordinator's view of replies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from cryptography import x509
+
+from spine_fl.client.clientapp_worker import bundle_refusal
+from spine_fl.client.policy import SitePolicy
+from spine_fl.client.site_config import Site
+from spine_fl.server.checkpoint import STATE_FILE, Checkpoint, load_checkpoint, retire_checkpoint, save_checkpoint
+from spine_fl.server.enrolment import enrol_public_key
+from spine_fl.server.federation_config import load_federation
+from spine_fl.server.grid_watch import WatchingGrid
+from spine_fl.server.strategy import RoundLog
+from spine_fl.shared.bundle import build_bundle, project_root
+from spine_fl.shared.config import ConfigError, RunSettings, run_key_of
+from spine_fl.shared.credentials import (
+    CredentialsError,
+    create_server_credentials,
+    create_site_keys,
+    load_site_public_key,
+)
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
+    settings = RunSettings(rounds=5)
+    weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
+    save_checkpoint(tmp_path, settings, Checkpoint(2, weights, {"trained_rounds": [1, 2]}, "a" * 32))
+    save_checkpoint(tmp_path, settings, Checkpoint(3, [w + 1 for w in weights], {"trained_rounds": [1, 2, 3]}, "a" * 32))
+    assert sorted(p.name for p in tmp_path.glob("weights-*.npz")) == ["weights-round-3.npz"]
+    loaded = load_checkpoint(tmp_path, settings)
+    assert loaded is not None and loaded.round == 3 and loaded.log["trained_rounds"] == [1, 2, 3]
+    assert all(np.array_equal(a, b + 1) for a, b in zip(loaded.weights, weights, strict=True))
+    with pytest.raises(ConfigError, match="different \\[run\\] settings"):
+        load_checkpoint(tmp_path, RunSettings(rounds=6))
+    (tmp_path / "weights-round-3.npz").write_bytes(b"tampered")
+    with pytest.raises(ConfigError, match="damaged"):
+        load_checkpoint(tmp_path, settings)
+    retired = retire_checkpoint(tmp_path, "a" * 32)
+    assert retired is not None and (retired / STATE_FILE).exists() and not tmp_path.exists()
+
+
+def _federation(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text('[federation]\naddress = "127.0.0.1:9092"\nstate_dir = "s"\nout_dir = "o"\n'
+                    'ca_certificate = "c/ca.crt"\ncertificate = "c/server.crt"\nprivate_key = "c/server.key"\n' + body)
+    return path
+
+
+def test_federation_file_errors_name_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="min_sites = 3"):
+        load_federation(_federation(tmp_path, "[run]\nmin_sites = 3\n[sites.a]\npublic_key = \"a.pub\"\n"))
+    with pytest.raises(ConfigError, match="\\[run\\]: unknown setting\\(s\\) epochs"):
+        load_federation(_federation(tmp_path, "[run]\nepochs = 3\n"))
+    bad = _federation(tmp_path, "[run]\nmin_sites = 1\n[sites.a]\npublic_key = \"a.pub\"\n")
+    bad.write_text(bad.read_text().replace('"127.0.0.1:9092"', '"127.0.0.1"'))
+    with pytest.raises(ConfigError, match="expected host:port"):
+        load_federation(bad)
+
+
+def test_enrolment_writes_a_valid_federation_file_and_refuses_twice(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, "[run]\nmin_sites = 1\n")
+    keys = create_site_keys(tmp_path / "keys", "leiden")
+    enrol_public_key(fed, "leiden", keys.public_key)
+    loaded = load_federation(fed)
+    assert loaded.sites["leiden"].resolve() == keys.public_key.resolve()
+    with pytest.raises(ConfigError, match="already enrolled"):
+        enrol_public_key(fed, "leiden", keys.public_key)
+    not_a_key = tmp_path / "x.pub"
+    not_a_key.write_text("hello")
+    with pytest.raises(CredentialsError, match="not an OpenSSH public key"):
+        enrol_public_key(fed, "seoul", not_a_key)
+    assert "seoul" not in tomllib.loads(fed.read_text())["sites"]
+
+
+def test_credentials_cover_loopback_and_keep_private_keys_private(tmp_path: Path) -> None:
+    made = create_server_credentials(tmp_path, ["coordinator.example.org"])
+    cert = x509.load_pem_x509_certificate(made.cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"coordinator.example.org", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert stat.S_IMODE(os.stat(made.key).st_mode) == 0o600
+    with pytest.raises(CredentialsError, match="refusing to replace"):
+        create_server_credentials(tmp_path, ["other"])
+    keys = create_site_keys(tmp_path, "leiden")
+    assert stat.S_IMODE(os.stat(keys.private_key).st_mode) == 0o600
+    assert load_site_public_key(keys.public_key).startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def test_only_allowed_bundles_pass() -> None:
+    bundle = build_bundle()
+    allowed = Site("leiden", Path("."), Path("."), SitePolicy(allowed_bundles=(bundle.sha256.upper(),)))
+    assert bundle_refusal(allowed, bundle.content) is None
+    refusal = bundle_refusal(allowed, bundle.content + b"x")
+    assert refusal is not None and refusal.rule == "allowed_bundles"
+    assert bundle_refusal(Site("leiden", Path("."), Path("."), SitePolicy()), bundle.content) is not None
+    with pytest.raises(ValueError, match="64-character"):
+        SitePolicy(allowed_bundles=("abc",))
+
+
+def test_bundle_hash_depends_on_the_code_not_on_where_it_lies(tmp_path: Path) -> None:
+    copy = tmp_path / "checkout"
+    shutil.copytree(project_root(), copy, ignore=shutil.ignore_patterns(".git", ".venv", "results", "*.egg-info",
+                                                                         "__pycache__", "tests"))
+    assert build_bundle(copy).sha256 == build_bundle().sha256
+    (copy / "shared" / "models.py").write_text((copy / "shared" / "models.py").read_text() + "\n# changed\n")
+    assert build_bundle(copy).sha256 != build_bundle().sha256
+
+
+def test_a_run_key_is_never_a_path() -> None:
+    assert run_key_of({"run_key": "0123456789abcdef0123456789abcdef"}, "7") == "0123456789abcdef0123456789abcdef"
+    for hostile in ("../../etc/passwd", "/tmp/x", "", "ABCDEF" * 6):
+        assert run_key_of({"run_key": hostile}, "7") == "7"
+
+
+class _FakeGrid:
+    """Replies for the nodes in `answering`; the others stay silent (a dropout)."""
+
+    def __init__(self, nodes: list[int], answering: set[int], refusing: set[int] = frozenset()):
+        self.nodes, self.answering, self.refusing = nodes, answering, refusing
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            if m.metadata.dst_node_id in self.answering:
+                error = SimpleNamespace(reason='spine-fl-refusal {"rule": "require_dp", "site": "seoul"}') \
+                    if m.metadata.dst_node_id in self.refusing else None
+                out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id, group_id="2",
+                                                                    message_type="train"),
+                                           has_error=lambda e=error: e is not None, error=error))
+        return out
+
+
+def test_the_coordinator_talks_to_enrolled_nodes_only_and_names_dropouts() -> None:
+    log = RoundLog(["leiden", "seoul", "zurich"], 2)
+    grid = WatchingGrid(_FakeGrid([1, 2, 3, 99], answering={1, 2}, refusing={2}), log,
+                        {1: "leiden", 2: "seoul", 3: "zurich"}, offset=4)
+    assert list(grid.get_node_ids()) == [1, 2, 3]
+    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n, group_id="2", message_type="train"))
+            for n in (1, 2, 3)]
+    grid.send_and_receive(sent)
+    assert log.dropouts == [{"round": 6, "site": "zurich", "stage": "train"}]
+    assert [(r["round"], r["rule"]) for r in log.refusals] == [(6, "require_dp")]

@@ -1,0 +1,189 @@
+"""The model card (`spine-fl report RUN_DIR`): its numbers checked against independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from scipy.special import expit
+from sklearn.metrics import confusion_matrix, roc_auc_score
+from typer.testing import CliRunner
+
+from spine_fl.shared.model_card import CARD_HTML, CARD_JSON, PREDICTIONS_FILE, age_band, calibration, write_model_card
+from spine_fl.shared.model_card_cli import report
+
+from model_card_samples import SITES, sample_run
+
+MODELS = ("federated", "pooled", "local_only")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    run_dir = sample_run(tmp_path_factory.mktemp("sample-run"))
+    return write_model_card(run_dir), run_dir
+
+
+def _brackets(metric: dict) -> bool:
+    lo, hi = metric["ci"]
+    return lo <= metric["value"] <= hi and hi - lo > 0
+
+
+def test_card_files_are_written_and_hold_the_returned_card(sample: tuple[dict, Path]) -> None:
+    card, run_dir = sample
+    text = (run_dir / CARD_JSON).read_text()
+    assert json.loads(text) == json.loads(json.dumps(card))
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: missing numbers are null
+    page = (run_dir / CARD_HTML).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page
+    assert page.count('src="data:image/png;base64,') == 5  # per-site, subgroup, reliability, decision, comparison
+    assert card["evidence"] == "predictions"
+
+
+def test_metrics_overall_and_per_site_with_confidence_intervals(sample: tuple[dict, Path]) -> None:
+    card, run_dir = sample
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for model in MODELS:
+        section = card["comparison"][model]
+        assert set(section["per_site"]) == set(SITES)
+        for scope, m in [("overall", section["overall"]), *section["per_site"].items()]:
+            for name in ("auroc", "brier", "sensitivity", "specificity"):
+                assert _brackets(m[name]), (model, scope, name, m[name])
+        # the same held-out patients as metrics.json: the same point estimates
+        assert section["overall"]["auroc"]["value"] == pytest.approx(metrics[model]["auroc"], abs=1e-12)
+        for site in SITES:
+            expected = metrics[model]["per_site"][site]["auroc"]
+            assert section["per_site"][site]["auroc"]["value"] == pytest.approx(expected)
+            assert section["per_site"][site]["n"] == SITES[site]
+    assert [s["site"] for s in card["data"]["sites"]] == list(SITES)
+
+
+def test_subgroups_and_the_largest_gap(sample: tuple[dict, Path]) -> None:
+    card, run_dir = sample
+    fed = pd.read_csv(run_dir / PREDICTIONS_FILE).query("model == 'federated'")
+    bands = fed.age.map(age_band)
+    groups = card["subgroups"]["variables"]
+    assert set(groups) == {"sex", "age band"}
+    assert set(groups["sex"]["levels"]) == {"female", "male"}
+    assert list(groups["age band"]["levels"]) == ["<50", "50-64", ">=65"]
+    independent = {band: roc_auc_score(part.y, part.p) for band, part in fed.groupby(bands)}
+    for band, value in independent.items():
+        level = groups["age band"]["levels"][band]
+        assert level["auroc"]["value"] == pytest.approx(value)
+        assert level["n"] == int((bands == band).sum())
+        assert _brackets(level["auroc"])
+    # the sample blurs the over-65s' predictions: they are the worst group, and the gap is the largest
+    gap = card["subgroups"]["largest_gap"]
+    assert (gap["variable"], gap["worst"], gap["best"]) == ("age band", ">=65", max(independent, key=independent.get))
+    assert gap["gap"] == pytest.approx(max(independent.values()) - min(independent.values()))
+    assert gap["gap"] > groups["sex"]["gap"]
+    assert "LARGEST GAP" in (run_dir / CARD_HTML).read_text()
+    assert "age band" in card["findings"]["subgroups"] and ">=65" in card["findings"]["subgroups"]
+
+
+def test_decision_curve_against_independent_net_benefit(sample: tuple[dict, Path]) -> None:
+    card, run_dir = sample
+    dca = card["decision_curve"]
+    fed = pd.read_csv(run_dir / PREDICTIONS_FILE).query("model == 'federated'")
+    prevalence = fed.y.mean()
+    t = np.asarray(dca["thresholds"])
+    assert t[0] == pytest.approx(0.05) and t[-1] == pytest.approx(0.95) and len(t) == 91
+    assert dca["treat_none"] == [0.0] * len(t)
+    assert np.allclose(dca["treat_all"], prevalence - (1 - prevalence) * t / (1 - t))
+    for threshold in (0.2, 0.5):
+        i = int(np.argmin(abs(t - threshold)))
+        tn, fp, fn, tp = confusion_matrix(fed.y, fed.p >= threshold).ravel()
+        n = tn + fp + fn + tp
+        assert dca["models"]["federated"][i] == pytest.approx(tp / n - fp / n * threshold / (1 - threshold))
+    assert set(dca["models"]) == set(MODELS)
+    for lo, hi in dca["useful_ranges"]:
+        inside = (t >= lo - 1e-9) & (t <= hi + 1e-9)
+        model_nb, treat_all = np.asarray(dca["models"]["federated"]), np.asarray(dca["treat_all"])
+        assert np.all(model_nb[inside] > np.maximum(treat_all[inside], 0))
+    assert dca["useful_ranges"], "a model with AUROC ~0.8 beats both defaults somewhere"
+
+
+def test_calibration_slope_and_intercept_recover_known_miscalibration() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 4000)
+    y = (rng.random(z.size) < expit(z)).astype(int)
+    good = calibration(y, expit(z))
+    assert good["slope"] == pytest.approx(1, abs=0.12) and good["intercept"] == pytest.approx(0, abs=0.1)
+    assert good["well_calibrated"] and "can be read as risks" in good["reading"]
+    extreme = calibration(y, expit(3 * z))
+    assert extreme["slope"] == pytest.approx(1 / 3, abs=0.05) and not extreme["well_calibrated"]
+    assert "too extreme" in extreme["reading"]
+    high = calibration(y, expit(z + 2))
+    assert high["intercept"] == pytest.approx(-2, abs=0.15) and "overestimates" in high["reading"]
+    # what DP-SGD often gives: almost everyone near 0.97
+    dp_like = calibration(y, expit(3.5 + 0.1 * z))
+    assert not dp_like["well_calibrated"] and dp_like["share_predicted_positive"] == 1.0
+    assert "NOT trustworthy" in dp_like["reading"]
+    assert len(good["reliability"]["predicted"]) == 10
+    assert np.all(np.diff(good["reliability"]["predicted"]) > 0)
+    assert sum(good["histogram"]["events"]) == y.sum() and sum(good["histogram"]["non_events"]) == (1 - y).sum()
+
+
+def test_calibration_numbers_in_the_card(sample: tuple[dict, Path]) -> None:
+    card, run_dir = sample
+    fed = pd.read_csv(run_dir / PREDICTIONS_FILE).query("model == 'federated'")
+    cal = card["calibration"]["federated"]
+    assert cal["brier"] == pytest.approx(np.mean((fed.p - fed.y) ** 2))
+    assert cal["brier"] == pytest.approx(card["comparison"]["federated"]["overall"]["brier"]["value"])
+    assert all(math.isfinite(cal[k]) for k in ("slope", "intercept"))
+    # the sample blurs the risk of the over-65s: predictions too extreme for them, slope well below 1
+    assert cal["slope"] < 0.8 and not cal["well_calibrated"] and "POOR" in card["findings"]["calibration"]
+    assert card["calibration"]["pooled"]["slope"] == pytest.approx(1, abs=0.2)
+
+
+def test_privacy_settings_are_reported(sample: tuple[dict, Path]) -> None:
+    card, _ = sample
+    privacy = card["privacy"]
+    assert privacy["dp"] and privacy["secagg"] and privacy["max_epsilon"] == pytest.approx(4.7)
+    assert set(privacy["per_site"]) == set(SITES)
+    assert privacy["settings"]["noise-multiplier"] == 1.0
+    assert "4.70" in card["findings"]["privacy"]
+
+
+def test_without_predictions_the_card_says_what_it_cannot_show(tmp_path: Path) -> None:
+    run_dir = sample_run(tmp_path / "coordinator", with_predictions=False)
+    card = write_model_card(run_dir)
+    assert card["evidence"] == "metrics_only"
+    assert card["subgroups"] is None and card["calibration"] is None and card["decision_curve"] is None
+    assert set(card["comparison"]["federated"]["per_site"]) == set(SITES)
+    assert card["comparison"]["federated"]["per_site"]["seoul"]["auroc"]["ci"] == [None, None]
+    page = (run_dir / CARD_HTML).read_text()
+    assert "never sees patient-level predictions" in card["evidence_note"]
+    assert page.count("Not available") == 3
+
+
+def _invoke_report(run_dir: Path) -> tuple[int, str]:
+    app = typer.Typer()
+    app.command()(report)
+    result = CliRunner().invoke(app, [str(run_dir)])
+    return result.exit_code, " ".join(result.output.split())  # rich wraps long lines
+
+
+def test_report_command_writes_the_card(tmp_path: Path) -> None:
+    run_dir = sample_run(tmp_path / "run")
+    code, output = _invoke_report(run_dir)
+    assert code == 0, output
+    assert (run_dir / CARD_HTML).is_file() and (run_dir / CARD_JSON).is_file()
+    assert "AUROC" in output and "model_card.html" in output
+
+
+def test_report_on_a_folder_without_metrics_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, output = _invoke_report(tmp_path / "empty")
+    assert code == 2 and "metrics.json not found" in output and "spine-fl simulate" in output
+    assert "Traceback" not in output and not (tmp_path / "empty" / CARD_HTML).exists()
+    code, output = _invoke_report(tmp_path / "nowhere")
+    assert code == 2 and "no such folder" in output
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    code, output = _invoke_report(tmp_path / "broken")
+    assert code == 2 and "not a spine-fl metrics file" in output
