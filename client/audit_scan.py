@@ -159,7 +159,7 @@ class DeclaredModel:
 def _scan_arrays(entry: dict[str, Any], model: DeclaredModel) -> Iterable[Finding]:
     arrays = entry.get("arrays", [])
     line = entry["line"]
-    for index, array in enumerate(arrays):
+    for array in arrays:
         name, shape = str(array.get("name", "")), tuple(array.get("shape") or ())
         record, _, key = name.rpartition("/")
         declared = record == PARAMETER_RECORD and key.isdigit() and any(

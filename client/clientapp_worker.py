@@ -20,13 +20,24 @@ from typing import Callable
 
 import httpx
 
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.run import RunNotRunningException
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.common.serde import context_from_proto, fab_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from spine_fl.shared.flower_runtime import runtime_client, wait_for_task
 from spine_fl.shared.refusal import Refusal
@@ -36,6 +47,29 @@ from .mods import message_kind, record_egress, refuse
 from .site_config import Site
 
 log = logging.getLogger("spine_fl.client")
+
+# The message comes from the site's own SuperNode on loopback. Flower waits up to 2 hours for its
+# parts (sized for a WAN); a message whose parts never arrive (its run was stopped while the
+# SuperNode fetched it) would block the site that long, so give up much earlier.
+LOCAL_PULL_SECONDS = 60.0
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Fab]:
+    """Flower's run_clientapp.pull_task_input, with a loopback-sized time limit."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context = context_from_proto(res.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode handed over a task without a message")
+    tree = pulled.message_object_trees[0]
+    node = Node(node_id=context.node_id)
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, max_time=LOCAL_PULL_SECONDS, backoff_cap=1.0)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not part of the deflated message
+    return message, context, fab_from_proto(res.fab)
 
 
 def bundle_refusal(site: Site, bundle: bytes) -> Refusal | None:
@@ -54,7 +88,7 @@ def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
     heartbeat.start()
     context = None
     try:
-        message, context, _, fab = pull_task_input(client)
+        message, context, fab = pull_task_input(client)
         refusal = bundle_refusal(site, fab.content)
         if refusal is not None:
             reply = refuse(message, site, refusal)
@@ -70,8 +104,12 @@ def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
         push_message(client, reply, context)
         push_task_output(client, context, SubStatus.COMPLETED, "")
         return outcome
-    except RunNotRunningException:  # the coordinator stopped the run (e.g. it restarted): nothing to answer
-        log.warning("spine-fl: %s: the run of this message is no longer running; skipped", site.name)
+    except (RunNotRunningException, ObjectPullError):  # e.g. the coordinator restarted and stopped the run
+        log.warning("%s: a message of a run that is no longer running was skipped", site.name)
+        try:
+            push_task_output(client, context, SubStatus.FAILED, "stale message skipped")
+        except Exception:  # noqa: BLE001 - nothing more to do for a dead run
+            pass
         return "stale"
     except Exception as exc:  # a failing message must not take the site's worker down
         log.exception("spine-fl: message failed at %s", site.name)

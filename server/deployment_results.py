@@ -13,9 +13,9 @@ from .federation_config import FederationConfig
 from spine_fl.shared.files import atomic_write_json
 
 from .results import FEDERATION_FILE
+from .strategy import ROUND_METRICS
 
 METRICS_FILE = "metrics.json"
-SUMMARY_KEYS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss")
 
 
 def write_deployment_results(fed: FederationConfig, bundle_sha256: str, seconds: float) -> dict:
@@ -26,7 +26,7 @@ def write_deployment_results(fed: FederationConfig, bundle_sha256: str, seconds:
         "task": fed.run.task,
         "engine": "deployment",
         "sites": list(fed.sites),
-        "federated": {**{k: final.get(k) for k in SUMMARY_KEYS}, "per_site": final["per_site"],
+        "federated": {**{k: final.get(k) for k in ROUND_METRICS}, "per_site": final["per_site"],
                       "round": final.get("round")},
         "status": federation["status"],
         "stop_reason": federation["stop_reason"],

@@ -15,6 +15,9 @@ from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 from spine_fl.shared.config import RunSettings
 
 
+ROUND_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss")
+
+
 def round_config(settings: RunSettings, sites: list[str], offset: int = 0,
                  run_key: str = "") -> Callable[[int], dict[str, Scalar]]:
     """What every site receives with each round: the run's settings, the site order, the round
@@ -101,7 +104,7 @@ class RoundLog:
         log(WARNING, "spine-fl: site %s did not reply in round %s (%s)", site, server_round, stage)
 
     def record_fit(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]]) -> None:
-        for n, metrics in reports:
+        for _, metrics in reports:
             self.privacy[_site_name(self.sites, metrics)] = {k: float(v) for k, v in metrics.items()
                                                               if k not in ("site_index", "train_loss")}
         if len(reports) < self.min_sites:
@@ -128,7 +131,7 @@ class RoundLog:
                                  "seconds": round(now - self._round_started, 2)}
         self._round_started = now
         means = weighted_mean(reports)
-        for key in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss"):
+        for key in ROUND_METRICS:
             entry[key] = means.get(key, float("nan"))
         entry["per_site"] = per_site
         entry["failures"] = failures
