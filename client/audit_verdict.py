@@ -139,8 +139,9 @@ def _membership(report: dict[str, Any]) -> list[dict[str, str]]:
         shown = "; ".join(f"{n.replace('_', ' ')} AUC {a['auc']:.2f} (95% CI {a['auc_ci'][0]:.2f}-{a['auc_ci'][1]:.2f})"
                           for n, a in mia["attacks"].items())
         out.append(_reason("pass", "membership", f"Membership attacks on the final model with this site's "
-                           f"{mia['members']} training and {mia['non_members']} held-out patients do no better than "
-                           f"chance: {shown}."))
+                           f"{mia['members']} training and {mia['non_members']} held-out patients stay below the "
+                           f"attention threshold (lower 95% bound of the AUC at most {ABOVE_CHANCE_AUC:.2f}, where "
+                           f"0.50 is guessing): {shown}."))
     return out
 
 
