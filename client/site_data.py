@@ -11,7 +11,7 @@ from typing import Sequence
 
 from flwr.app import Context
 
-from spine_fl.shared.data_contract import SiteData, load_site
+from spine_fl.shared.data_contract import SiteData, ValidationReport, load_site, validate_and_load
 from spine_fl.shared.tasks import get_task
 
 from .site_config import Site, load_site_config
@@ -34,10 +34,22 @@ def resolve_site(context: Context, sites: Sequence[Site] | None) -> Site:
     return load_site_config(Path(str(config["site-config"])))
 
 
-def site_data(site: Site, task_name: str, image_size: int) -> SiteData:
+def _key(site: Site, task_name: str, image_size: int) -> tuple[str, str, int, float]:
     clinical = site.data_dir / "clinical.csv"
     stamp = clinical.stat().st_mtime if clinical.exists() else 0.0
-    key = (str(site.data_dir.resolve()), task_name, image_size, stamp)
+    return str(site.data_dir.resolve()), task_name, image_size, stamp
+
+
+def validate_site_data(site: Site, task_name: str, image_size: int) -> ValidationReport:
+    """Validate the site's data; usable arrays are kept, so a round at this size need not decode again."""
+    data, report = validate_and_load(site.data_dir, get_task(task_name), image_size)
+    if data is not None:
+        _CACHE[_key(site, task_name, image_size)] = data
+    return report
+
+
+def site_data(site: Site, task_name: str, image_size: int) -> SiteData:
+    key = _key(site, task_name, image_size)
     if key not in _CACHE:
         _CACHE[key] = load_site(site.data_dir, get_task(task_name), image_size)
     return _CACHE[key]

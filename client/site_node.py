@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from spine_fl.shared.data_contract import validate_and_load
 from spine_fl.shared.flower_runtime import write_secret
 from spine_fl.shared.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port
-from spine_fl.shared.tasks import get_task
 
 from .clientapp_worker import serve
 from .site_config import Site, SiteConnection
+from .site_data import validate_site_data
 
 VALIDATION_IMAGE_SIZE = 64
 
@@ -36,7 +35,7 @@ class SiteCannotJoin(RuntimeError):
 
 
 def check_data(site: Site, connection: SiteConnection) -> str:
-    _, report = validate_and_load(site.data_dir, get_task(connection.task), VALIDATION_IMAGE_SIZE)
+    report = validate_site_data(site, connection.task, VALIDATION_IMAGE_SIZE)
     if not report.usable:
         problems = "\n".join(f"  {p.severity.upper()} {p.where}: {p.what} -> {p.action}" for p in report.errors)
         raise SiteCannotJoin(f"{site.name}: the data in {site.data_dir} are not usable for {connection.task}; "

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from spine_fl.shared.bundle import build_bundle
 from spine_fl.shared.credentials import create_server_credentials, create_site_keys
 from spine_fl.shared.flower_runtime import flower_env
@@ -27,20 +29,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def _table(name: str, values: dict[str, Any]) -> str:
-    return f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
 
 
 @dataclass
@@ -66,12 +54,12 @@ class Loopback:
     def write_site(self, site: str, data_dir: Path, allowed: list[str], **site_extra: Any) -> None:
         cred = self.root / "credentials"
         self.site_file(site).parent.mkdir(parents=True, exist_ok=True)
-        self.site_file(site).write_text(
-            _table("site", {"name": site, "data_dir": str(data_dir), "state_dir": str(self.root / "state" / site),
-                            "task": self.run["task"], **site_extra})
-            + _table("coordinator", {"address": f"127.0.0.1:{self.port}", "ca_certificate": str(cred / "ca.crt")})
-            + _table("identity", {"private_key": str(cred / f"{site}_supernode_key")})
-            + _table("policy", {**self.policy, "allowed_bundles": allowed}))
+        self.site_file(site).write_text(tomli_w.dumps({
+            "site": {"name": site, "data_dir": str(data_dir), "state_dir": str(self.root / "state" / site),
+                     "task": self.run["task"], **site_extra},
+            "coordinator": {"address": f"127.0.0.1:{self.port}", "ca_certificate": str(cred / "ca.crt")},
+            "identity": {"private_key": str(cred / f"{site}_supernode_key")},
+            "policy": {**self.policy, "allowed_bundles": allowed}}))
 
     def start_server(self, insecure: bool = False) -> subprocess.Popen:
         return self._start("server", ["server", "--config", str(self.federation_file),
@@ -133,12 +121,12 @@ def build_loopback(root: Path, run: dict[str, Any], n_sites: int = 3, policy: di
     for d in data_dirs:
         create_site_keys(root / "credentials", d.name)
         loop.write_site(d.name, d, [bundle.sha256])
-    loop.federation_file.write_text(
-        _table("federation", {"address": f"127.0.0.1:{loop.port}", "state_dir": "coordinator-state",
-                              "out_dir": "results", "ca_certificate": "credentials/ca.crt",
-                              "certificate": "credentials/server.crt", "private_key": "credentials/server.key"})
-        + _table("run", run)
-        + "".join(_table(f"sites.{s}", {"public_key": f"credentials/{s}_supernode_key.pub"}) for s in loop.sites))
+    loop.federation_file.write_text(tomli_w.dumps({
+        "federation": {"address": f"127.0.0.1:{loop.port}", "state_dir": "coordinator-state", "out_dir": "results",
+                       "ca_certificate": "credentials/ca.crt", "certificate": "credentials/server.crt",
+                       "private_key": "credentials/server.key"},
+        "run": run,
+        "sites": {s: {"public_key": f"credentials/{s}_supernode_key.pub"} for s in loop.sites}}))
     return loop
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import pydicom
+import tomli_w
 import torch
 
 from spine_fl.client.egress_ledger import verify
@@ -34,30 +35,14 @@ BASE_RUN = {"task": "rbp_tabular", "rounds": 3, "local_epochs": 1, "batch_size":
             "noise_multiplier": 1.0, "min_sites": 3, "seed": 1}
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def scenario_file(path: Path, run: dict | None = None, policy: dict | None = None, state_dir: Path | None = None,
                   task_modalities_seed: int = 11) -> Path:
-    lines = ['name = "privacy-test"', "[consortium]", 'source = "synthetic"', "sites = 3",
-             f"seed = {task_modalities_seed}", "[run]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in {**BASE_RUN, **(run or {})}.items()]
+    scenario = {"name": "privacy-test",
+                "consortium": {"source": "synthetic", "sites": 3, "seed": task_modalities_seed},
+                "run": {**BASE_RUN, **(run or {})}, "policy": policy or {}}
     if state_dir is not None:
-        lines += ["[simulation]", f'state_dir = "{state_dir}"']
-    lines.append("[policy]")
-    site_tables = {k: v for k, v in (policy or {}).items() if isinstance(v, dict)}
-    lines += [f"{k} = {_toml_value(v)}" for k, v in (policy or {}).items() if not isinstance(v, dict)]
-    for site, table in site_tables.items():
-        lines.append(f"[policy.{site}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    path.write_text("\n".join(lines) + "\n")
+        scenario["simulation"] = {"state_dir": str(state_dir)}
+    path.write_text(tomli_w.dumps(scenario))
     return path
 
 
