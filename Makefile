@@ -2,9 +2,9 @@
 .PHONY: demo test
 
 demo:
-	./scripts/setup.sh
-	.venv/bin/spine-fl simulate --out results/default
+	@./scripts/setup.sh
+	@.venv/bin/spine-fl simulate --out results/default
 
 test:
-	./scripts/setup.sh
-	.venv/bin/python -m pytest -q
+	@./scripts/setup.sh
+	@.venv/bin/python -m pytest -q

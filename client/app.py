@@ -13,25 +13,25 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import Scalar
 
+from spine_fl.client.privacy.mods import site_mods
+from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, SpendRecord, dataset_id
+from spine_fl.client.privacy.received_models import save_received
+from spine_fl.client.privacy.round_privacy import assess_round, take
+from spine_fl.client.site_config import Site
+from spine_fl.client.site_data import resolve_site, site_data
+from spine_fl.shared import protocol
 from spine_fl.shared.config import RunSettings, run_key_of
+from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.metrics import binary_metrics
-from spine_fl.shared.models import build_model, pick_device
-from spine_fl.shared.privacy_accounting import epsilon
-from spine_fl.shared.tasks import get_task
-from spine_fl.shared.training import DpSettings, TrainSettings, get_weights, predict, set_weights, train
-
-from .mods import site_mods
-from .privacy_ledger import PrivacyLedger, SpendRecord, dataset_id
-from .privacy_plan import plan_round
-from .received_models import save_received
-from .site_config import Site
-from .site_data import resolve_site, site_data
+from spine_fl.shared.models.registry import build_model, pick_device
+from spine_fl.shared.training.local import DpSettings, TrainSettings, get_weights, predict, set_weights, train
 
 
 class SiteClient(NumPyClient):
-    def __init__(self, site: Site, run_id: str):
+    def __init__(self, site: Site, context: Context):
         self.site = site
-        self.run_id = run_id
+        self.context = context
+        self.run_id = str(context.run_id)
         self.device = pick_device()
 
     def _prepare(self, parameters: list[np.ndarray], config: dict[str, Scalar]):
@@ -41,43 +41,47 @@ class SiteClient(NumPyClient):
         return settings, model, site_data(self.site, settings.task, settings.image_size)
 
     def _site_index(self, config: dict[str, Scalar]) -> int:
-        sites = str(config.get("sites", "")).split(",")
+        sites = str(config.get(protocol.SITES, "")).split(",")
         return sites.index(self.site.name) if self.site.name in sites else -1
 
     def fit(self, parameters, config):
         settings, model, data = self._prepare(parameters, config)
         train_split = data.subset("train")
-        server_round = int(config.get("round", 0))
+        server_round = int(config.get(protocol.ROUND, 0))
         local = TrainSettings(
             epochs=settings.local_epochs,
             batch_size=settings.batch_size,
             learning_rate=settings.learning_rate,
             optimizer=settings.optimizer,
-            proximal_mu=float(config.get("proximal_mu", settings.proximal_mu)),
+            proximal_mu=float(config.get(protocol.PROXIMAL_MU, settings.proximal_mu)),
             seed=settings.seed * 100_003 + server_round,
         )
-        metrics: dict[str, Scalar] = {"site_index": self._site_index(config), "dp": int(settings.dp)}
+        metrics: dict[str, Scalar] = {protocol.SITE_INDEX: self._site_index(config), protocol.DP: int(settings.dp)}
         if settings.dp:
             run_key = run_key_of(config, self.run_id)  # the same run across coordinator restarts
-            plan = plan_round(settings, len(train_split))
+            # assessed by the site-policy mod before this round; assessed here only without that mod
+            assessed = (take(self.context, run_key, server_round)
+                        or assess_round(self.site, settings, run_key, server_round, len(train_split)))
+            plan = assessed.plan
             loss, spend = train(model, train_split, local, self.device,
                                 DpSettings(plan.noise_multiplier, plan.max_grad_norm))
-            assert spend is not None
-            ledger = PrivacyLedger(self.site.state_dir, dataset_id(self.site.data_dir))
-            ledger.append(SpendRecord(run_key, server_round, spend.noise_multiplier, spend.sample_rate,
-                                      spend.steps, plan.max_grad_norm, plan.delta, settings.accountant))
-            run_history, lifetime = ledger.history(run_key), ledger.history()
-            metrics.update(
-                epsilon_run=epsilon(run_history, plan.delta, settings.accountant),
-                epsilon_lifetime=epsilon(lifetime, plan.delta, settings.accountant),
-                delta=plan.delta, noise_multiplier=spend.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-                sample_rate=spend.sample_rate, steps_run=sum(n for _, _, n in run_history),
-            )
+            if spend != plan.round_spend:  # the figures assessed would not be what was spent
+                raise RuntimeError(f"DP-SGD spent {spend}, not the planned {plan.round_spend}; nothing is sent")
+            PrivacyLedger(self.site.state_dir, dataset_id(self.site.data_dir)).append(
+                SpendRecord(run_key, server_round, spend.noise_multiplier, spend.sample_rate, spend.steps,
+                            plan.max_grad_norm, plan.delta, settings.accountant))
+            metrics.update({
+                protocol.EPSILON_RUN: assessed.epsilon_run_after,
+                protocol.EPSILON_LIFETIME: assessed.epsilon_lifetime_after,
+                protocol.DELTA: plan.delta, protocol.NOISE_MULTIPLIER: spend.noise_multiplier,
+                protocol.MAX_GRAD_NORM: plan.max_grad_norm, protocol.SAMPLE_RATE: spend.sample_rate,
+                protocol.STEPS_RUN: assessed.steps_run_after,
+            })
         else:
             loss, _ = train(model, train_split, local, self.device)
         weights = get_weights(model)
         _check_secagg_range(weights, settings)
-        return weights, len(train_split), {**metrics, "train_loss": loss}
+        return weights, len(train_split), {**metrics, protocol.TRAIN_LOSS: loss}
 
     def evaluate(self, parameters, config):
         _, model, data = self._prepare(parameters, config)
@@ -85,7 +89,7 @@ class SiteClient(NumPyClient):
         held_out = data.subset("test")
         metrics = binary_metrics(held_out.y, predict(model, held_out, self.device))
         metrics.pop("n")
-        return metrics["log_loss"], len(held_out), {**metrics, "site_index": self._site_index(config)}
+        return metrics["log_loss"], len(held_out), {**metrics, protocol.SITE_INDEX: self._site_index(config)}
 
 
 def _check_secagg_range(weights: list[np.ndarray], settings: RunSettings) -> None:
@@ -103,7 +107,7 @@ def build_client_app(sites: Sequence[Site] | None = None, outer_mods: Sequence[M
     `outer_mods` wrap everything (e.g. a test's recorder of what leaves the site)."""
 
     def client_fn(context: Context):
-        return SiteClient(resolve_site(context, sites), str(context.run_id)).to_client()
+        return SiteClient(resolve_site(context, sites), context).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*outer_mods, *site_mods(sites)])
 

@@ -14,7 +14,7 @@
     [identity]
     private_key = "../credentials/leiden_supernode_key"  # from `spine-fl enroll`; never leaves the site
 
-    [policy]                                  # see client/policy.py for every rule and default
+    [policy]                                  # see client/privacy/policy.py for every rule and default
     epsilon_lifetime = 20.0
     allowed_bundles = ["<sha256 of the released app bundle>"]
     ...
@@ -27,9 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.shared.config import ConfigError, read_toml, typed_from_table
-
-from .policy import SitePolicy
 
 
 @dataclass(frozen=True)

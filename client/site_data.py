@@ -11,10 +11,9 @@ from typing import Sequence
 
 from flwr.app import Context
 
-from spine_fl.shared.data_contract import SiteData, ValidationReport, load_site, validate_and_load
-from spine_fl.shared.tasks import get_task
-
-from .site_config import Site, load_site_config
+from spine_fl.client.site_config import Site, load_site_config
+from spine_fl.shared.contract.data_contract import SiteData, ValidationReport, load_site, validate_and_load
+from spine_fl.shared.contract.tasks import get_task
 
 _CACHE: dict[tuple[str, str, int, float], SiteData] = {}
 

@@ -1,1 +1,3 @@
-"""Coordinator side: the ServerApp, its strategy and the results it writes."""
+"""The coordinator: the ServerApp (strategy, SecAgg+ workflow, round loop, checkpoints), the deployment
+engine's coordinator process, and the run's reports.
+"""

@@ -7,31 +7,31 @@ explicitly sets secagg = false.
 
 from __future__ import annotations
 
+import logging
 import uuid
-from logging import INFO
 from pathlib import Path
 from typing import Any, Callable
 
 from flwr.app import Context
-from flwr.common import log as flwr_log
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
+from spine_fl.server.checkpoint import Checkpoint, load_checkpoint, retire_checkpoint, save_checkpoint
+from spine_fl.server.grid_watch import WatchingGrid
+from spine_fl.server.reporting.federation_record import write_federation_results
+from spine_fl.server.rounds import run_rounds
+from spine_fl.server.secure_aggregation import secagg_fit_workflow
+from spine_fl.server.strategy import RecordingStrategy, RoundLog, build_strategy
+from spine_fl.shared import protocol
 from spine_fl.shared.config import RunSettings
-from spine_fl.shared.models import build_model
-from spine_fl.shared.tasks import get_task
-from spine_fl.shared.training import get_weights
+from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.models.registry import build_model
+from spine_fl.shared.training.local import get_weights
 
-from .checkpoint import Checkpoint, load_checkpoint, retire_checkpoint, save_checkpoint
-from .grid_watch import WatchingGrid
-from .results import write_federation_results
-from .rounds import run_rounds
-from .secure_aggregation import secagg_fit_workflow
-from .strategy import RecordingStrategy, RoundLog, build_strategy
-
+logger = logging.getLogger("spine_fl.server")
 
 def build_server_app(
     settings: RunSettings | None = None,
@@ -50,14 +50,14 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run = settings or RunSettings.from_run_config(dict(context.run_config))
-        site_names = sites or str(context.run_config.get("sites", "")).split(",")
-        results_dir = out_dir or Path(str(context.run_config.get("out-dir", "spine-fl-results")))
+        site_names = sites or str(context.run_config.get(protocol.RUN_CONFIG_SITES, "")).split(",")
+        results_dir = out_dir or Path(str(context.run_config.get(protocol.RUN_CONFIG_OUT_DIR, "spine-fl-results")))
         log = RoundLog(site_names, run.min_sites, on_round=on_round)
         resumed = load_checkpoint(checkpoint_dir, run) if checkpoint_dir else None
         done, run_key = (resumed.round, resumed.run_key) if resumed else (0, uuid.uuid4().hex)
         if resumed:
             log.restore(resumed.log)
-            flwr_log(INFO, "spine-fl: resuming after round %d from checkpoint sha256 %s", done, resumed.sha256)
+            logger.info("spine-fl: resuming after round %d from checkpoint sha256 %s", done, resumed.sha256)
         final = resumed.weights if resumed else get_weights(build_model(get_task(run.task), run.seed))
 
         def on_round_done(server_round: int, parameters: Any) -> None:

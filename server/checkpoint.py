@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from spine_fl.shared.config import ConfigError, RunSettings
-
 from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
 
 STATE_FILE = "checkpoint.json"

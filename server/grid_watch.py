@@ -13,9 +13,8 @@ from typing import Any, Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from spine_fl.server.strategy import RoundLog
 from spine_fl.shared.refusal import Refusal
-
-from .strategy import RoundLog
 
 
 class WatchingGrid:

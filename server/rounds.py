@@ -24,7 +24,7 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import Grid
 
-from .strategy import RoundLog
+from spine_fl.server.strategy import RoundLog
 
 FitWorkflow = Callable[[Grid, LegacyContext], None]
 

@@ -12,10 +12,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from spine_fl.shared import protocol
 from spine_fl.shared.config import RunSettings
-
-
-ROUND_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss")
 
 
 def round_config(settings: RunSettings, sites: list[str], offset: int = 0,
@@ -24,8 +22,8 @@ def round_config(settings: RunSettings, sites: list[str], offset: int = 0,
     (counted across coordinator restarts) and the run's key (sites' per-run budget survives them)."""
 
     def config(server_round: int) -> dict[str, Scalar]:
-        return {**settings.to_run_config(), "round": server_round + offset, "sites": ",".join(sites),
-                "run_key": run_key}
+        return {**settings.to_run_config(), protocol.ROUND: server_round + offset, protocol.SITES: ",".join(sites),
+                protocol.RUN_KEY: run_key}
 
     return config
 
@@ -33,7 +31,7 @@ def round_config(settings: RunSettings, sites: list[str], offset: int = 0,
 def weighted_mean(reports: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
     """Example-weighted mean of each numeric metric the sites reported (site_index excluded)."""
     out: dict[str, Scalar] = {}
-    for key in sorted({k for _, m in reports for k in m if k != "site_index"}):
+    for key in sorted({k for _, m in reports for k in m if k != protocol.SITE_INDEX}):
         pairs = [(n, float(m[key])) for n, m in reports if key in m]
         total = sum(n for n, _ in pairs)
         out[key] = sum(n * v for n, v in pairs) / total if total else float("nan")
@@ -63,7 +61,7 @@ def build_strategy(settings: RunSettings, initial: list, sites: list[str], offse
 
 
 def _site_name(sites: list[str], metrics: dict[str, Scalar]) -> str:
-    index = int(metrics.get("site_index", -1))
+    index = int(metrics.get(protocol.SITE_INDEX, -1))
     return sites[index] if 0 <= index < len(sites) else f"unknown-{index}"
 
 
@@ -84,8 +82,9 @@ class RoundLog:
     _round_started: float = field(default_factory=time.monotonic)
 
     failed_rounds: list[int] = field(default_factory=list)
+    train_examples: dict[str, int] = field(default_factory=dict)  # per site, from its last update
 
-    PERSISTED = ("rounds", "privacy", "refusals", "trained_rounds", "dropouts", "failed_rounds")
+    PERSISTED = ("rounds", "privacy", "refusals", "trained_rounds", "dropouts", "failed_rounds", "train_examples")
 
     def state(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.PERSISTED}
@@ -104,9 +103,10 @@ class RoundLog:
         log(WARNING, "spine-fl: site %s did not reply in round %s (%s)", site, server_round, stage)
 
     def record_fit(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]]) -> None:
-        for _, metrics in reports:
+        for examples, metrics in reports:
+            self.train_examples[_site_name(self.sites, metrics)] = int(examples)
             self.privacy[_site_name(self.sites, metrics)] = {k: float(v) for k, v in metrics.items()
-                                                              if k not in ("site_index", "train_loss")}
+                                                              if k not in (protocol.SITE_INDEX, protocol.TRAIN_LOSS)}
         if len(reports) < self.min_sites:
             self.stop(f"round {server_round}: only {len(reports)} site(s) trained, fewer than min_sites = "
                       f"{self.min_sites}; the run ends here")
@@ -124,14 +124,14 @@ class RoundLog:
             log(WARNING, "spine-fl: %s", reason)
 
     def record_evaluate(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]], failures: int) -> None:
-        per_site = {_site_name(self.sites, m): {k: float(v) for k, v in m.items() if k != "site_index"} | {"n": n}
+        per_site = {_site_name(self.sites, m): {k: float(v) for k, v in m.items() if k != protocol.SITE_INDEX} | {"n": n}
                     for n, m in reports}
         now = time.monotonic()
         entry: dict[str, Any] = {"round": server_round, "trained": server_round in self.trained_rounds,
                                  "seconds": round(now - self._round_started, 2)}
         self._round_started = now
         means = weighted_mean(reports)
-        for key in ROUND_METRICS:
+        for key in protocol.ROUND_METRICS:
             entry[key] = means.get(key, float("nan"))
         entry["per_site"] = per_site
         entry["failures"] = failures

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .tasks import get_task
+from spine_fl.shared import protocol
+from spine_fl.shared.contract.tasks import get_task
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
@@ -25,7 +26,7 @@ RUN_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: the coordinator's name for
 
 def run_key_of(config: dict[str, Any], fallback: str) -> str:
     """The run's key from a round's config; anything else than 32 hex digits falls back (never a path)."""
-    key = str(config.get("run_key", ""))
+    key = str(config.get(protocol.RUN_KEY, ""))
     return key if RUN_KEY.fullmatch(key) else fallback
 
 

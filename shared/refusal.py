@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-REFUSAL_PREFIX = "spine-fl-refusal "
-REFUSAL_CODE = 4403
+from spine_fl.shared.protocol import REFUSAL_PREFIX
 
 
 @dataclass(frozen=True)

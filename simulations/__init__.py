@@ -1,1 +1,3 @@
-"""Scenarios for Flower's simulation engine, with pooled and local-only baselines."""
+"""Researchers' side: scenarios for Flower's simulation engine, the runner with pooled and local-only
+baselines, synthetic consortia, the loopback deployment harness and benchmarks.
+"""

@@ -12,14 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spine_fl.client.privacy.plan import plan_round
 from spine_fl.shared.config import RunSettings
-from spine_fl.shared.data_contract import SiteData
-from spine_fl.shared.models import build_model
-from spine_fl.shared.tasks import get_task
-from spine_fl.client.privacy_plan import plan_round
-from spine_fl.shared.training import DpSettings, TrainSettings, train
-
-from .evaluation import Scores, score_sites
+from spine_fl.shared.contract.data_contract import SiteData
+from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.models.registry import build_model
+from spine_fl.shared.training.evaluation import Scores, score_sites
+from spine_fl.shared.training.local import DpSettings, TrainSettings, train
 
 
 def concatenate(parts: list[SiteData]) -> SiteData:

@@ -19,10 +19,10 @@ from typing import Any
 
 import tomli_w
 
-from spine_fl.shared.bundle import build_bundle
-from spine_fl.shared.credentials import create_server_credentials, create_site_keys
-from spine_fl.shared.flower_runtime import flower_env
-from spine_fl.shared.synthetic_consortium import synthesize_consortium
+from spine_fl.shared.runtime.bundle import build_bundle
+from spine_fl.shared.runtime.credentials import create_server_credentials, create_site_keys
+from spine_fl.shared.runtime.flower import flower_env
+from spine_fl.simulations.synthetic.consortium import synthesize_consortium
 
 
 def free_port() -> int:

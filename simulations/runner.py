@@ -8,7 +8,6 @@ the same held-out splits -> metrics.json and plots in the output folder.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict
@@ -22,26 +21,25 @@ from flwr.clientapp.typing import Mod
 
 from spine_fl.client.site_config import Site, policy_from_table
 from spine_fl.server.app import build_server_app
-from spine_fl.server.results import FEDERATION_FILE, MODEL_FILE, load_model
-from spine_fl.shared import plots
+from spine_fl.server.reporting import plots
+from spine_fl.server.reporting.federation_record import FEDERATION_FILE, MODEL_FILE, load_model
+from spine_fl.server.reporting.model_card import save_predictions, write_model_card
+from spine_fl.server.reporting.run_result import RunResult, write_run_result
 from spine_fl.shared.config import Scenario, load_scenario
-from spine_fl.shared.data_contract import load_site
-from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
-from spine_fl.shared.model_card import save_predictions, write_model_card
-from spine_fl.shared.models import pick_device
-from spine_fl.shared.synthetic_consortium import synthesize_consortium
-from spine_fl.shared.tasks import get_task
-from spine_fl.shared.vertebral_column import ATTRIBUTION, write_sites
+from spine_fl.shared.contract.data_contract import load_site
+from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.files import atomic_write_bytes
+from spine_fl.shared.models.registry import pick_device
+from spine_fl.shared.training.evaluation import score_sites
+from spine_fl.simulations import baselines
+from spine_fl.simulations.synthetic.consortium import synthesize_consortium
+from spine_fl.simulations.synthetic.vertebral_column import ATTRIBUTION, write_sites
 
-from . import baselines
-from .evaluation import score_sites
-
-METRICS_FILE = "metrics.json"
 SCENARIO_FILE = "scenario.toml"
 
 
 def packaged_scenario(name: str) -> Path:
-    path = resources.files("spine_fl.simulations") / f"{name}.toml"
+    path = resources.files("spine_fl.simulations") / "scenarios" / f"{name}.toml"
     return Path(str(path))
 
 
@@ -92,10 +90,10 @@ def write_scenario(path: Path, scenario: Scenario) -> None:
 
 
 def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None,
-             outer_mods: Sequence[Mod] = ()) -> dict:
+             outer_mods: Sequence[Mod] = ()) -> dict[str, Any]:
+    """Run the scenario into `out_dir`; returns the run result as metrics.json holds it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_scenario(out_dir / SCENARIO_FILE, scenario)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     started = time.perf_counter()
     site_dirs = build_consortium(scenario, out_dir / "sites")
     run = scenario.run
@@ -113,26 +111,29 @@ def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, An
     pooled_test, pooled_external = baselines.pooled(run, sites, device)
     local_test = baselines.local_only(run, sites, device)
 
-    metrics = {
-        "task": run.task,
-        "scenario": scenario.name,
-        "sites": list(sites),
-        "patients": {s: {k: int((d.split == k).sum()) for k in ("train", "test", "external")} for s, d in sites.items()},
-        "federated": {**fed_test.summary(), "external": fed_external.summary() if fed_external.per_site else None},
-        "pooled": {**pooled_test.summary(), "external": pooled_external.summary() if pooled_external.per_site else None},
-        "local_only": local_test.summary(),
-        "status": federation["status"],
-        "stop_reason": federation["stop_reason"],
-        "rounds": federation["rounds"],
-        "privacy": federation["privacy"],
-        "config": {"run": run.to_run_config(), "consortium": asdict(scenario.consortium),
-                   "cpus_per_site": scenario.cpus_per_site},
-        "timing": {"federated_seconds": round(fed_seconds, 1),
-                   "total_seconds": round(time.perf_counter() - started, 1), "device": str(device)},
-    }
-    if scenario.consortium.source == "vertebral_column":
-        metrics["data_attribution"] = ATTRIBUTION
-    atomic_write_json(out_dir / METRICS_FILE, metrics)
+    result = RunResult(
+        engine="simulation",
+        task=run.task,
+        scenario=scenario.name,
+        sites=list(sites),
+        patients={s: {k: int((d.split == k).sum()) for k in ("train", "test", "external")} for s, d in sites.items()},
+        federated={**fed_test.summary(), "external": fed_external.summary() if fed_external.per_site else None},
+        pooled={**pooled_test.summary(), "external": pooled_external.summary() if pooled_external.per_site else None},
+        local_only=local_test.summary(),
+        status=federation["status"],
+        stop_reason=federation["stop_reason"],
+        rounds=federation["rounds"],
+        dropouts=federation["dropouts"],
+        failed_rounds=federation["failed_rounds"],
+        privacy=federation["privacy"],
+        config={"run": run.to_run_config(), "consortium": asdict(scenario.consortium),
+                "cpus_per_site": scenario.cpus_per_site},
+        timing={"federated_seconds": round(fed_seconds, 1),
+                "total_seconds": round(time.perf_counter() - started, 1), "device": str(device)},
+        data_attribution=ATTRIBUTION if scenario.consortium.source == "vertebral_column" else None,
+    )
+    write_run_result(out_dir, result)
+    metrics = result.to_json()
     plots.roc_per_site(out_dir / "roc_per_site.png", fed_test.per_site, f"{run.task}: federated model, held-out")
     plots.calibration(out_dir / "calibration.png",
                       {"federated": fed_test.pooled(), "pooled": pooled_test.pooled(),

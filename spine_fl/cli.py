@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spine_fl.client.audit_cli import audit
-from spine_fl.shared.model_card_cli import report as report_command
+from spine_fl.client.audit.cli import audit
+from spine_fl.server.reporting.cli import report as report_command
 
 app = typer.Typer(help="spine-fl: federated outcome prediction for spine clinics.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -27,7 +27,7 @@ def synth(
     modality: list[str] = typer.Option(["radiograph", "mri"], help="image sets to write: radiograph, mri (repeat)"),
 ) -> None:
     """Write a deterministic synthetic consortium in the site data contract's format."""
-    from spine_fl.shared.synthetic_consortium import synthesize_consortium
+    from spine_fl.simulations.synthetic.consortium import synthesize_consortium
 
     bad = sorted(set(modality) - {"radiograph", "mri"})
     if bad:
@@ -46,8 +46,8 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Check a site's data against the task's contract; list every problem; exit 1 if unusable."""
-    from spine_fl.shared.data_contract import validate_and_load
-    from spine_fl.shared.tasks import UnknownTaskError, get_task
+    from spine_fl.shared.contract.data_contract import validate_and_load
+    from spine_fl.shared.contract.tasks import UnknownTaskError, get_task
 
     try:
         task_def = get_task(task)
@@ -80,7 +80,8 @@ def simulate(
 ) -> None:
     """Run a scenario on Flower's simulation engine, with pooled and local-only baselines."""
     from spine_fl.shared.config import ConfigError
-    from spine_fl.simulations.runner import load, simulate as run_scenario
+    from spine_fl.simulations.runner import load
+    from spine_fl.simulations.runner import simulate as run_scenario
 
     try:
         chosen = load(scenario)
@@ -115,7 +116,7 @@ def ledger_verify(
                                              "results/default/site-state/<site>)"),
 ) -> None:
     """Check every signature and hash link of the site's egress ledger; name the first broken line."""
-    from spine_fl.client.egress_ledger import LEDGER_FILE, verify
+    from spine_fl.client.privacy.egress_ledger import LEDGER_FILE, verify
     from spine_fl.client.site_config import load_site_config
     from spine_fl.shared.config import ConfigError
 
@@ -148,21 +149,21 @@ def server(
 
     import httpx
 
-    from spine_fl.server.coordinator import run_coordinator
-    from spine_fl.server.federation_config import load_federation
-    from spine_fl.server.serverapp_worker import ServerAppTaskError
-    from spine_fl.shared.bundle import BundleError
+    from spine_fl.server.deployment.coordinator import run_coordinator
+    from spine_fl.server.deployment.federation_config import load_federation
+    from spine_fl.server.deployment.serverapp_worker import ServerAppTaskError
     from spine_fl.shared.config import ConfigError
-    from spine_fl.shared.credentials import CredentialsError
-    from spine_fl.shared.processes import ProcessStartError
+    from spine_fl.shared.runtime.bundle import BundleError
+    from spine_fl.shared.runtime.credentials import CredentialsError
+    from spine_fl.shared.runtime.processes import ProcessStartError
 
     if insecure:
         console.print("[bold red]WARNING: --insecure: no TLS, any SuperNode may connect. Never use this with "
                       "patient data.[/]")
     try:
         fed = load_federation(config)
-        metrics = run_coordinator(fed, insecure, on_round=_round_line, say=lambda m: console.print(m, highlight=False),
-                                  bundle_file=bundle)
+        result = run_coordinator(fed, insecure, on_round=_round_line, say=lambda m: console.print(m, highlight=False),
+                                 bundle_file=bundle)
     except (ConfigError, CredentialsError, BundleError, FileNotFoundError, ProcessStartError) as exc:
         console.print(f"[red]cannot start:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
@@ -172,9 +173,9 @@ def server(
     except KeyboardInterrupt:
         console.print("interrupted; the SuperLink is stopped. Start again to resume after the last completed round.")
         raise typer.Exit(130) from None
-    status = "[green]completed[/]" if metrics["status"] == "completed" else f"[red]stopped[/]: {metrics['stop_reason']}"
+    status = "[green]completed[/]" if result.status == "completed" else f"[red]stopped[/]: {result.stop_reason}"
     console.print(f"run {status}; results in {fed.out_dir}", highlight=False)
-    raise typer.Exit(0 if metrics["status"] == "completed" else 1)
+    raise typer.Exit(0 if result.status == "completed" else 1)
 
 
 @app.command()
@@ -188,10 +189,10 @@ def client(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for training (default: torch's)"),
 ) -> None:
     """Join a federation as one hospital: validate the data, connect out to the coordinator, serve."""
+    from spine_fl.client.deployment.site_node import SiteCannotJoin, run_site
     from spine_fl.client.site_config import load_site_config, load_site_connection
-    from spine_fl.client.site_node import SiteCannotJoin, run_site
     from spine_fl.shared.config import ConfigError
-    from spine_fl.shared.processes import ProcessStartError
+    from spine_fl.shared.runtime.processes import ProcessStartError
 
     path = config or Path("configs/sites") / f"{site}.toml"
     if insecure:
@@ -222,7 +223,7 @@ def certs(
                                    "localhost and 127.0.0.1 are always included"),
 ) -> None:
     """Coordinator: create the consortium CA and the coordinator's TLS certificate."""
-    from spine_fl.shared.credentials import CredentialsError, create_server_credentials
+    from spine_fl.shared.runtime.credentials import CredentialsError, create_server_credentials
 
     try:
         made = create_server_credentials(out, host)
@@ -242,9 +243,9 @@ def enroll(
     public_key: Optional[Path] = typer.Option(None, help="coordinator: the .pub file the site sent"),
 ) -> None:
     """Site: create the SuperNode key pair. Coordinator: enrol a site's public key (--federation)."""
-    from spine_fl.server.enrolment import enrol_public_key
+    from spine_fl.server.deployment.enrolment import enrol_public_key
     from spine_fl.shared.config import ConfigError
-    from spine_fl.shared.credentials import CredentialsError, create_site_keys
+    from spine_fl.shared.runtime.credentials import CredentialsError, create_site_keys
 
     try:
         if federation is None:
@@ -267,7 +268,7 @@ app.add_typer(bundle_app, name="bundle")
 @bundle_app.command("hash")
 def bundle_hash() -> None:
     """Print the SHA-256 of the app bundle this checkout builds (what sites put in allowed_bundles)."""
-    from spine_fl.shared.bundle import BundleError, build_bundle
+    from spine_fl.shared.runtime.bundle import BundleError, build_bundle
 
     try:
         print(build_bundle().sha256)

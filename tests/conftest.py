@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spine_fl.shared.synthetic_consortium import synthesize_consortium
+from spine_fl.simulations.synthetic.consortium import synthesize_consortium
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.special import expit
-from spine_fl.shared.files import atomic_write_json
-from spine_fl.shared.data_contract import SiteData
-from spine_fl.shared.model_card import save_predictions
-from spine_fl.simulations.evaluation import Scores
+
+from spine_fl.server.reporting.model_card import save_predictions
+from spine_fl.server.reporting.run_result import RunResult, write_run_result
+from spine_fl.shared.contract.data_contract import SiteData
+from spine_fl.shared.training.evaluation import Scores
 
 SITES = {"leiden": 160, "seoul": 130, "zurich": 100}  # held-out patients per site
 
@@ -52,18 +53,19 @@ def sample_run(run_dir: Path, with_predictions: bool = True) -> Path:
     privacy_site = {"epsilon": 4.7, "epsilon_lifetime": 9.1, "delta": 7e-4, "noise_multiplier": 1.0,
                     "max_grad_norm": 1.0, "sample_rate": 0.2, "steps": 50, "accountant": "rdp", "dp": True,
                     "secagg": True, "trained": True}
-    atomic_write_json(run_dir / "metrics.json", {
-        "task": "tfesi_radiograph", "scenario": "sample", "sites": list(SITES),
-        "patients": {s: {"train": 2 * n, "test": n, "external": n // 3} for s, n in SITES.items()},
-        **{model: {**s.summary(), **({"external": None} if model != "local_only" else {})}
-           for model, s in scores.items()},
-        "status": "completed", "stop_reason": None, "rounds": [{"round": r} for r in (1, 2, 3)],
-        "privacy": {"per_site": {s: privacy_site for s in SITES}, "refusals": [],
-                    "secagg": {"enabled": True, "clipping_range": 8.0, "max_weight": 1000.0}},
-        "config": {"run": {"task": "tfesi_radiograph", "strategy": "fedavg", "rounds": 3, "dp": True,
-                           "noise-multiplier": 1.0, "max-grad-norm": 1.0, "accountant": "rdp", "secagg": True},
-                   "consortium": {"source": "synthetic", "sites": 3, "seed": 7}},
-    })
+    summaries = {model: {**s.summary(), **({"external": None} if model != "local_only" else {})}
+                 for model, s in scores.items()}
+    write_run_result(run_dir, RunResult(
+        engine="simulation", task="tfesi_radiograph", scenario="sample", sites=list(SITES),
+        patients={s: {"train": 2 * n, "test": n, "external": n // 3} for s, n in SITES.items()},
+        **summaries,
+        status="completed", stop_reason=None, rounds=[{"round": r} for r in (1, 2, 3)],
+        privacy={"per_site": {s: privacy_site for s in SITES}, "refusals": [],
+                 "secagg": {"enabled": True, "clipping_range": 8.0, "max_weight": 1000.0}},
+        config={"run": {"task": "tfesi_radiograph", "strategy": "fedavg", "rounds": 3, "dp": True,
+                        "noise-multiplier": 1.0, "max-grad-norm": 1.0, "accountant": "rdp", "secagg": True},
+                "consortium": {"source": "synthetic", "sites": 3, "seed": 7}},
+        timing={}))
     if with_predictions:
         save_predictions(run_dir, scores, sites)
     return run_dir

@@ -12,20 +12,24 @@ import pandas as pd
 import pytest
 import torch
 import typer
+from privacy_reference import independent_epsilon
 from typer.testing import CliRunner
 
-from spine_fl.client.audit import run_audit
-from spine_fl.client.audit_cli import audit, locate_site
-from spine_fl.client.audit_scan import DeclaredModel, Identifiers, scan_payloads
-from spine_fl.client.received_models import load_received
+from spine_fl.client.audit.cli import audit, locate_site
+from spine_fl.client.audit.egress_scan import DeclaredModel, Identifiers, scan_payloads
+from spine_fl.client.audit.membership_inference import (
+    dp_auc_ceiling,
+    dp_tpr_ceiling,
+    evaluate_attack,
+    lira_scores,
+    proven_epsilon,
+)
+from spine_fl.client.audit.run import run_audit
+from spine_fl.client.privacy.egress_ledger import EgressLedger, verify
+from spine_fl.client.privacy.received_models import load_received
 from spine_fl.client.site_config import Site
-from spine_fl.client.egress_ledger import EgressLedger, verify
-from spine_fl.client.membership_inference import (dp_auc_ceiling, dp_tpr_ceiling, evaluate_attack, lira_scores,
-                                                  proven_epsilon)
 from spine_fl.shared.config import load_scenario
 from spine_fl.simulations.runner import simulate
-
-from privacy_reference import independent_epsilon
 
 DP_RUN = {"task": "rbp_tabular", "rounds": 3, "local_epochs": 1, "batch_size": 16, "learning_rate": 0.3,
           "noise_multiplier": 1.0, "min_sites": 3, "seed": 1, "dp": True, "secagg": True}

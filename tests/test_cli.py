@@ -16,7 +16,7 @@ def test_help_everywhere(args: list[str]) -> None:
 
 
 def test_bundle_hash_is_the_sha256_of_the_bundle_the_server_submits() -> None:
-    from spine_fl.shared.bundle import build_bundle
+    from spine_fl.shared.runtime.bundle import build_bundle
 
     result = CliRunner().invoke(app, ["bundle", "hash"])
     assert result.exit_code == 0

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from spine_fl.cli import app
-from spine_fl.shared.data_contract import SiteDataError, load_site, validate_and_load
-from spine_fl.shared.tasks import get_task
+from spine_fl.shared.contract.data_contract import SiteDataError, load_site, validate_and_load
+from spine_fl.shared.contract.tasks import get_task
 
 RUNNER = CliRunner()
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
-from spine_fl.client.egress_ledger import LEDGER_FILE, verify
+from spine_fl.cli import app
+from spine_fl.client.privacy.egress_ledger import LEDGER_FILE, verify
 from spine_fl.server.checkpoint import STATE_FILE
-from spine_fl.shared.bundle import build_bundle, project_root
-from spine_fl.shared.credentials import create_site_keys
+from spine_fl.shared.runtime.bundle import build_bundle, project_root
+from spine_fl.shared.runtime.credentials import create_site_keys
 from spine_fl.simulations.loopback import build_loopback, wait_for
 
 pytestmark = pytest.mark.slow
@@ -74,6 +76,18 @@ def test_tls_authenticated_run_with_dp_and_secagg_and_a_site_whose_data_fail(loo
     assert metrics["bundle_sha256"] == build_bundle().sha256
     assert "round   3" in loop.output("server")
     assert (loop.out_dir / "model.pt").exists() and (loop.out_dir / "auroc_per_round.png").exists()
+
+    # the coordinator's model card, from the deployed run's own metrics.json
+    report = CliRunner().invoke(app, ["report", str(loop.out_dir)])
+    assert report.exit_code == 0, report.output
+    card = json.loads((loop.out_dir / "model_card.json").read_text())
+    assert card["evidence"] == "metrics_only"
+    assert card["comparison"]["federated"]["overall"]["auroc"]["value"] == pytest.approx(metrics["federated"]["auroc"])
+    site = loop.sites[0]
+    assert card["comparison"]["federated"]["per_site"][site]["auroc"]["value"] == pytest.approx(
+        metrics["federated"]["per_site"][site]["auroc"])
+    assert f"{metrics['federated']['auroc']:.2f}" in (loop.out_dir / "model_card.html").read_text()
+    assert metrics["patients"][site]["test"] == metrics["federated"]["per_site"][site]["n"] > 0
 
 
 def test_a_site_killed_mid_round_drops_out_and_the_run_finishes_naming_it(loopback):

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from cryptography import x509
 
-from spine_fl.client.clientapp_worker import bundle_refusal
-from spine_fl.client.policy import SitePolicy
+from spine_fl.client.deployment.clientapp_worker import bundle_refusal
+from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.site_config import Site
 from spine_fl.server.checkpoint import STATE_FILE, Checkpoint, load_checkpoint, retire_checkpoint, save_checkpoint
-from spine_fl.server.enrolment import enrol_public_key
-from spine_fl.server.federation_config import load_federation
+from spine_fl.server.deployment.enrolment import enrol_public_key
+from spine_fl.server.deployment.federation_config import load_federation
 from spine_fl.server.grid_watch import WatchingGrid
 from spine_fl.server.strategy import RoundLog
-from spine_fl.shared.bundle import build_bundle, project_root
 from spine_fl.shared.config import ConfigError, RunSettings, run_key_of
-from spine_fl.shared.credentials import (
+from spine_fl.shared.runtime.bundle import build_bundle, project_root
+from spine_fl.shared.runtime.credentials import (
     CredentialsError,
     create_server_credentials,
     create_site_keys,

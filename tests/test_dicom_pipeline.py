@@ -10,7 +10,7 @@ import pydicom.data
 import pytest
 from data_store import DataStore
 
-from spine_fl.shared.dicom_pipeline import DicomError, read_dicom_image
+from spine_fl.shared.imaging.dicom import DicomError, read_dicom_image
 
 DATA_STORE = DataStore().data_path
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"

@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from spine_fl.shared.config import load_scenario
-from spine_fl.shared.model_card import CARD_HTML, THRESHOLDS, write_model_card
-from spine_fl.simulations.runner import simulate
-
 from browser import check_page, ink_fraction
 from model_card_samples import sample_run
+
+from spine_fl.server.reporting.model_card import CARD_HTML, THRESHOLDS, write_model_card
+from spine_fl.shared.config import load_scenario
+from spine_fl.simulations.runner import simulate
 
 BROKEN_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>broken</title></head><body>
 <h1>Broken on purpose</h1><script>console.error("deliberate console error");</script>
@@ -111,15 +110,15 @@ def test_model_card_of_a_simulated_run(simulated_run: tuple[Path, dict], tmp_pat
 
 @pytest.mark.slow
 def test_audit_html_renders(simulated_run: tuple[Path, dict], tmp_path: Path) -> None:
-    """The privacy audit's page (client/audit_report.py) for one site of the same run."""
-    from spine_fl.client.audit import run_audit
-    from spine_fl.client.audit_cli import locate_site
+    """The privacy audit's page (client/audit/report.py) for one site of the same run."""
+    from spine_fl.client.audit.cli import locate_site
+    from spine_fl.client.audit.run import run_audit
 
     run_dir, _ = simulated_run
     site, _, _ = locate_site("leiden", None, run_dir, None, None, None)
     report = run_audit(site, tmp_path / "audit", shadow_models=0, bootstrap=200)
     # fits_window=False: the audit's two privacy-budget tables (14 columns) are ~330 px wider than a
-    # 1200 px window; set it to True once client/audit_report.py narrows them
+    # 1200 px window; set it to True once client/audit/report.py narrows them
     text = _assert_renders(tmp_path / "audit" / "audit.html", tmp_path / "audit.png", min_images=1, fits_window=False)
     assert f"Verdict: {report['verdict']['verdict'].upper()}" in text
     assert "Privacy audit: site leiden" in text

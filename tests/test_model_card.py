@@ -10,14 +10,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import typer
+from model_card_samples import SITES, sample_run
 from scipy.special import expit
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from typer.testing import CliRunner
 
-from spine_fl.shared.model_card import CARD_HTML, CARD_JSON, PREDICTIONS_FILE, age_band, calibration, write_model_card
-from spine_fl.shared.model_card_cli import report
-
-from model_card_samples import SITES, sample_run
+from spine_fl.server.reporting.cli import report
+from spine_fl.server.reporting.model_card import (
+    CARD_HTML,
+    CARD_JSON,
+    PREDICTIONS_FILE,
+    age_band,
+    calibration,
+    write_model_card,
+)
 
 MODELS = ("federated", "pooled", "local_only")
 

@@ -7,8 +7,8 @@ import torch
 from opacus.validators import ModuleValidator
 
 from spine_fl.shared.config import ConfigError, RunSettings
-from spine_fl.shared.models import build_model
-from spine_fl.shared.tasks import TASKS, UnknownTaskError, get_task
+from spine_fl.shared.contract.tasks import TASKS, UnknownTaskError, get_task
+from spine_fl.shared.models.registry import build_model
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -13,21 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import pydicom
+import pytest
 import tomli_w
 import torch
+from privacy_reference import independent_epsilon
 
-from spine_fl.client.egress_ledger import verify
-from spine_fl.client.privacy_ledger import PrivacyLedger
+from spine_fl.client.privacy.egress_ledger import verify
+from spine_fl.client.privacy.privacy_ledger import PrivacyLedger
 from spine_fl.server.secure_aggregation import quantization_error_bound
 from spine_fl.shared.config import load_scenario
-from spine_fl.shared.models import build_model
-from spine_fl.shared.privacy_accounting import epsilon
-from spine_fl.shared.tasks import get_task
+from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.models.registry import build_model
+from spine_fl.shared.training.accounting import epsilon
 from spine_fl.simulations.runner import simulate
-
-from privacy_reference import independent_epsilon
 
 pytestmark = pytest.mark.slow
 

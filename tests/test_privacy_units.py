@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from privacy_reference import independent_epsilon
 from typer.testing import CliRunner
 
 from spine_fl.cli import app
-from spine_fl.client.egress_ledger import KEY_FILE, EgressLedger, verify
-from spine_fl.client.policy import SitePolicy, rule_violations
-from spine_fl.client.privacy_ledger import PrivacyLedger, PrivacyLedgerError, SpendRecord
+from spine_fl.client.privacy.egress_ledger import KEY_FILE, EgressLedger, verify
+from spine_fl.client.privacy.policy import SitePolicy, rule_violations
+from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, PrivacyLedgerError, SpendRecord
 from spine_fl.shared.config import RunSettings
-from spine_fl.shared.privacy_accounting import epsilon
-
-from privacy_reference import independent_epsilon
+from spine_fl.shared.training.accounting import epsilon
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -103,7 +102,7 @@ def test_policy_rules_name_the_violated_rule() -> None:
 
 
 def test_target_epsilon_sets_each_sites_noise_for_the_whole_run() -> None:
-    from spine_fl.client.privacy_plan import plan_round
+    from spine_fl.client.privacy.plan import plan_round
 
     run = RunSettings(task="rbp_tabular", target_epsilon=4.0, rounds=5, local_epochs=2, batch_size=16)
     small, large = plan_round(run, 60), plan_round(run, 200)

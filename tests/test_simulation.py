@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from spine_fl.cli import app
+from spine_fl.server.reporting.run_result import RunResult
 
 RUNNER = CliRunner()
 METRIC_KEYS = {"auroc", "accuracy", "sensitivity", "specificity", "f1", "brier"}
+SUMMARY_KEYS = {*METRIC_KEYS, "log_loss", "n", "prevalence", "per_site"}
+# metrics.json of the default scenario, key by key, as it was before the run result became one record
+# (schema_version 1 added engine, dropouts, failed_rounds, resumed_after_round, bundle_sha256 and
+# data_attribution, which a simulation of synthetic data leaves empty)
+DEFAULT_RUN_SHAPE = {
+    "schema_version": 1, "engine": "simulation", "task": "tfesi_radiograph", "scenario": "default",
+    "bundle_sha256": None, "data_attribution": None, "resumed_after_round": None,
+}
 
 
 def _simulate(scenario: str, out: Path) -> dict:
@@ -29,6 +39,16 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 @pytest.mark.slow
 def test_default_scenario_writes_results_of_the_documented_shape(default_run: tuple[dict, Path]) -> None:
     metrics, out = default_run
+    assert {k: metrics[k] for k in DEFAULT_RUN_SHAPE} == DEFAULT_RUN_SHAPE
+    assert set(metrics) == {f.name for f in fields(RunResult)}
+    assert metrics["dropouts"] == [] and metrics["failed_rounds"] == []
+    assert {s: set(p) for s, p in metrics["patients"].items()} == {s: {"train", "test", "external"}
+                                                                     for s in metrics["sites"]}
+    assert set(metrics["federated"]) == set(metrics["pooled"]) == SUMMARY_KEYS | {"external"}
+    assert set(metrics["local_only"]) == SUMMARY_KEYS
+    assert set(metrics["privacy"]) == {"per_site", "refusals", "secagg"}
+    assert set(metrics["config"]) == {"run", "consortium", "cpus_per_site"}
+    assert set(metrics["timing"]) == {"federated_seconds", "total_seconds", "device"}
     assert metrics["task"] == "tfesi_radiograph"
     assert metrics["sites"] == ["leiden", "seoul", "zurich"]
     for section in ("federated", "pooled", "local_only"):

@@ -11,8 +11,8 @@ from pydicom.uid import RLELossless
 from typer.testing import CliRunner
 
 from spine_fl.cli import app
-from spine_fl.shared.data_contract import validate_and_load
-from spine_fl.shared.tasks import get_task
+from spine_fl.shared.contract.data_contract import validate_and_load
+from spine_fl.shared.contract.tasks import get_task
 
 
 def _digest(site: Path) -> str:

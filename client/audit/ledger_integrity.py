@@ -1,0 +1,85 @@
+"""Audit: is the site's egress ledger intact, and what does it say left the site, per run and round.
+
+The ledger is the site's own signed record of every reply that left it; the audit reads it, never
+the coordinator's account. Lines after the first broken one are still summarised (they are what
+the file says), but the summary states that they are unverified. Each line names Flower's run id;
+the audit groups lines by run key (one run across coordinator restarts) where the site knows it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping
+
+from spine_fl.client.privacy.egress_ledger import LEDGER_FILE, verify
+
+UNSIGNED_FIELDS = ("signature", "prev_sha256", "seq")
+
+
+def integrity(state_dir: Path) -> dict[str, Any]:
+    """Every signature and hash link checked; the first broken line (1-based) named."""
+    result = verify(state_dir)
+    return {"ledger": str(Path(state_dir) / LEDGER_FILE), **asdict(result)}
+
+
+def read_lines(state_dir: Path, run_keys: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The ledger's lines as dicts with their 1-based `line` number and `run` (the run key where known,
+    else Flower's run id); unreadable lines are kept as such."""
+    path = Path(state_dir) / LEDGER_FILE
+    out = []
+    for number, raw in enumerate(path.read_bytes().splitlines() if path.exists() else [], start=1):
+        try:
+            entry = json.loads(raw)
+        except json.JSONDecodeError:
+            entry = {"unreadable": True}
+        if not isinstance(entry, dict):
+            entry = {"unreadable": True}
+        flower_run = str(entry.get("run_id", "?"))
+        out.append({**{k: v for k, v in entry.items() if k not in UNSIGNED_FIELDS}, "line": number,
+                    "run": (run_keys or {}).get(flower_run, flower_run)})
+    return out
+
+
+def _metric_value(value: Any) -> Any:
+    """Byte payloads are recorded by size and hash; the summary keeps their size."""
+    if isinstance(value, dict):
+        return {k: value[k] for k in ("bytes", "items") if k in value}
+    return value
+
+
+def _message(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "line": entry["line"],
+        "kind": entry.get("kind", "?"),
+        "arrays": [{k: a.get(k) for k in ("name", "shape", "dtype", "bytes")} for a in entry.get("arrays", [])],
+        "metrics": {k: _metric_value(v) for k, v in entry.get("metrics", {}).items()},
+        "num_examples": entry.get("num_examples"),
+        "bytes": entry.get("total_bytes", 0),
+        "error": entry.get("error"),
+    }
+
+
+def egress_summary(lines: list[dict[str, Any]], first_broken_line: int | None = None) -> dict[str, Any]:
+    """Per run and round: message kinds, arrays, metric names and values, example counts, bytes."""
+    runs: dict[str, dict[tuple[str, int | None], list[dict[str, Any]]]] = {}
+    for entry in lines:
+        if entry.get("unreadable"):
+            continue
+        key = (str(entry.get("run_id", "?")), entry.get("round"))
+        runs.setdefault(entry["run"], {}).setdefault(key, []).append(_message(entry))
+    summary = []
+    for run_id, rounds in runs.items():
+        messages = [m for msgs in rounds.values() for m in msgs]
+        summary.append({
+            "run_id": run_id,
+            "flower_run_ids": list(dict.fromkeys(flower for flower, _ in rounds)),
+            "messages": len(messages),
+            "bytes": sum(int(m["bytes"] or 0) for m in messages),
+            "kinds": sorted({m["kind"] for m in messages}),
+            "errors": sum(1 for m in messages if m["error"]),
+            "rounds": [{"flower_run_id": f, "round": r, "messages": msgs} for (f, r), msgs in rounds.items()],
+        })
+    unverified = None if first_broken_line is None else f"lines from {first_broken_line} on are unverified"
+    return {"lines": len(lines), "runs": summary, "unverified": unverified}

@@ -1,0 +1,124 @@
+"""`spine-fl client --site S`: one hospital joins the federation.
+
+1. validate the site's data against the task's contract; refuse to join (with the report) when
+   they are unusable, so a broken site never takes part;
+2. check that the coordinator is reachable and presents a certificate from the consortium CA,
+   retrying, then explaining what to check;
+3. start a Flower SuperNode that connects *out* to the coordinator (no inbound port is opened
+   beyond loopback) with the site's enrolled key and `site-config` in its node config;
+4. serve its messages in this process (client/clientapp_worker.py) until stopped.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from spine_fl.client.deployment.clientapp_worker import serve
+from spine_fl.client.site_config import Site, SiteConnection
+from spine_fl.client.site_data import validate_site_data
+from spine_fl.shared.runtime.flower import write_secret
+from spine_fl.shared.runtime.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port
+
+VALIDATION_IMAGE_SIZE = 64
+
+
+class SiteCannotJoin(RuntimeError):
+    pass
+
+
+def check_data(site: Site, connection: SiteConnection) -> str:
+    report = validate_site_data(site, connection.task, VALIDATION_IMAGE_SIZE)
+    if not report.usable:
+        problems = "\n".join(f"  {p.severity.upper()} {p.where}: {p.what} -> {p.action}" for p in report.errors)
+        raise SiteCannotJoin(f"{site.name}: the data in {site.data_dir} are not usable for {connection.task}; "
+                             f"not joining. Fix these and start again:\n{problems}")
+    return f"data valid for {connection.task}: {report.counts}"
+
+
+def _probe(host: str, port: int, ca: Path | None) -> None:
+    with socket.create_connection((host, port), timeout=5) as sock:
+        if ca is not None:
+            context = ssl.create_default_context(cafile=str(ca))
+            with context.wrap_socket(sock, server_hostname=host):
+                pass
+
+
+def wait_for_coordinator(connection: SiteConnection, insecure: bool, attempts: int, pause: float,
+                         say: Callable[[str], None]) -> None:
+    host, port = connection.coordinator.rsplit(":", 1)
+    ca = None if insecure else connection.ca_certificate
+    if ca is not None and not ca.is_file():
+        raise SiteCannotJoin(f"CA certificate {ca} not found: ask the coordinator for the consortium's ca.crt "
+                             "and set [coordinator] ca_certificate")
+    for attempt in range(1, attempts + 1):
+        try:
+            _probe(host, int(port), ca)
+            return
+        except ssl.SSLError as exc:
+            raise SiteCannotJoin(f"the coordinator at {connection.coordinator} answered, but its TLS certificate "
+                                 f"is not from the consortium CA {ca} ({exc.reason}); check [coordinator] "
+                                 "ca_certificate, or that you are talking to the right coordinator") from None
+        except OSError as exc:
+            say(f"coordinator {connection.coordinator} not reachable ({exc.strerror or exc}); "
+                f"attempt {attempt}/{attempts}, retrying in {pause:g} s")
+            if attempt < attempts:
+                time.sleep(pause)
+    raise SiteCannotJoin(f"gave up: the coordinator at {connection.coordinator} did not answer after {attempts} "
+                         "attempts. Check that it is running (`spine-fl server`), that [coordinator] address is "
+                         "right, and that this site's firewall allows outbound TCP to that port")
+
+
+def supernode_args(site_config: Path, connection: SiteConnection, secret: Path, runtime_port: int,
+                   insecure: bool, attempts: int) -> list[str]:
+    args = ["--superlink", connection.coordinator, "--isolation", "process", "--port", str(runtime_port),
+            "--superexec-auth-secret-file", str(secret), "--max-retries", str(attempts),
+            "--node-config", f'site-config="{site_config.resolve()}"']
+    if insecure:
+        return [*args, "--insecure"]
+    return [*args, "--root-certificates", str(connection.ca_certificate),
+            "--auth-supernode-private-key", str(connection.private_key)]
+
+
+def why_node_stopped(node: ManagedProcess) -> str:
+    log = node.log_path.read_text(errors="replace")
+    if "[code: 2004]" in log:  # Flower's "Failed to activate SuperNode": the SuperLink rejected the key
+        return ("the coordinator does not accept this site's key (not enrolled): send the .pub file from "
+                "`spine-fl enroll` to the coordinator and ask them to enrol it.")
+    if "could not establish a connection" in log:
+        return ("it could not connect to the coordinator (with --insecure, a coordinator that uses TLS refuses "
+                "the connection; otherwise check the address and the CA certificate).")
+    return "see its log."
+
+
+def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insecure: bool = False,
+             runtime_port: int = 9094, attempts: int = 5, pause: float = 3.0,
+             say: Callable[[str], None] = print) -> None:
+    say(check_data(site, connection))
+    if not insecure and not connection.private_key.is_file():
+        raise SiteCannotJoin(f"site key {connection.private_key} not found: create it with "
+                             f"`spine-fl enroll --site {site.name}` and send the .pub file to the coordinator")
+    wait_for_coordinator(connection, insecure, attempts, pause, say)
+    ensure_port_free("127.0.0.1", runtime_port, "SuperNode's local Runtime API (--runtime-port)")
+    secret = write_secret(site.state_dir / "superexec.secret")
+    node = start_python("SuperNode", ["-m", "spine_fl.client.deployment.supernode_process",
+                                      *supernode_args(site_config, connection, secret, runtime_port, insecure, attempts)],
+                        site.state_dir / "supernode.log")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        wait_for_port(node, "127.0.0.1", runtime_port)
+        say(f"{site.name}: SuperNode PID {node.pid} connecting out to {connection.coordinator} "
+            f"({'INSECURE' if insecure else 'TLS, enrolled key'}); log {node.log_path}")
+        serve(f"127.0.0.1:{runtime_port}", site, secret.read_bytes(), stop, keep_going=node.alive)
+        if not node.alive():
+            raise SiteCannotJoin(f"the SuperNode exited (code {node.popen.returncode}): {why_node_stopped(node)} "
+                                 f"Its log ({node.log_path}) ends:\n{node.log_tail(6)}")
+    finally:
+        node.stop()
+        say(f"{site.name}: SuperNode PID {node.pid} stopped")

@@ -1,0 +1,16 @@
+"""`python -m spine_fl.client.deployment.supernode_process ARGS`: Flower's SuperNode (same arguments as
+`flower-supernode`), with telemetry off and the idle poll shortened (see shared/fast_polling.py)."""
+
+from __future__ import annotations
+
+import os
+
+from spine_fl import QUIET_FLOWER_ENV
+from spine_fl.shared.runtime.polling import fast_supernode_polling
+
+if __name__ == "__main__":
+    os.environ.update(QUIET_FLOWER_ENV)
+    fast_supernode_polling()
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    flower_supernode()

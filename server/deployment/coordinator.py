@@ -1,0 +1,152 @@
+"""`spine-fl server`: the coordinator of a real consortium on Flower's deployment engine.
+
+1. start a Flower SuperLink (TLS, SuperNode authentication, `--isolation process`, its state in
+   `<state_dir>/superlink.db`) and stop it by PID when done;
+2. register the enrolled sites' public keys (only those SuperNodes may connect; the ServerApp
+   sends nothing to any other node);
+3. submit the run with the app bundle (sites check its hash against their policy);
+4. serve the ServerApp task in this process: it waits until `min_sites` enrolled sites are
+   connected, runs, checkpoints after every round (a restart resumes at the next round) and
+   writes the results folder (model, federation.json, metrics.json, plots).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from flwr.cli.typing import SuperLinkConnection
+from flwr.cli.utils import init_http_client_from_connection
+from flwr.common.serde import fab_to_proto, user_config_to_proto
+from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
+    ListNodesRequest,
+    ListRunsRequest,
+    RegisterNodeRequest,
+    StartRunRequest,
+    StopRunRequest,
+    UnregisterNodeRequest,
+)
+from flwr.supercore.constant import NodeStatus
+from flwr.supercore.fab import Fab
+
+from spine_fl.server.app import build_server_app
+from spine_fl.server.deployment.federation_config import FederationConfig
+from spine_fl.server.deployment.run_result import write_deployment_results
+from spine_fl.server.deployment.serverapp_worker import serve_run
+from spine_fl.server.reporting.run_result import RunResult
+from spine_fl.shared.config import ConfigError
+from spine_fl.shared.runtime.bundle import build_bundle, read_bundle
+from spine_fl.shared.runtime.credentials import load_site_public_key
+from spine_fl.shared.runtime.flower import write_secret
+from spine_fl.shared.runtime.polling import fast_serverapp_polling
+from spine_fl.shared.runtime.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port
+
+log = logging.getLogger("spine_fl.server")
+SUPERLINK_CODE = "from flwr.superlink.cli.flower_superlink import flower_superlink; flower_superlink()"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where this process reaches its own SuperLink, and the CA that signed its certificate."""
+
+    address: str
+    root_certificates: bytes | None
+
+
+def superlink_args(fed: FederationConfig, secret: Path, insecure: bool) -> list[str]:
+    args = ["--isolation", "process", "--database", str(fed.state_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation", "--superexec-auth-secret-file", str(secret),
+            "--host", fed.host, "--port", str(fed.port)]
+    if insecure:
+        return [*args, "--insecure"]
+    return [*args, "--ssl-ca-certfile", str(fed.ca_certificate), "--ssl-certfile", str(fed.certificate),
+            "--ssl-keyfile", str(fed.private_key), "--enable-supernode-auth"]
+
+
+def start_superlink(fed: FederationConfig, insecure: bool) -> tuple[ManagedProcess, Endpoint, bytes]:
+    if not insecure:
+        for path in (fed.ca_certificate, fed.certificate, fed.private_key):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: create the consortium's certificates with "
+                                        f"`spine-fl certs --out {path.parent}` (or run with --insecure for a "
+                                        "local experiment)")
+    host = "127.0.0.1" if fed.host in ("0.0.0.0", "") else fed.host
+    ensure_port_free(host, fed.port, "SuperLink")
+    secret = write_secret(fed.state_dir / "superexec.secret")
+    proc = start_python("SuperLink", ["-c", SUPERLINK_CODE, *superlink_args(fed, secret, insecure)],
+                        fed.state_dir / "superlink.log")
+    try:
+        wait_for_port(proc, host, fed.port)
+    except BaseException:
+        proc.stop()
+        raise
+    certs = None if insecure else fed.ca_certificate.read_bytes()
+    return proc, Endpoint(f"{host}:{fed.port}", certs), secret.read_bytes()
+
+
+def enrol_sites(control: Any, fed: FederationConfig, insecure: bool) -> dict[int, str]:
+    """Make the SuperLink's registered keys exactly the enrolled ones (its database keeps them across
+    restarts, so a key removed from the federation file is unregistered here); node id -> site."""
+    if insecure:
+        return {}
+    wanted = {site: load_site_public_key(key_file) for site, key_file in fed.sites.items()}
+    if len(set(wanted.values())) < len(wanted):
+        raise ConfigError(f"{fed.path}: two enrolled sites share one public key; each site needs its own")
+    known = {}
+    for node in control.ListNodes(ListNodesRequest()).nodes_info:
+        if node.status == NodeStatus.UNREGISTERED:
+            continue
+        if bytes(node.public_key) in wanted.values():
+            known[bytes(node.public_key)] = node.node_id
+        else:
+            control.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+    return {known.get(key) or control.RegisterNode(RegisterNodeRequest(public_key=key, name=site)).node_id: site
+            for site, key in wanted.items()}
+
+
+def stop_unfinished_runs(control: Any) -> list[int]:
+    """A previous coordinator process's run is dead: stop it so sites get nothing more from it."""
+    stopped = []
+    for run_id, run in control.ListRuns(ListRunsRequest()).run_dict.items():
+        if run.status.status != "finished":
+            control.StopRun(StopRunRequest(run_id=run_id))
+            stopped.append(run_id)
+    return stopped
+
+
+def run_coordinator(fed: FederationConfig, insecure: bool = False,
+                    on_round: Callable[[dict[str, Any]], None] | None = None,
+                    say: Callable[[str], None] = print, bundle_file: Path | None = None) -> RunResult:
+    """`bundle_file`: submit this FAB instead of the one built from the checkout (sites judge it by hash)."""
+    fed.state_dir.mkdir(parents=True, exist_ok=True)
+    bundle = read_bundle(bundle_file) if bundle_file else build_bundle()
+    proc, endpoint, secret = start_superlink(fed, insecure)
+    say(f"SuperLink PID {proc.pid} listening on {fed.address} ({'INSECURE' if insecure else 'TLS'}); "
+        f"log {proc.log_path}")
+    started = time.perf_counter()
+    try:
+        control = init_http_client_from_connection(SuperLinkConnection(
+            name="spine-fl", address=endpoint.address, insecure=insecure,
+            root_certificates=None if insecure else str(fed.ca_certificate.resolve())))
+        try:
+            node_sites = enrol_sites(control, fed, insecure)
+            for run_id in stop_unfinished_runs(control):
+                say(f"stopped run {run_id} left by a previous coordinator process")
+            res = control.StartRun(StartRunRequest(fab=fab_to_proto(Fab(bundle.sha256, bundle.content, {})),
+                                                   override_config=user_config_to_proto({}), federation=""))
+        finally:
+            control.close()
+        say(f"run {res.run_id}: bundle sha256 {bundle.sha256}; waiting for {fed.run.min_sites} of "
+            f"{len(fed.sites)} enrolled sites ({', '.join(fed.sites)})")
+        fast_serverapp_polling()
+        app = build_server_app(fed.run, list(fed.sites), fed.out_dir, on_round, node_sites or None,
+                               fed.state_dir / "checkpoint")
+        serve_run(endpoint.address, res.run_id, app, insecure=insecure,
+                  root_certificates=endpoint.root_certificates, secret=secret)
+    finally:
+        proc.stop()
+        say(f"SuperLink PID {proc.pid} stopped")
+    return write_deployment_results(fed, bundle.sha256, time.perf_counter() - started)

@@ -1,0 +1,72 @@
+"""What the coordinator writes: the shared model with the task and settings it belongs to."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spine_fl.server.secure_aggregation import QUANTIZATION_RANGE
+from spine_fl.server.strategy import RoundLog
+from spine_fl.shared.config import RunSettings
+from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
+from spine_fl.shared.models.registry import build_model
+from spine_fl.shared.training.local import set_weights
+
+MODEL_FILE = "model.pt"
+FEDERATION_FILE = "federation.json"
+
+
+def save_model(path: Path, settings: RunSettings, weights: list[np.ndarray]) -> None:
+    model = build_model(get_task(settings.task), settings.seed)
+    set_weights(model, weights)
+    buffer = io.BytesIO()
+    torch.save({"task": settings.task, "settings": settings.to_run_config(), "state_dict": model.state_dict()}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, RunSettings]:
+    bundle = torch.load(path, map_location="cpu", weights_only=True)
+    settings = RunSettings.from_run_config(bundle["settings"])
+    model = build_model(get_task(settings.task), settings.seed)
+    model.load_state_dict(bundle["state_dict"])
+    return model, settings
+
+
+def privacy_section(settings: RunSettings, sites: list[str], log: RoundLog) -> dict[str, Any]:
+    """Per site: what this run spent, as the site reported it after its last trained round."""
+    per_site = {}
+    for site in sites:
+        reported = log.privacy.get(site, {})
+        dp = bool(reported.get("dp", settings.dp))
+        per_site[site] = {
+            "epsilon": reported.get("epsilon_run") if dp else None,
+            "epsilon_lifetime": reported.get("epsilon_lifetime") if dp else None,
+            "delta": reported.get("delta") if dp else None,
+            "noise_multiplier": reported.get("noise_multiplier") if dp else None,
+            "max_grad_norm": reported.get("max_grad_norm") if dp else None,
+            "sample_rate": reported.get("sample_rate") if dp else None,
+            "steps": int(reported["steps_run"]) if dp and "steps_run" in reported else None,
+            "accountant": settings.accountant,
+            "dp": dp,
+            "secagg": settings.secagg,
+            "trained": site in log.privacy,
+        }
+    return {"per_site": per_site, "refusals": log.refusals,
+            "secagg": {"enabled": settings.secagg, "clipping_range": settings.secagg_clipping_range,
+                       "max_weight": settings.secagg_max_weight, "quantization_range": QUANTIZATION_RANGE}}
+
+
+def write_federation_results(out_dir: Path, settings: RunSettings, sites: list[str],
+                             weights: list[np.ndarray], log: RoundLog, resumed_after: int = 0) -> None:
+    save_model(out_dir / MODEL_FILE, settings, weights)
+    atomic_write_json(out_dir / FEDERATION_FILE, {
+        "task": settings.task, "sites": sites, "config": settings.to_run_config(),
+        "status": "stopped" if log.stopped else "completed", "stop_reason": log.stopped or None,
+        "rounds": log.rounds, "dropouts": log.dropouts, "failed_rounds": log.failed_rounds, "resumed_after_round": resumed_after or None,
+        "train_examples": log.train_examples,
+        "privacy": privacy_section(settings, sites, log)})

@@ -1,0 +1,516 @@
+"""The model card of a run: what the shared model predicts, for whom, how well, how reliably, how
+useful its decisions would be, and at what privacy cost (`spine-fl report RUN_DIR`).
+
+What a run folder can give:
+- `metrics.json` (always): task, sites, patients, summary metrics of the federated model and of
+  the pooled and local-only baselines, privacy spent, configuration.
+- `predictions.csv` (a simulation run): every held-out patient's outcome and each model's
+  predicted probability, with the subgroup columns. From these come the confidence intervals,
+  the subgroup metrics, calibration and the decision curve.
+- without `predictions.csv`, a simulation folder still holds the shared model (`model.pt`) and
+  the virtual sites' data (`sites/`): the federated predictions are recomputed from them.
+- a coordinator in a real deployment never sees a patient-level prediction: its card has the
+  sites' summary metrics only, and says so.
+
+Everything is computed on the held-out `test` split, the split `metrics.json` reports.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import brentq
+from scipy.special import expit, logit
+from scipy.stats import mannwhitneyu
+from sklearn.calibration import calibration_curve
+from sklearn.linear_model import LogisticRegression
+
+from spine_fl.server.reporting.run_result import METRICS_FILE, RunResultError, read_run_result
+from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.metrics import THRESHOLD, binary_metrics
+
+if TYPE_CHECKING:
+    from spine_fl.shared.contract.data_contract import SiteData
+    from spine_fl.shared.training.evaluation import Scores
+
+PREDICTIONS_FILE = "predictions.csv"
+CARD_JSON = "model_card.json"
+CARD_HTML = "model_card.html"
+MODELS = ("federated", "pooled", "local_only")
+SPLIT = "test"
+PREDICTION_COLUMNS = ["model", "site", "patient_id", "age", "sex", "y", "p"]
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 20250101
+AGE_BANDS = ((-math.inf, 50, "<50"), (50, 65, "50-64"), (65, math.inf, ">=65"))
+SEX_LABELS = {"F": "female", "M": "male"}
+MIN_SUBGROUP_CLASS = 5  # events and non-events a subgroup needs before its AUROC enters the gap
+THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.01), 2)
+TABLE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CALIBRATION_BINS = 10
+HISTOGRAM_EDGES = np.linspace(0, 1, 21)
+# A recalibration fit this far from the ideal (slope 1, intercept 0) means the probabilities
+# cannot be read as risks; a site would have to recalibrate locally before using them.
+SLOPE_OK = (0.8, 1.25)
+INTERCEPT_OK = 0.25
+
+
+class ModelCardError(ValueError):
+    """A run folder the card cannot be made from; the message names the file and what to do."""
+
+
+# -- predictions -----------------------------------------------------------------------------
+
+def predictions_frame(scores: Mapping[str, "Scores"], sites: Mapping[str, "SiteData"]) -> pd.DataFrame:
+    """One row per (model, held-out patient): the outcome, the predicted probability, the subgroups."""
+    frames = []
+    for model, score in scores.items():
+        for site, (y, p) in score.per_site.items():
+            part = sites[site].subset(SPLIT)
+            if len(part) != len(y):
+                raise ValueError(f"{model} scores for {site} cover {len(y)} patients, its {SPLIT} split {len(part)}")
+            frames.append(pd.DataFrame({
+                "model": model, "site": site, "patient_id": part.patient_ids,
+                "age": part.subgroups["age"].to_numpy() if "age" in part.subgroups else np.nan,
+                "sex": part.subgroups["sex"].to_numpy() if "sex" in part.subgroups else None,
+                "y": np.asarray(y).astype(int), "p": np.asarray(p, dtype=float)}))
+    return pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
+
+
+def save_predictions(out_dir: Path, scores: Mapping[str, "Scores"], sites: Mapping[str, "SiteData"]) -> Path:
+    """Write predictions.csv: the held-out predictions the model card is computed from."""
+    from spine_fl.shared.files import atomic_write_bytes
+
+    path = Path(out_dir) / PREDICTIONS_FILE
+    atomic_write_bytes(path, predictions_frame(scores, sites).to_csv(index=False).encode())
+    return path
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"patient_id": str, "site": str, "model": str, "sex": str})
+    except (OSError, ValueError) as exc:
+        raise ModelCardError(f"{path}: cannot be read ({exc}); delete it to get a card from metrics.json alone"
+                             ) from None
+    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ModelCardError(f"{path}: column(s) {', '.join(missing)} missing; it is written by `spine-fl simulate`: "
+                             "run the scenario again, or delete the file to get a card from metrics.json alone")
+    return frame
+
+
+def _recompute_federated(run_dir: Path, metrics: dict) -> pd.DataFrame | None:
+    """Federated predictions from model.pt and the simulation's site folders, if both are there."""
+    site_dirs = [run_dir / "sites" / s for s in metrics["sites"]]
+    if not (run_dir / "model.pt").is_file() or not all((d / "clinical.csv").is_file() for d in site_dirs):
+        return None
+    from spine_fl.server.reporting.federation_record import load_model
+    from spine_fl.shared.contract.data_contract import load_site
+    from spine_fl.shared.models.registry import pick_device
+    from spine_fl.shared.training.evaluation import score_sites
+
+    model, settings = load_model(run_dir / "model.pt")
+    task = get_task(settings.task)
+    sites = {d.name: load_site(d, task, settings.image_size) for d in site_dirs}
+    return predictions_frame({"federated": score_sites(model, sites, SPLIT, pick_device())}, sites)
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    """JSON-safe number: NaN and infinities become null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _resample(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return values[rng.integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))]
+
+
+def metrics_with_ci(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """Point estimates (scikit-learn, as metrics.json) with stratified percentile-bootstrap 95% CIs.
+
+    Stratified: events and non-events are resampled separately, so every resample keeps both
+    classes and the AUROC is always defined (the default of pROC's `ci.auc`)."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    point = binary_metrics(y, p)
+    out: dict[str, Any] = {"n": len(y), "events": int(y.sum()), "prevalence": _num(point["prevalence"])}
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    pos, neg = p[y == 1], p[y == 0]
+    if len(pos) and len(neg):
+        pos_b, neg_b = _resample(pos, rng), _resample(neg, rng)
+        replicates = {
+            "auroc": mannwhitneyu(pos_b, neg_b, axis=1, method="asymptotic").statistic / (len(pos) * len(neg)),
+            "brier": (((1 - pos_b) ** 2).sum(1) + (neg_b ** 2).sum(1)) / len(y),
+            "sensitivity": (pos_b >= THRESHOLD).mean(1),
+            "specificity": (neg_b < THRESHOLD).mean(1),
+        }
+    else:
+        replicates = {}
+    for name in ("auroc", "brier", "sensitivity", "specificity"):
+        ci = np.percentile(replicates[name], [2.5, 97.5]) if name in replicates else (math.nan, math.nan)
+        out[name] = {"value": _num(point[name]), "ci": [_num(ci[0]), _num(ci[1])]}
+    return out
+
+
+def _from_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics.json summary in the card's shape, without CIs (no predictions to resample)."""
+    out: dict[str, Any] = {"n": summary.get("n"), "prevalence": _num(summary.get("prevalence", math.nan)),
+                           "events": None}
+    if out["n"] is not None and out["prevalence"] is not None:
+        out["events"] = int(round(out["n"] * out["prevalence"]))
+    for name in ("auroc", "brier", "sensitivity", "specificity"):
+        out[name] = {"value": _num(summary.get(name, math.nan)), "ci": [None, None]}
+    return out
+
+
+def _per_site(frame: pd.DataFrame) -> dict[str, Any]:
+    return {site: metrics_with_ci(part.y.to_numpy(), part.p.to_numpy())
+            for site, part in frame.groupby("site", sort=False)}
+
+
+def calibration(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """Reliability curve, Brier score, and the logistic recalibration of logit(p).
+
+    slope: the coefficient of logit(p) in a logistic regression of the outcome on it (1 = ideal;
+    below 1: predictions too extreme; above 1: too timid). intercept: calibration-in-the-large,
+    the intercept with the slope fixed at 1 (0 = ideal; above 0: risk underestimated)."""
+    y = np.asarray(y).astype(int)
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+    lp = logit(p)
+    slope = intercept = math.nan
+    if 0 < y.sum() < len(y):
+        if np.ptp(lp) > 1e-6:
+            slope = float(LogisticRegression(C=np.inf).fit(lp.reshape(-1, 1), y).coef_[0, 0])
+        intercept = brentq(lambda a: float((y - expit(a + lp)).sum()), -30, 30)
+    observed, predicted = calibration_curve(y, p, n_bins=CALIBRATION_BINS, strategy="quantile")
+    ok = SLOPE_OK[0] <= slope <= SLOPE_OK[1] and abs(intercept) <= INTERCEPT_OK
+    return {
+        "brier": _num(binary_metrics(y, p)["brier"]),
+        "slope": _num(slope), "intercept": _num(intercept),
+        "mean_predicted": _num(p.mean()), "observed_rate": _num(y.mean()),
+        "share_predicted_positive": _num((p >= THRESHOLD).mean()),
+        "reliability": {"predicted": [_num(v) for v in predicted], "observed": [_num(v) for v in observed]},
+        "histogram": {"edges": [float(e) for e in HISTOGRAM_EDGES],
+                      "events": np.histogram(p[y == 1], HISTOGRAM_EDGES)[0].tolist(),
+                      "non_events": np.histogram(p[y == 0], HISTOGRAM_EDGES)[0].tolist()},
+        "well_calibrated": bool(ok),
+        "reading": _calibration_reading(slope, intercept, p, y),
+    }
+
+
+def _calibration_reading(slope: float, intercept: float, p: np.ndarray, y: np.ndarray) -> str:
+    said = (f"On average the model predicts {p.mean():.0%} where {y.mean():.0%} of patients had the outcome; "
+            f"it calls {(p >= THRESHOLD).mean():.0%} of patients positive at the {THRESHOLD:g} cut-off.")
+    if not math.isfinite(slope):
+        return said + " It gives (almost) every patient the same probability, so its calibration slope is undefined."
+    if SLOPE_OK[0] <= slope <= SLOPE_OK[1] and abs(intercept) <= INTERCEPT_OK:
+        return said + " Its probabilities are close to the observed rates: they can be read as risks."
+    problems = []
+    if slope < SLOPE_OK[0]:
+        problems.append(f"its predictions are too extreme (slope {slope:.2f}, ideal 1): high risks too high, "
+                        "low risks too low")
+    elif slope > SLOPE_OK[1]:
+        problems.append(f"its predictions are spread too little (slope {slope:.2f}, ideal 1): patients' risks "
+                        "differ more than its probabilities say")
+    if intercept > INTERCEPT_OK:
+        problems.append(f"it underestimates the risk overall (intercept {intercept:.2f}, ideal 0)")
+    elif intercept < -INTERCEPT_OK:
+        problems.append(f"it overestimates the risk overall (intercept {intercept:.2f}, ideal 0)")
+    return (said + " The probabilities are NOT trustworthy as risks: " + "; ".join(problems) + ". Use the model to "
+            "rank patients, or recalibrate it on local data, before reading a probability as a patient's risk or "
+            "relying on the 0.5 cut-off.")
+
+
+def net_benefit(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray = THRESHOLDS) -> np.ndarray:
+    """Net benefit of acting on p >= t (Vickers & Elkin 2006): TP/n - FP/n * t / (1 - t)."""
+    y = np.asarray(y).astype(bool)
+    act = np.asarray(p, dtype=float)[None, :] >= thresholds[:, None]
+    n = len(y)
+    return (act & y).sum(1) / n - (act & ~y).sum(1) / n * thresholds / (1 - thresholds)
+
+
+def decision_curve(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Net benefit over thresholds for each model, for treating everyone and for treating no one.
+
+    All curves are on the same patients (the federated model's held-out set)."""
+    y = curves["federated"][0]
+    prevalence = float(np.mean(y))
+    treat_all = prevalence - (1 - prevalence) * THRESHOLDS / (1 - THRESHOLDS)
+    models = {name: net_benefit(yy, pp) for name, (yy, pp) in curves.items()}
+    fed = models["federated"]
+    useful = fed > np.maximum(treat_all, 0.0) + 1e-12
+    treats_all = THRESHOLDS[THRESHOLDS <= np.min(curves["federated"][1])]
+    return {
+        "thresholds": [float(t) for t in THRESHOLDS],
+        "treat_all": [float(v) for v in treat_all],
+        "treat_none": [0.0] * len(THRESHOLDS),
+        "models": {name: [float(v) for v in nb] for name, nb in models.items()},
+        "prevalence": prevalence,
+        "useful_ranges": _ranges(THRESHOLDS, useful),
+        # up to this threshold the model recommends acting for every patient: its curve is "treat everyone"
+        "treats_everyone_up_to": float(treats_all.max()) if len(treats_all) else None,
+        "table": [{"threshold": t, "federated": float(fed[i]), "treat_all": float(treat_all[i]), "treat_none": 0.0}
+                  for t in TABLE_THRESHOLDS for i in [int(np.argmin(np.abs(THRESHOLDS - t)))]],
+    }
+
+
+def _ranges(thresholds: np.ndarray, mask: np.ndarray) -> list[list[float]]:
+    """Contiguous runs of True as [first, last] thresholds."""
+    out: list[list[float]] = []
+    for t, on in zip(thresholds, mask):
+        if on and out and math.isclose(out[-1][1] + 0.01, t, abs_tol=1e-9):
+            out[-1][1] = float(t)
+        elif on:
+            out.append([float(t), float(t)])
+    return out
+
+
+def age_band(age: float) -> str | None:
+    if not math.isfinite(age):
+        return None
+    return next(label for low, high, label in AGE_BANDS if low <= age < high)
+
+
+def subgroups(frame: pd.DataFrame) -> dict[str, Any]:
+    """Federated metrics per sex and per age band; per variable the AUROC gap, and the largest gap."""
+    columns = {"sex": frame.sex.map(SEX_LABELS), "age band": frame.age.astype(float).map(age_band)}
+    order = {"sex": list(SEX_LABELS.values()), "age band": [label for *_, label in AGE_BANDS]}
+    out: dict[str, Any] = {"variables": {}, "largest_gap": None}
+    for variable, column in columns.items():
+        levels = {}
+        for level in order[variable]:
+            part = frame[column == level]
+            if len(part):
+                levels[level] = metrics_with_ci(part.y.to_numpy(), part.p.to_numpy())
+                levels[level]["judged"] = bool(min(levels[level]["events"], len(part) - levels[level]["events"])
+                                               >= MIN_SUBGROUP_CLASS)
+        if not levels:
+            continue
+        judged = {k: v for k, v in levels.items() if v["judged"] and v["auroc"]["value"] is not None}
+        entry: dict[str, Any] = {"levels": levels, "missing": int(column.isna().sum()), "gap": None}
+        if len(judged) >= 2:
+            best = max(judged, key=lambda k: judged[k]["auroc"]["value"])
+            worst = min(judged, key=lambda k: judged[k]["auroc"]["value"])
+            entry.update(gap=judged[best]["auroc"]["value"] - judged[worst]["auroc"]["value"], best=best, worst=worst,
+                         cis_overlap=bool(judged[worst]["auroc"]["ci"][1] >= judged[best]["auroc"]["ci"][0]))
+        out["variables"][variable] = entry
+    gaps = {k: v for k, v in out["variables"].items() if v["gap"] is not None}
+    if gaps:
+        variable = max(gaps, key=lambda k: gaps[k]["gap"])
+        g = gaps[variable]
+        out["largest_gap"] = {"variable": variable, "metric": "auroc", "gap": g["gap"], "best": g["best"],
+                              "worst": g["worst"], "cis_overlap": g["cis_overlap"]}
+    return out
+
+
+# -- the card --------------------------------------------------------------------------------
+
+def _load_metrics(run_dir: Path) -> dict:
+    path = run_dir / METRICS_FILE
+    if not run_dir.is_dir():
+        raise ModelCardError(f"{run_dir}: no such folder; pass the results folder of a run "
+                             "(the --out of `spine-fl simulate`, or the out_dir of a federation file)")
+    if not path.is_file():
+        raise ModelCardError(f"{path} not found: the model card is made from a finished run's {METRICS_FILE}; "
+                             "pass the folder `spine-fl simulate --out` wrote, or run the simulation first")
+    try:
+        return read_run_result(run_dir).to_json()
+    except RunResultError as exc:
+        raise ModelCardError(f"not a spine-fl metrics file: {exc}") from None
+
+
+def _evidence(run_dir: Path, metrics: dict) -> tuple[pd.DataFrame | None, str, str]:
+    path = run_dir / PREDICTIONS_FILE
+    if path.is_file():
+        frame = _read_predictions(path)
+        if "federated" in set(frame.model):
+            return frame, "predictions", (f"Computed from every held-out patient's prediction ({PREDICTIONS_FILE}); "
+                                          f"95% confidence intervals from {BOOTSTRAP_RESAMPLES} stratified bootstrap "
+                                          "resamples (events and non-events resampled separately).")
+    frame = _recompute_federated(run_dir, metrics)
+    if frame is not None:
+        return frame, "recomputed", ("Federated model: computed from held-out predictions recomputed from model.pt and "
+                                     "the simulation's site folders, with 95% bootstrap confidence intervals. Pooled "
+                                     f"and local-only baselines: summary numbers from {METRICS_FILE} only (this run "
+                                     f"saved no {PREDICTIONS_FILE}), without confidence intervals.")
+    return None, "metrics_only", (f"Only the sites' summary metrics are available ({METRICS_FILE}): the coordinator "
+                                  "never sees patient-level predictions. Confidence intervals, subgroup metrics, "
+                                  "calibration curves and decision curves need predictions, which stay at the sites; "
+                                  "each site can compute them locally.")
+
+
+def _comparison(frame: pd.DataFrame | None, metrics: dict) -> dict[str, Any]:
+    out = {}
+    for model in MODELS:
+        part = frame[frame.model == model] if frame is not None else None
+        if part is not None and len(part):
+            out[model] = {"overall": metrics_with_ci(part.y.to_numpy(), part.p.to_numpy()), "per_site": _per_site(part),
+                          "source": "predictions"}
+        elif metrics.get(model):
+            summary = metrics[model]
+            out[model] = {"overall": _from_summary(summary),
+                          "per_site": {s: _from_summary(m) for s, m in summary.get("per_site", {}).items()},
+                          "source": METRICS_FILE}
+    return out
+
+
+def _privacy(metrics: dict) -> dict[str, Any]:
+    privacy = metrics.get("privacy") or {}
+    run = (metrics.get("config") or {}).get("run", {})
+    per_site = privacy.get("per_site", {})
+    epsilons = [v["epsilon"] for v in per_site.values() if v.get("dp") and v.get("epsilon") is not None]
+    return {
+        "dp": bool(run.get("dp", any(v.get("dp") for v in per_site.values()))),
+        "secagg": bool((privacy.get("secagg") or {}).get("enabled", run.get("secagg", False))),
+        "settings": {k: run[k] for k in ("noise-multiplier", "max-grad-norm", "target-epsilon", "delta", "accountant",
+                                         "secagg-clipping-range") if k in run},
+        "per_site": per_site,
+        "max_epsilon": max(epsilons) if epsilons else None,
+        "refusals": privacy.get("refusals", []),
+    }
+
+
+def _findings(card: dict) -> dict[str, str]:
+    """The card's plain-language summary, one sentence per topic, most important first."""
+    out = {}
+    fed = card["comparison"]["federated"]["overall"]
+    out["overall"] = (f"Given one patient with the outcome and one without, the shared (federated) model gives the "
+                      f"higher probability to the right one {_pct(fed['auroc']['value'])} of the time (AUROC "
+                      f"{_with_ci(fed['auroc'])}; {fed['n']} held-out patients from {len(card['data']['sites'])} "
+                      "sites).")
+    other = {m: card["comparison"][m]["overall"]["auroc"]["value"]
+             for m in ("pooled", "local_only") if m in card["comparison"]}
+    if other:
+        parts = [f"{'all data pooled in one place' if m == 'pooled' else 'each site training alone'} {v:.2f}"
+                 for m, v in other.items() if v is not None]
+        out["comparison"] = "For comparison, AUROC with " + " and with ".join(parts) + "."
+    per_site = card["comparison"]["federated"]["per_site"]
+    site_auc = {s: m["auroc"]["value"] for s, m in per_site.items() if m["auroc"]["value"] is not None}
+    if len(site_auc) > 1:
+        lo, hi = min(site_auc, key=site_auc.get), max(site_auc, key=site_auc.get)
+        out["sites"] = f"Across sites the AUROC ranges from {site_auc[lo]:.2f} ({lo}) to {site_auc[hi]:.2f} ({hi})."
+    gap = (card.get("subgroups") or {}).get("largest_gap")
+    if gap:
+        chance = ("the confidence intervals overlap, so this may be chance" if gap["cis_overlap"]
+                  else "the confidence intervals do not overlap")
+        out["subgroups"] = (f"Largest subgroup gap: by {gap['variable']}, AUROC {gap['gap']:.2f} lower for "
+                            f"{gap['worst']} than for {gap['best']} patients; {chance}.")
+    cal = (card.get("calibration") or {}).get("federated")
+    if cal:
+        out["calibration"] = (("Calibration: good - the predicted probabilities match observed rates "
+                               if cal["well_calibrated"] else "Calibration: POOR - the predicted probabilities should "
+                               "not be read as risks ")
+                              + f"(slope {_f(cal['slope'])}, intercept {_f(cal['intercept'])}, "
+                                f"Brier {_f(cal['brier'])}).")
+    dca = card.get("decision_curve")
+    if dca:
+        ranges = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in dca["useful_ranges"])
+        out["decision"] = (f"Decision curve: acting on the model beats both treating everyone and treating no one for "
+                           f"threshold probabilities {ranges}." if ranges else "Decision curve: at no threshold does "
+                           "acting on the model beat treating everyone or no one.")
+    privacy = card["privacy"]
+    if privacy["dp"]:
+        eps = ("DP-SGD" if privacy["max_epsilon"] is None
+               else f"at most epsilon = {privacy['max_epsilon']:.2f} per site")
+        out["privacy"] = (f"Privacy: every site trained with differential privacy ({eps} in this run)"
+                          + ("; updates were combined by secure aggregation." if privacy["secagg"] else "."))
+    else:
+        out["privacy"] = ("Privacy: this run trained WITHOUT differential privacy"
+                          + (" (secure aggregation on)." if privacy["secagg"] else "."))
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _with_ci(metric: dict) -> str:
+    lo, hi = metric["ci"]
+    ci = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else ""
+    return f"{_f(metric['value'])}{ci}"
+
+
+def build_card(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    metrics = _load_metrics(run_dir)
+    frame, evidence, evidence_note = _evidence(run_dir, metrics)
+    fed = frame[frame.model == "federated"] if frame is not None else None
+    task = get_task(metrics["task"])
+    config = metrics.get("config") or {}
+    consortium = config.get("consortium", {})
+    comparison = _comparison(frame, metrics)
+    card: dict[str, Any] = {
+        "card_version": 1,
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(run_dir),
+        "task": {"name": task.name, "description": task.description, "split": SPLIT},
+        "run": {k: metrics.get(k) for k in ("scenario", "status", "stop_reason")}
+               | {"strategy": config.get("run", {}).get("strategy"), "rounds_completed": len(metrics.get("rounds", [])),
+                  "rounds_planned": config.get("run", {}).get("rounds")},
+        "data": {
+            "source": consortium.get("source", "unknown"),
+            "attribution": metrics.get("data_attribution"),
+            "sites": [{"site": s, **metrics["patients"].get(s, {}),
+                       "test_prevalence": comparison["federated"]["per_site"].get(s, {}).get("prevalence")}
+                      for s in metrics["sites"]],
+        },
+        "evidence": evidence,
+        "evidence_note": evidence_note,
+        "comparison": comparison,
+        "external": {m: {"auroc": _num(metrics[m]["external"]["auroc"]), "n": metrics[m]["external"]["n"]}
+                     for m in ("federated", "pooled") if (metrics.get(m) or {}).get("external")},
+        "subgroups": subgroups(fed) if fed is not None and task.subgroups else None,
+        "calibration": ({m: calibration(part.y.to_numpy(), part.p.to_numpy())
+                         for m, part in frame.groupby("model", sort=False)} if frame is not None else None),
+        "decision_curve": (decision_curve({m: (part.y.to_numpy(), part.p.to_numpy())
+                                           for m, part in frame.groupby("model", sort=False)})
+                           if frame is not None else None),
+        "privacy": _privacy(metrics),
+    }
+    card["findings"] = _findings(card)
+    card["limitations"] = _limitations(card)
+    return card
+
+
+def _limitations(card: dict) -> list[str]:
+    out = []
+    if card["data"]["source"] == "synthetic":
+        out.append("The patients are synthetic (generated by spine-fl): these numbers show what the method does, "
+                   "not how a clinical model would perform.")
+    if card["run"]["status"] not in (None, "completed"):
+        out.append(f"The federation stopped early ({card['run']['stop_reason']}): the model is the last one "
+                   "aggregated.")
+    if card["evidence"] == "metrics_only":
+        out.append("No patient-level predictions: no confidence intervals, subgroup, calibration or decision-curve "
+                   "results in this card.")
+    if card["subgroups"] is None and card["evidence"] != "metrics_only":
+        out.append(f"Task {card['task']['name']} records no age or sex: no subgroup metrics.")
+    out.append("Thresholded metrics (sensitivity, specificity) use the fixed cut-off "
+               f"{THRESHOLD:g}; a poorly calibrated model can look much better or worse at another cut-off.")
+    out.append("All results are on each site's held-out split; the decision curve and calibration pool the "
+               "sites' held-out patients, so the larger sites weigh more.")
+    return out
+
+
+def write_model_card(run_dir: Path) -> dict[str, Any]:
+    """Build the card of a run and write model_card.json and model_card.html into it (atomically)."""
+    from spine_fl.server.reporting.model_card_html import render_card
+    from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
+
+    run_dir = Path(run_dir)
+    card = build_card(run_dir)
+    page = render_card(card)  # before writing anything: no card.json without its page
+    atomic_write_json(run_dir / CARD_JSON, card)
+    atomic_write_bytes(run_dir / CARD_HTML, page.encode())
+    return card

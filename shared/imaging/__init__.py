@@ -1,0 +1,3 @@
+"""DICOM -> tensor: pydicom decoding, modality/VOI LUTs, pixel-spacing-aware cropping to the model
+input.
+"""

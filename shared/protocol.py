@@ -1,0 +1,92 @@
+"""The wire contract between the ServerApp (coordinator) and the ClientApp (site).
+
+Everything that crosses the wire is named here once; both sides import these names, so a key
+cannot drift between the sender and the reader. spine-fl uses Flower's legacy fit/evaluate layout
+(Flower's SecAgg+ works only on it), so each message is a RecordDict with these records:
+
+Round instruction, coordinator -> site (config record FIT_CONFIG or EVALUATE_CONFIG):
+    every RunSettings field under its dashed name (`RunSettings.to_run_config`: "noise-multiplier",
+    "task", ...), plus
+    ROUND        the round, counted across coordinator restarts;
+    SITES        the run's site names, comma-separated; a site reports its position as SITE_INDEX;
+    RUN_KEY      the coordinator's 32-hex-digit name for the run (a request the site checks, never
+                 a path); the per-run privacy budget is kept under it;
+    PROXIMAL_MU  added by Flower's FedProx to train instructions.
+    A SecAgg+ round also carries Flower's SECAGG_CONFIGS record (key exchange, masked update).
+
+Train reply, site -> coordinator (metric record FIT_METRICS; example count in FIT_NUM_EXAMPLES):
+    SITE_INDEX, DP (0/1), TRAIN_LOSS, and with DP-SGD the privacy report PRIVACY_METRICS: the
+    epsilon this run and over the site's lifetime at the site's delta, and the DP-SGD settings
+    used. The weights travel in Flower's parameters record (SecAgg+-masked on SecAgg+ rounds).
+
+Evaluate reply, site -> coordinator (metric record EVALUATE_METRICS, loss = log loss):
+    EVALUATION_METRICS on the site's held-out split, and SITE_INDEX.
+
+Refusal, site -> coordinator: an Error reply with code REFUSAL_CODE whose reason is
+    REFUSAL_PREFIX + JSON of `shared.refusal.Refusal` (rule, message, epsilon figures).
+
+Egress-ledger kinds: the Flower message type of the reply, with "/secagg+<stage>" for SecAgg+
+stages (`message_kind`).
+
+Deployment run config (`flwr run` / `spine-fl server`): RUN_CONFIG_SITES and RUN_CONFIG_OUT_DIR
+besides the run settings.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Legacy record names (Flower's recorddict_compat layout).
+FIT_CONFIG: Final = "fitins.config"
+EVALUATE_CONFIG: Final = "evaluateins.config"
+FIT_METRICS: Final = "fitres.metrics"
+FIT_NUM_EXAMPLES: Final = "fitres.num_examples/num_examples"
+EVALUATE_METRICS: Final = "evaluateres.metrics"
+EVALUATE_NUM_EXAMPLES: Final = "evaluateres.num_examples/num_examples"
+SECAGG_CONFIGS: Final = "secaggplus_configs"
+INSTRUCTION_RECORDS: Final = (FIT_CONFIG, EVALUATE_CONFIG)
+
+# Round instruction keys beside the run settings.
+ROUND: Final = "round"
+SITES: Final = "sites"
+RUN_KEY: Final = "run_key"
+PROXIMAL_MU: Final = "proximal_mu"
+
+# Train reply metrics.
+SITE_INDEX: Final = "site_index"
+DP: Final = "dp"
+TRAIN_LOSS: Final = "train_loss"
+EPSILON_RUN: Final = "epsilon_run"
+EPSILON_LIFETIME: Final = "epsilon_lifetime"
+DELTA: Final = "delta"
+NOISE_MULTIPLIER: Final = "noise_multiplier"
+MAX_GRAD_NORM: Final = "max_grad_norm"
+SAMPLE_RATE: Final = "sample_rate"
+STEPS_RUN: Final = "steps_run"
+PRIVACY_METRICS: Final = (EPSILON_RUN, EPSILON_LIFETIME, DELTA, NOISE_MULTIPLIER, MAX_GRAD_NORM, SAMPLE_RATE,
+                          STEPS_RUN)
+TRAIN_METRICS: Final = (SITE_INDEX, DP, TRAIN_LOSS, *PRIVACY_METRICS)
+
+# Evaluate reply metrics (shared.metrics.binary_metrics without its count), averaged per round by
+# the coordinator, example-weighted.
+EVALUATION_METRICS: Final = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss",
+                             "prevalence")
+ROUND_METRICS: Final = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss")
+
+# Refusals.
+REFUSAL_CODE: Final = 4403
+REFUSAL_PREFIX: Final = "spine-fl-refusal "
+
+# Deployment run config.
+RUN_CONFIG_SITES: Final = "sites"
+RUN_CONFIG_OUT_DIR: Final = "out-dir"
+
+
+def fit_metric(name: str) -> str:
+    """A train-reply metric as the egress ledger names it ("fitres.metrics/<name>")."""
+    return f"{FIT_METRICS}/{name}"
+
+
+def evaluate_metric(name: str) -> str:
+    """An evaluate-reply metric as the egress ledger names it ("evaluateres.metrics/<name>")."""
+    return f"{EVALUATE_METRICS}/{name}"

@@ -1,0 +1,3 @@
+"""Flower process control: starting and stopping SuperLink/SuperNode processes, TLS and SuperNode
+credentials, the app bundle and its hash, short polling.
+"""

@@ -1,0 +1,104 @@
+"""Processes spine-fl starts (SuperLink, SuperNode): own process group, log file, PID file,
+stopped by PID (SIGTERM, then SIGKILL) so nothing outlives the command that started it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spine_fl.shared.runtime.flower import flower_env
+
+PR_SET_PDEATHSIG = 1
+
+
+class ProcessStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    pid_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait()
+            except ProcessLookupError:
+                pass
+        self.pid_path.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the spine-fl process that started it dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def start_python(name: str, code_or_module: list[str], log_path: Path) -> ManagedProcess:
+    """`python <args>` with Flower's telemetry, update checks and dependency installation off."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen([sys.executable, *code_or_module], stdout=log, stderr=subprocess.STDOUT,
+                                 env=flower_env(), start_new_session=True,
+                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    pid_path = log_path.with_suffix(".pid")
+    pid_path.write_text(str(popen.pid))
+    return ManagedProcess(name, popen, log_path, pid_path)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def ensure_port_free(host: str, port: int, what: str) -> None:
+    if port_in_use(host, port):
+        raise ProcessStartError(f"{host}:{port} is already in use, so the {what} cannot listen there: stop what "
+                                "holds it (an earlier spine-fl process?) or choose another port")
+
+
+def wait_for_port(proc: ManagedProcess, host: str, port: int, timeout: float = 60.0) -> None:
+    """Until `proc` listens on host:port (and is still alive once something answers there)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise ProcessStartError(f"{proc.name} exited (code {proc.popen.returncode}) before listening on "
+                                    f"{host}:{port}; its log ({proc.log_path}) ends:\n{proc.log_tail()}")
+        if port_in_use(host, port):
+            time.sleep(0.3)
+            if proc.alive():
+                return
+            continue
+        time.sleep(0.2)
+    raise ProcessStartError(f"{proc.name} did not listen on {host}:{port} within {timeout:g} s; "
+                            f"see {proc.log_path}")
