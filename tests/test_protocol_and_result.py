@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,5 +60,5 @@ def test_run_result_round_trips_and_refuses_other_schemas(tmp_path: Path) -> Non
                          ({k: v for k, v in raw.items() if k != "task"}, "task"),
                          ([1, 2], "JSON object")):
         (tmp_path / METRICS_FILE).write_text(json.dumps(broken))
-        with pytest.raises(RunResultError, match=says):
+        with pytest.raises(RunResultError, match=re.escape(says)):
             read_run_result(tmp_path)
