@@ -6,9 +6,14 @@ scenario runs identically in the simulation engine and, later, the deployment en
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +116,18 @@ class ConsortiumSettings:
 
 
 @dataclass(frozen=True)
+class SimulationSettings:
+    """[simulation]: how Flower's simulation engine runs the virtual sites."""
+
+    cpus_per_site: float = 1.0
+    state_dir: str | None = None  # sites' ledgers and keys; default <out>/site-state
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.cpus_per_site) and self.cpus_per_site > 0):
+            raise ConfigError(f"cpus_per_site must be > 0 (e.g. 1 or 0.5), got {self.cpus_per_site}")
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     consortium: ConsortiumSettings
@@ -120,22 +137,147 @@ class Scenario:
     policy: dict[str, Any] = field(default_factory=dict)
     state_dir: str | None = None  # sites' ledgers and keys; default <out>/site-state
 
+    def __post_init__(self) -> None:
+        SimulationSettings(self.cpus_per_site, self.state_dir)  # the same checks as a [simulation] table
+
+    @property
+    def simulation(self) -> SimulationSettings:
+        """The [simulation] table."""
+        return SimulationSettings(self.cpus_per_site, self.state_dir)
+
     def site_policy(self, site: str) -> dict[str, Any]:
         common = {k: v for k, v in self.policy.items() if not isinstance(v, dict)}
         return {**common, **self.policy.get(site, {})}
 
 
-def typed_from_table(cls: type, table: dict[str, Any], where: str) -> Any:
-    """A TOML table as the dataclass `cls`; unknown keys and invalid values raise ConfigError naming `where`."""
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+# -- one typed validation path for every settings table ----------------------------------------
+
+def toml_value(value: Any) -> str:
+    """A value as it would be written in a TOML file (strings quoted, booleans lower-case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+_EXPECTED = {
+    bool: "expected true or false (a TOML boolean, without quotes)",
+    int: "expected a whole number (a TOML integer such as 3, without quotes or decimal point)",
+    float: "expected a number (a TOML float or integer such as 0.5, without quotes)",
+    str: 'expected text (a TOML string in double quotes, such as "name")',
+}
+_EXPECTED_LIST = 'expected a list of text values (a TOML array of strings such as ["a", "b"])'
+_EXPECTED_TABLE = "expected a table (a [section] of key = value lines, or an inline table such as {key = 1})"
+
+
+def _typed_value(value: Any, annotation: Any) -> Any:
+    """`value` as `annotation` (int -> float, list -> tuple); a ValueError saying what was expected."""
+    if annotation is Any:
+        return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        # TOML has no null: an optional setting is either its type or left out of the file
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _typed_value(value, options[0])
+        for option in options:
+            try:
+                return _typed_value(value, option)
+            except ValueError:
+                continue
+        raise ValueError("expected one of: " + "; ".join(_describe(a) for a in options))
+    if origin in (tuple, list):  # tuple[X, ...] or list[X]: a TOML array of X
+        item = args[0] if args else Any
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(_describe(annotation))
+        items = []
+        for i, v in enumerate(value, 1):
+            try:
+                items.append(_typed_value(v, item))
+            except ValueError:
+                raise ValueError(f"{_describe(annotation)}; item {i} is {toml_value(v)}") from None
+        return tuple(items) if origin is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(_EXPECTED_TABLE)
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(_EXPECTED[bool])
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(_EXPECTED[int])
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(_EXPECTED[float])
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number (nan and inf cannot be used here)")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(_EXPECTED[str])
+        return value
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ValueError(f"expected {annotation.__name__}")
+    return value
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list):
+        return _EXPECTED_LIST if typing.get_args(annotation)[:1] == (str,) else "expected a list (a TOML array)"
+    if origin is dict or annotation is dict:
+        return _EXPECTED_TABLE
+    return _EXPECTED.get(annotation, f"expected {getattr(annotation, '__name__', annotation)}")
+
+
+def check_value(value: Any, annotation: Any, where: str, key: str) -> Any:
+    """One setting checked against its type: ConfigError `<where> key = value: expected ...`."""
     try:
-        return cls(**table)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except (TypeError, ValueError) as exc:
+        return _typed_value(value, annotation)
+    except ValueError as exc:
+        raise ConfigError(f"{where} {key} = {toml_value(value)}: {exc}") from None
+
+
+def _unknown(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f"{key} (did you mean {close[0]}?)" if close else key
+
+
+def typed_from_table(cls: type, table: Any, where: str) -> Any:
+    """A TOML table as the dataclass `cls`, every value checked against the field's annotated type.
+
+    ConfigError naming `where` (file and section), the key, the value and what was expected, for:
+    a value of the wrong type (no quotes around booleans and numbers, whole numbers where counted,
+    finite numbers), an unknown key (with the closest allowed one), a missing required key, and
+    what the dataclass itself refuses (its __post_init__). Ints become floats where a float is
+    expected, and lists tuples."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: {_EXPECTED_TABLE}, got {toml_value(table)}")
+    settable = [f for f in fields(cls) if f.init]
+    allowed = [f.name for f in settable]
+    unknown = [k for k in table if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(_unknown(k, allowed) for k in unknown)}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+    missing = [f.name for f in settable
+               if f.name not in table and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing setting(s) {', '.join(missing)}; add a line key = value for each")
+    hints = typing.get_type_hints(cls)
+    values = {key: check_value(value, hints.get(key, Any), where, key) for key, value in table.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:  # ConfigError too: the dataclass's own range checks
         raise ConfigError(f"{where}: {exc}") from None
 
 
@@ -152,15 +294,17 @@ def read_toml(path: Path | str, what: str, error: type[ConfigError] = ConfigErro
 def load_scenario(path: Path | str) -> Scenario:
     path = Path(path)
     raw = read_toml(path, "scenario file")
-    unknown = sorted(set(raw) - {"name", "consortium", "run", "simulation", "policy"})
+    sections = ["name", "consortium", "run", "simulation", "policy"]
+    unknown = [k for k in raw if k not in sections]
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
-    simulation = raw.get("simulation", {})
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(_unknown(k, sections) for k in unknown)}; "
+                          f"allowed: {', '.join(sections)}")
+    simulation = typed_from_table(SimulationSettings, raw.get("simulation", {}), f"{path} [simulation]")
     return Scenario(
-        name=str(raw.get("name", path.stem)),
+        name=check_value(raw.get("name", path.stem), str, str(path), "name"),
         consortium=typed_from_table(ConsortiumSettings, raw.get("consortium", {}), f"{path} [consortium]"),
         run=typed_from_table(RunSettings, raw.get("run", {}), f"{path} [run]"),
-        cpus_per_site=float(simulation.get("cpus_per_site", 1.0)),
-        policy=dict(raw.get("policy", {})),
-        state_dir=simulation.get("state_dir"),
+        cpus_per_site=simulation.cpus_per_site,
+        policy=check_value(raw.get("policy", {}), dict[str, Any], str(path), "policy"),
+        state_dir=simulation.state_dir,
     )

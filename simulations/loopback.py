@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+import tomlkit
 
 from spine_fl.shared.runtime.bundle import build_bundle
 from spine_fl.shared.runtime.credentials import create_server_credentials, create_site_keys
@@ -54,7 +54,7 @@ class Loopback:
     def write_site(self, site: str, data_dir: Path, allowed: list[str], **site_extra: Any) -> None:
         cred = self.root / "credentials"
         self.site_file(site).parent.mkdir(parents=True, exist_ok=True)
-        self.site_file(site).write_text(tomli_w.dumps({
+        self.site_file(site).write_text(tomlkit.dumps({
             "site": {"name": site, "data_dir": str(data_dir), "state_dir": str(self.root / "state" / site),
                      "task": self.run["task"], **site_extra},
             "coordinator": {"address": f"127.0.0.1:{self.port}", "ca_certificate": str(cred / "ca.crt")},
@@ -121,7 +121,7 @@ def build_loopback(root: Path, run: dict[str, Any], n_sites: int = 3, policy: di
     for d in data_dirs:
         create_site_keys(root / "credentials", d.name)
         loop.write_site(d.name, d, [bundle.sha256])
-    loop.federation_file.write_text(tomli_w.dumps({
+    loop.federation_file.write_text(tomlkit.dumps({
         "federation": {"address": f"127.0.0.1:{loop.port}", "state_dir": "coordinator-state", "out_dir": "results",
                        "ca_certificate": "credentials/ca.crt", "certificate": "credentials/server.crt",
                        "private_key": "credentials/server.key"},

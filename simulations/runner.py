@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import tomli_w
+import tomlkit
 import torch
 from flwr.clientapp.typing import Mod
 
@@ -82,11 +82,10 @@ def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
 
 def write_scenario(path: Path, scenario: Scenario) -> None:
     """The scenario as run, beside its results: the site audit reads the policy from it."""
+    simulation = {k: v for k, v in asdict(scenario.simulation).items() if v is not None}  # TOML has no null
     table = {"name": scenario.name, "consortium": asdict(scenario.consortium), "run": asdict(scenario.run),
-             "simulation": {"cpus_per_site": scenario.cpus_per_site,
-                            **({"state_dir": scenario.state_dir} if scenario.state_dir else {})},
-             "policy": scenario.policy}
-    atomic_write_bytes(path, tomli_w.dumps(table).encode())
+             "simulation": simulation, "policy": scenario.policy}
+    atomic_write_bytes(path, tomlkit.dumps(table).encode())
 
 
 def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None,

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from spine_fl.client.audit.cli import audit
@@ -86,7 +87,7 @@ def simulate(
     try:
         chosen = load(scenario)
     except ConfigError as exc:
-        console.print(f"[red]configuration error:[/] {exc}")
+        console.print(f"[red]configuration error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     console.print(f"scenario {chosen.name}: task {chosen.run.task}, {chosen.consortium.sites} sites, "
                   f"{chosen.run.rounds} rounds of {chosen.run.strategy} -> {out}")
@@ -124,7 +125,7 @@ def ledger_verify(
         try:
             state_dir = load_site_config(config or Path("configs/sites") / f"{site}.toml").state_dir
         except ConfigError as exc:  # the file, or a rule in its [policy]
-            console.print(f"[red]{exc}[/] (or pass --state-dir)")
+            console.print(f"[red]{escape(str(exc))}[/] (or pass --state-dir)")
             raise typer.Exit(2) from None
     result = verify(state_dir)
     where = state_dir / LEDGER_FILE
@@ -165,10 +166,10 @@ def server(
         result = run_coordinator(fed, insecure, on_round=_round_line, say=lambda m: console.print(m, highlight=False),
                                  bundle_file=bundle)
     except (ConfigError, CredentialsError, BundleError, FileNotFoundError, ProcessStartError) as exc:
-        console.print(f"[red]cannot start:[/] {exc}", highlight=False)
+        console.print(f"[red]cannot start:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except (ServerAppTaskError, httpx.HTTPError, ssl.SSLError) as exc:
-        console.print(f"[red]the run failed:[/] {exc} (the SuperLink's log is in {fed.state_dir})", highlight=False)
+        console.print(f"[red]the run failed:[/] {escape(str(exc))} (the SuperLink's log is in {fed.state_dir})", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("interrupted; the SuperLink is stopped. Start again to resume after the last completed round.")
@@ -209,7 +210,7 @@ def client(
         run_site(path, site_def, connection, insecure=insecure, runtime_port=runtime_port, attempts=attempts,
                  pause=retry_seconds, say=lambda m: console.print(m, highlight=False))
     except (ConfigError, SiteCannotJoin, ProcessStartError) as exc:
-        console.print(f"[red]{site} is not joining:[/] {exc}", highlight=False)
+        console.print(f"[red]{site} is not joining:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print(f"{site}: interrupted; the SuperNode is stopped.")
@@ -228,7 +229,7 @@ def certs(
     try:
         made = create_server_credentials(out, host)
     except CredentialsError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from None
     console.print(f"wrote {made.ca_cert} (give to every site), {made.cert}, {made.key} and {out / 'ca.key'} "
                   "(keep offline)", highlight=False)
@@ -241,6 +242,7 @@ def enroll(
     federation: Optional[Path] = typer.Option(None, help="coordinator: add this site's public key to the "
                                               "federation file's enrolled sites"),
     public_key: Optional[Path] = typer.Option(None, help="coordinator: the .pub file the site sent"),
+    replace: bool = typer.Option(False, help="coordinator: replace an enrolled site's key (the site sent a new one)"),
 ) -> None:
     """Site: create the SuperNode key pair. Coordinator: enrol a site's public key (--federation)."""
     from spine_fl.server.deployment.enrolment import enrol_public_key
@@ -254,10 +256,11 @@ def enroll(
                           "(send to the coordinator)", highlight=False)
             return
         key_file = public_key or keys_dir / f"{site}_supernode_key.pub"
-        enrol_public_key(federation, site, key_file)
-        console.print(f"enrolled {site} ({key_file}) in {federation}", highlight=False)
+        replaced = enrol_public_key(federation, site, key_file, replace)
+        console.print(f"{'replaced the key of' if replaced else 'enrolled'} {site} ({key_file}) in {federation}",
+                      highlight=False)
     except (CredentialsError, ConfigError) as exc:
-        console.print(f"[red]{exc}[/]", highlight=False)
+        console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -273,7 +276,7 @@ def bundle_hash() -> None:
     try:
         print(build_bundle().sha256)
     except BundleError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from None
 
 

@@ -2,8 +2,11 @@
 
 Chromium is driven through the DevTools protocol over its debugging *pipe* (`--remote-debugging-pipe`:
 NUL-separated JSON on file descriptors 3 and 4), so no websocket library and no open port is needed.
-Reported as errors: `console.error`/`console.assert` calls, uncaught exceptions, and the browser's
-own error log (resources that fail to load, blocked requests). The page is screenshotted in full.
+Reported as errors: `console.error`/`console.assert` calls, uncaught exceptions, JavaScript dialogs
+(alert, confirm, prompt: dismissed at once, so a page that opens one cannot hang the check), and the
+browser's own error log (resources that fail to load, blocked requests). The page is screenshotted in
+full, and the elements it holds are counted by tag (so a test can tell markup from data that shows as
+text from markup that became elements).
 
 In CI (`SPINE_FL_REQUIRE_BROWSER=1`, set by .ci/run) a missing Chromium fails the tests; elsewhere
 they are skipped with a message saying how to install it.
@@ -60,6 +63,11 @@ def require_chromium() -> str:
 
 PAGE_FACTS = ("JSON.stringify({url: location.href, ready: document.readyState, text: document.body.innerText, "
               "images: [...document.images].map(i => i.naturalWidth), "
+              "image_sources: [...document.images].map(i => i.getAttribute('src')), "
+              "tags: [...document.querySelectorAll('*')].reduce((n, e) => "
+              "(n[e.localName] = (n[e.localName] || 0) + 1, n), {}), "
+              "handlers: [...document.querySelectorAll('*')].flatMap(e => [...e.attributes]"
+              ".filter(a => a.name.startsWith('on')).map(a => e.localName + '[' + a.name + ']')), "
               "overflow: document.documentElement.scrollWidth - window.innerWidth})")
 
 
@@ -71,6 +79,9 @@ class PageCheck:
     image_widths: list[int]  # decoded width of every <img>; 0 = broken image
     overflow_px: int  # how far the page is wider than the window (> 0: a reader must scroll sideways)
     messages: list[str] = field(default_factory=list)  # every console message, for diagnostics
+    tags: dict[str, int] = field(default_factory=dict)  # how many elements of each tag the page holds
+    handlers: list[str] = field(default_factory=list)  # event-handler attributes, as "img[onerror]"
+    image_sources: list[str] = field(default_factory=list)  # every <img>'s src attribute
 
 
 class DevToolsPipe:
@@ -107,9 +118,7 @@ class DevToolsPipe:
             raise RuntimeError(f"Chromium exited (status {self.process.poll()}); see {self._stderr.name}")
         return message
 
-    def call(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float = 30.0) -> dict[str, Any]:
-        """Send a command and wait for its reply; events that arrive meanwhile are kept in `events`."""
+    def _send(self, method: str, params: dict | None, session: str | None) -> int:
         self._next_id += 1
         request: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session:
@@ -117,27 +126,39 @@ class DevToolsPipe:
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(request).encode() + b"\0")
         self.process.stdin.flush()
+        return request["id"]
+
+    def _keep(self, event: dict[str, Any]) -> None:
+        """Keep an event; a JavaScript dialog is dismissed at once (else the page would wait for a click)."""
+        self.events.append(event)
+        if event.get("method") == "Page.javascriptDialogOpening":
+            self._send("Page.handleJavaScriptDialog", {"accept": False}, event.get("sessionId"))
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None,
+             timeout: float = 30.0) -> dict[str, Any]:
+        """Send a command and wait for its reply; events that arrive meanwhile are kept in `events`."""
+        request_id = self._send(method, params, session)
         deadline = time.monotonic() + timeout
         while True:
             message = self._receive(deadline)
-            if message.get("id") == request["id"]:
+            if message.get("id") == request_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message.get("result", {})
-            self.events.append(message)
+            self._keep(message)
 
     def wait_for(self, method: str, since: int = 0, timeout: float = 30.0) -> None:
         """Wait for an event `method` among the events from index `since` on."""
         deadline = time.monotonic() + timeout
         while not any(e.get("method") == method for e in self.events[since:]):
-            self.events.append(self._receive(deadline))
+            self._keep(self._receive(deadline))
 
     def drain(self, seconds: float) -> None:
         """Collect the events of the next `seconds` (late console messages, failed loads)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                self.events.append(self._receive(deadline))
+                self._keep(self._receive(deadline))
             except TimeoutError:
                 return
 
@@ -165,6 +186,8 @@ def _console_text(event: dict[str, Any]) -> str:
     if event["method"] == "Runtime.exceptionThrown":
         details = params["exceptionDetails"]
         return f"uncaught: {details.get('exception', {}).get('description') or details.get('text')}"
+    if event["method"] == "Page.javascriptDialogOpening":
+        return f"javascript dialog ({params['type']}): {params['message']}"
     entry = params["entry"]
     return f"{entry['source']} {entry['level']}: {entry['text']} {entry.get('url', '')}".strip()
 
@@ -175,7 +198,7 @@ def _is_error(event: dict[str, Any]) -> bool:
         return params.get("type") in ("error", "assert")
     if method == "Log.entryAdded":
         return params["entry"].get("level") == "error"
-    return method == "Runtime.exceptionThrown"
+    return method in ("Runtime.exceptionThrown", "Page.javascriptDialogOpening")
 
 
 def check_page(html_file: Path, screenshot: Path, width: int = 1200, timeout: float = 60.0) -> PageCheck:
@@ -208,9 +231,10 @@ def check_page(html_file: Path, screenshot: Path, width: int = 1200, timeout: fl
             browser.close()
     screenshot.write_bytes(base64.b64decode(shot["data"]))
     console = [e for e in browser.events if e.get("method") in
-               ("Runtime.consoleAPICalled", "Runtime.exceptionThrown", "Log.entryAdded")]
+               ("Runtime.consoleAPICalled", "Runtime.exceptionThrown", "Log.entryAdded", "Page.javascriptDialogOpening")]
     return PageCheck([_console_text(e) for e in console if _is_error(e)], screenshot, facts["text"],
-                     facts["images"], facts["overflow"], [_console_text(e) for e in console])
+                     facts["images"], facts["overflow"], [_console_text(e) for e in console], facts["tags"],
+                     facts["handlers"], facts["image_sources"])
 
 
 def ink_fraction(png: Path) -> float:

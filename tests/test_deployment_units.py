@@ -68,19 +68,61 @@ def test_federation_file_errors_name_the_setting(tmp_path: Path) -> None:
         load_federation(bad)
 
 
-def test_enrolment_writes_a_valid_federation_file_and_refuses_twice(tmp_path: Path) -> None:
+def test_enrolment_writes_a_valid_federation_file_and_replaces_a_key(tmp_path: Path) -> None:
     fed = _federation(tmp_path, "[run]\nmin_sites = 1\n")
     keys = create_site_keys(tmp_path / "keys", "leiden")
-    enrol_public_key(fed, "leiden", keys.public_key)
+    assert enrol_public_key(fed, "leiden", keys.public_key) is False
     loaded = load_federation(fed)
     assert loaded.sites["leiden"].resolve() == keys.public_key.resolve()
-    with pytest.raises(ConfigError, match="already enrolled"):
-        enrol_public_key(fed, "leiden", keys.public_key)
+    new_keys = create_site_keys(tmp_path / "new-keys", "leiden")
+    with pytest.raises(ConfigError, match="already enrolled; pass --replace"):
+        enrol_public_key(fed, "leiden", new_keys.public_key)  # never silently
+    assert load_federation(fed).sites["leiden"].resolve() == keys.public_key.resolve()
+    assert enrol_public_key(fed, "leiden", new_keys.public_key, replace=True) is True
+    assert load_federation(fed).sites["leiden"].resolve() == new_keys.public_key.resolve()
+    assert fed.read_text().count("[sites.leiden]") == 1
     not_a_key = tmp_path / "x.pub"
     not_a_key.write_text("hello")
     with pytest.raises(CredentialsError, match="not an OpenSSH public key"):
         enrol_public_key(fed, "seoul", not_a_key)
     assert "seoul" not in tomllib.loads(fed.read_text())["sites"]
+
+
+def test_enrolment_keeps_every_comment_and_the_order_of_the_shipped_federation_file(tmp_path: Path) -> None:
+    fed = tmp_path / "configs" / "federation.toml"
+    fed.parent.mkdir()
+    original = (project_root() / "configs" / "federation.toml").read_text()
+    fed.write_text(original)
+    keys = {site: create_site_keys(tmp_path / "credentials", site).public_key for site in ("leiden", "seoul", "zurich")}
+    for site, key in keys.items():
+        enrol_public_key(fed, site, key)
+    enrol_public_key(fed, "seoul", keys["zurich"], replace=True)  # replaced in place, not added twice
+    text = fed.read_text()
+    assert text.startswith(original)  # nothing before the new tables moved or changed
+    lines = text.splitlines()
+    assert [line for line in original.splitlines() if "#" in line] == [line for line in lines if "#" in line]
+    assert [line for line in lines if line.startswith("[")] == [
+        "[federation]", "[run]                               # the same settings as a simulation scenario's [run]",
+        "[sites.leiden]", "[sites.seoul]", "[sites.zurich]"]
+    assert tomllib.loads(text)["sites"]["seoul"] == {"public_key": keys["zurich"].as_posix()}
+    loaded = load_federation(fed)
+    assert loaded.sites == {site: fed.parent / key for site, key in
+                            (("leiden", keys["leiden"]), ("seoul", keys["zurich"]), ("zurich", keys["zurich"]))}
+    assert loaded.run.min_sites == 3 and loaded.address == "127.0.0.1:9092"
+
+
+def test_enrolment_refuses_a_file_it_cannot_edit(tmp_path: Path) -> None:
+    key = create_site_keys(tmp_path, "leiden").public_key
+    fed = tmp_path / "federation.toml"
+    fed.write_text("sites = 3\n")
+    with pytest.raises(ConfigError, match="`sites` is not a table"):
+        enrol_public_key(fed, "leiden", key)
+    fed.write_text("[run\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        enrol_public_key(fed, "leiden", key)
+    assert fed.read_text() == "[run\n"
+    with pytest.raises(ConfigError, match="letters, digits"):
+        enrol_public_key(fed, "../leiden", key)
 
 
 def test_credentials_cover_loopback_and_keep_private_keys_private(tmp_path: Path) -> None:

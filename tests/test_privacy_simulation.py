@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-import tomli_w
+import tomlkit
 import torch
 from privacy_reference import independent_epsilon
 
@@ -41,7 +41,7 @@ def scenario_file(path: Path, run: dict | None = None, policy: dict | None = Non
                 "run": {**BASE_RUN, **(run or {})}, "policy": policy or {}}
     if state_dir is not None:
         scenario["simulation"] = {"state_dir": str(state_dir)}
-    path.write_text(tomli_w.dumps(scenario))
+    path.write_text(tomlkit.dumps(scenario))
     return path
 
 

@@ -112,3 +112,45 @@ def test_target_epsilon_sets_each_sites_noise_for_the_whole_run() -> None:
         whole_run = epsilon([(plan.noise_multiplier, spend.sample_rate, spend.steps * run.rounds)], plan.delta)
         assert whole_run == pytest.approx(4.0, abs=0.05)
         assert plan.delta < 1 / 60
+
+
+def test_a_round_is_assessed_once_and_agrees_with_a_full_recomputation(tmp_path: Path) -> None:
+    """The policy mod's assessment is what the train reply reports: it must equal epsilon recomputed
+    from the whole ledger after the round; and it is handed to this round only, once."""
+    from flwr.app import Context, RecordDict
+
+    from spine_fl.client.privacy.mods import budget_refusal
+    from spine_fl.client.privacy.privacy_ledger import dataset_id
+    from spine_fl.client.privacy.round_privacy import assess_round, hand_over, take
+    from spine_fl.client.site_config import Site
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "clinical.csv").write_text("patient_id\np1\n")
+    site = Site("leiden", data, tmp_path / "state", SitePolicy(epsilon_per_run=100.0, epsilon_lifetime=100.0))
+    run = RunSettings(task="rbp_tabular", rounds=5, local_epochs=2, batch_size=16)
+    ledger = PrivacyLedger(site.state_dir, dataset_id(data))
+    for key, rnd in (("a" * 32, 1), ("b" * 32, 1), ("b" * 32, 2)):
+        ledger.append(SpendRecord(key, rnd, 1.0, 0.25, 8, 1.0, 1e-3, "rdp"))
+
+    assessed = assess_round(site, run, "b" * 32, 3, n_train=64)
+    spend = assessed.plan.round_spend
+    ledger.append(SpendRecord("b" * 32, 3, spend.noise_multiplier, spend.sample_rate, spend.steps, 1.0,
+                              assessed.plan.delta, "rdp"))
+    delta = assessed.plan.delta
+    assert assessed.epsilon_run_after == pytest.approx(ledger.epsilon(delta, "rdp", "b" * 32), rel=1e-12)
+    assert assessed.epsilon_lifetime_after == pytest.approx(ledger.epsilon(delta, "rdp"), rel=1e-12)
+    assert assessed.steps_run_after == 16 + spend.steps
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    hand_over(context, assessed)
+    assert take(context, "b" * 32, 4) is None  # another round's assessment is never used
+    hand_over(context, assessed)
+    assert take(context, "b" * 32, 3) == assessed and take(context, "b" * 32, 3) is None  # used once
+
+    tight = Site(site.name, data, site.state_dir, SitePolicy(epsilon_per_run=100.0,
+                                                              epsilon_lifetime=assessed.epsilon_lifetime_after - 0.01))
+    refusal = budget_refusal(tight, run, assessed)
+    assert refusal is not None and refusal.rule == "epsilon_lifetime"
+    assert refusal.epsilon_after == pytest.approx(assessed.epsilon_lifetime_after, abs=1e-6)
+    assert budget_refusal(site, run, assessed) is None

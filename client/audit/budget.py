@@ -5,22 +5,27 @@ ledger (the figure spine-fl enforces), the same history recomputed independently
 dp-accounting (a different implementation of the same Poisson-subsampled Gaussian mechanism),
 and the epsilon the site reported in its egress ledger at the time. Disagreement means an
 accounting bug or an edited ledger; both are the auditor's business.
+The check writes the report's "privacy_budget" section ({"error": ...} when the privacy ledger
+cannot be read).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import dp_accounting
 from opacus.accountants.rdp import RDPAccountant
 
+from spine_fl.client.audit.inputs import AuditInputs, Reason, reason
 from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.privacy.privacy_ledger import SpendRecord
 from spine_fl.shared import protocol
 from spine_fl.shared.training.accounting import History, epsilon
 
+SECTIONS = ("privacy_budget",)
 AGREEMENT = 0.02  # relative difference tolerated between the three figures
+NEARLY_SPENT = 0.8  # share of the lifetime budget from which the verdict asks for attention
 
 
 def independent_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
@@ -132,3 +137,43 @@ def _run_row(run_id: str, rounds: list[dict[str, Any]], records: list[SpendRecor
         "budget": policy.epsilon_per_run, "used_fraction": last["epsilon_run"] / policy.epsilon_per_run,
         "agree": all(row["agree"] for row in rounds if row["run_id"] == run_id),
     }
+
+
+def run(audit: AuditInputs, report: Mapping[str, Any]) -> dict[str, Any]:
+    audit.progress("recomputing the privacy budget")
+    if audit.privacy_ledger_error:
+        return {"privacy_budget": {"error": audit.privacy_ledger_error}}
+    return {"privacy_budget": budget_report(audit.privacy_records, reported_epsilons(audit.lines), audit.site.policy)}
+
+
+def reasons(report: Mapping[str, Any]) -> list[Reason]:
+    budget = report["privacy_budget"]
+    if "error" in budget:
+        return [reason("fail", "budget", budget["error"])]
+    out = []
+    for row in budget["runs"]:
+        if row["epsilon"] > row["budget"]:
+            out.append(reason("fail", "budget", f"Run {row['run_id']} spent epsilon {row['epsilon']:.2f}, over the "
+                              f"per-run budget {row['budget']:g}."))
+        if not row["agree"]:
+            out.append(reason("attention", "budget", f"Run {row['run_id']}: the epsilon figures disagree by more "
+                              f"than {budget['agreement_tolerance']:.0%} (Opacus {row['epsilon']:.3f}, "
+                              f"dp-accounting {row['epsilon_dp_accounting']:.3f}, reported "
+                              f"{row['reported_epsilon']}): an accounting error or an edited ledger."))
+    for item in budget["reported_without_ledger_record"]:
+        out.append(reason("fail", "budget", f"Ledger line {item['line']} (run {item['run_id']}): a DP update left "
+                          "the site but its privacy spending is not in the privacy ledger."))
+    life = budget["lifetime"]
+    if life["epsilon"] > life["budget"]:
+        out.append(reason("fail", "budget", f"Lifetime epsilon {life['epsilon']:.2f} is over this dataset's "
+                          f"lifetime budget {life['budget']:g}."))
+    elif life["used_fraction"] >= NEARLY_SPENT:
+        out.append(reason("attention", "budget", f"{life['used_fraction']:.0%} of the lifetime privacy budget is "
+                          f"spent (epsilon {life['epsilon']:.2f} of {life['budget']:g}): few runs remain."))
+    if not out and budget["runs"]:
+        worst = max(budget["runs"], key=lambda r: r["used_fraction"])
+        out.append(reason("pass", "budget", f"Privacy budget kept: at most epsilon {worst['epsilon']:.2f} per run "
+                          f"(budget {worst['budget']:g}), {life['epsilon']:.2f} over the dataset's lifetime "
+                          f"(budget {life['budget']:g}), delta {life['delta']:.2g}; Opacus, Google's "
+                          "dp-accounting and the site's reports agree."))
+    return out

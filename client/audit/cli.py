@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.site_config import Site, load_site_config, policy_from_table
@@ -86,7 +87,7 @@ def audit(
     try:
         located, policy_found, source = locate_site(site, config, run_dir, state_dir, data_dir, policy_file)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/]", highlight=False)
+        console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
     out_dir = out or located.state_dir / "audit"
     with console.status(f"auditing site {site}...") as status:

@@ -12,6 +12,7 @@ payloads by size and hash). The scan holds each line against what spine-fl decla
   sizes must fit what the protocol needs for the run's model, so no room is left to smuggle data.
 Numbers equal to numeric identifiers of 6+ digits (e.g. an 8-digit date) are flagged; shorter
 numeric ids would collide with counts and are not compared.
+The check writes the report's "payload_scan" section.
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 import pydicom
 
+from spine_fl.client.audit.inputs import AuditInputs, Level, Reason, reason
 from spine_fl.shared import protocol
+from spine_fl.shared.config import RunSettings
 from spine_fl.shared.contract.data_contract import CLINICAL_FILE, MANIFEST_FILE
+from spine_fl.shared.contract.tasks import TASKS, get_task
+from spine_fl.shared.models.registry import build_model
+
+SECTIONS = ("payload_scan",)
+SHOWN_FINDINGS = 5  # per level, in the verdict's reasons (the report lists them all)
+SMALLEST_IMAGE = 32  # when a run's image size is unknown: the smallest size spine-fl's tests use
 
 DECLARED_NUMBERS = {
     *(protocol.fit_metric(k) for k in protocol.TRAIN_METRICS),
@@ -240,3 +249,40 @@ def scan_report(findings: list[Finding], lines: int, ids: Identifiers) -> dict[s
         "findings": [asdict(f) for f in findings],
         "clean": not findings,
     }
+
+
+def model_shapes(task: str) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(v.shape) for v in build_model(get_task(task)).state_dict().values())
+
+
+def declared_models(settings: Mapping[str, RunSettings]) -> tuple[dict[str, DeclaredModel], DeclaredModel]:
+    """Each known run's declared model, and the fallback for runs of unknown settings (any task's model)."""
+    sizes = [s.image_size for s in settings.values() if get_task(s.task).image is not None] or [SMALLEST_IMAGE]
+    pixels = min(sizes) ** 2
+    per_run = {run: DeclaredModel((model_shapes(s.task),), pixels) for run, s in settings.items()}
+    return per_run, DeclaredModel(tuple(model_shapes(t) for t in TASKS), pixels)
+
+
+def run(audit: AuditInputs, report: Mapping[str, Any]) -> dict[str, Any]:
+    lines = audit.lines
+    audit.progress("reading identifiers from clinical.csv and DICOM headers")
+    ids = collect_identifiers(audit.site.data_dir)
+    per_run, fallback = declared_models(audit.settings)
+    return {"payload_scan": scan_report(scan_payloads(lines, ids, per_run, fallback), len(lines), ids)}
+
+
+def reasons(report: Mapping[str, Any]) -> list[Reason]:
+    out = []
+    findings = report["payload_scan"]["findings"]
+    problems: tuple[Level, ...] = ("fail", "attention")
+    for level in problems:
+        mine = [f for f in findings if f["severity"] == level]
+        for f in mine[:SHOWN_FINDINGS]:
+            out.append(reason(level, "payload", f"Ledger line {f['line']}, {f['where']}: {f['what']}."))
+        if len(mine) > SHOWN_FINDINGS:
+            out.append(reason(level, "payload", f"... and {len(mine) - SHOWN_FINDINGS} more such findings."))
+    if not findings:
+        out.append(reason("pass", "payload", f"All {report['payload_scan']['lines_scanned']} recorded messages "
+                          "held only model weights (or SecAgg+-masked weights) and declared numeric metrics; no "
+                          "identifier from the clinical table or DICOM headers, no image-sized data."))
+    return out

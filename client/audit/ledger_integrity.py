@@ -4,42 +4,25 @@ The ledger is the site's own signed record of every reply that left it; the audi
 the coordinator's account. Lines after the first broken one are still summarised (they are what
 the file says), but the summary states that they are unverified. Each line names Flower's run id;
 the audit groups lines by run key (one run across coordinator restarts) where the site knows it.
+The check writes two report sections: "integrity" and "egress" (what left).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
+from spine_fl.client.audit.inputs import AuditInputs, Reason, reason
 from spine_fl.client.privacy.egress_ledger import LEDGER_FILE, verify
 
-UNSIGNED_FIELDS = ("signature", "prev_sha256", "seq")
+SECTIONS = ("integrity", "egress")
 
 
 def integrity(state_dir: Path) -> dict[str, Any]:
     """Every signature and hash link checked; the first broken line (1-based) named."""
     result = verify(state_dir)
     return {"ledger": str(Path(state_dir) / LEDGER_FILE), **asdict(result)}
-
-
-def read_lines(state_dir: Path, run_keys: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """The ledger's lines as dicts with their 1-based `line` number and `run` (the run key where known,
-    else Flower's run id); unreadable lines are kept as such."""
-    path = Path(state_dir) / LEDGER_FILE
-    out = []
-    for number, raw in enumerate(path.read_bytes().splitlines() if path.exists() else [], start=1):
-        try:
-            entry = json.loads(raw)
-        except json.JSONDecodeError:
-            entry = {"unreadable": True}
-        if not isinstance(entry, dict):
-            entry = {"unreadable": True}
-        flower_run = str(entry.get("run_id", "?"))
-        out.append({**{k: v for k, v in entry.items() if k not in UNSIGNED_FIELDS}, "line": number,
-                    "run": (run_keys or {}).get(flower_run, flower_run)})
-    return out
 
 
 def _metric_value(value: Any) -> Any:
@@ -83,3 +66,23 @@ def egress_summary(lines: list[dict[str, Any]], first_broken_line: int | None = 
         })
     unverified = None if first_broken_line is None else f"lines from {first_broken_line} on are unverified"
     return {"lines": len(lines), "runs": summary, "unverified": unverified}
+
+
+def run(audit: AuditInputs, report: Mapping[str, Any]) -> dict[str, Any]:
+    audit.progress("checking the egress ledger")
+    check = integrity(audit.site.state_dir)
+    return {"integrity": check, "egress": egress_summary(audit.lines, check["first_broken_line"])}
+
+
+def reasons(report: Mapping[str, Any]) -> list[Reason]:
+    check = report["integrity"]
+    if not check["ok"]:
+        where = f"line {check['first_broken_line']}" if check["first_broken_line"] else "the ledger as a whole"
+        return [reason("fail", "ledger", f"The egress ledger was altered: {where} of {check['ledger']} fails "
+                       f"verification ({check['problem']}). The record of what left the site cannot be trusted "
+                       "from there on.")]
+    if check["lines"] == 0:
+        return [reason("attention", "ledger", "The egress ledger is empty: nothing is recorded as having left "
+                       "this site. If the site took part in a run, its ledger is missing.")]
+    return [reason("pass", "ledger", f"Egress ledger intact: all {check['lines']} lines carry a valid "
+                   "signature and hash link.")]

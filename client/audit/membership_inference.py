@@ -12,38 +12,47 @@ splits: never trained on). Two attacks on the model the site received:
   shadows that did and did not train on it (a per-patient likelihood ratio).
 Shadows train locally for (completed rounds x local epochs) epochs; the target was averaged with
 other sites' updates, so shadows overfit at least as much as the target: a conservative choice.
-AUC and TPR at 1% and 0.1% FPR get percentile-bootstrap 95% intervals (patients resampled within
-members and non-members; shadows fixed). With N non-members the smallest FPR above 0 is 1/N, so
+AUC and TPR at 1% and 0.1% FPR get percentile-bootstrap 95% intervals (scipy.stats.bootstrap with
+members and non-members as two samples, each resampled on its own: a stratified bootstrap; shadows
+fixed). With N non-members the smallest FPR above 0 is 1/N, so
 "TPR at 0.1% FPR" with fewer than 1000 non-members is the TPR at FPR 0. Beside them: the ceiling
 that (epsilon, delta)-DP allows, TPR <= min(e^eps FPR + delta, 1 - e^-eps (1 - delta - FPR)).
 Whether an attack beats that ceiling is decided as in DP auditing (Jagielski et al. 2020): at
-each audited threshold, Clopper-Pearson bounds on TPR and FPR (Bonferroni over the tests) give
+each audited threshold, Clopper-Pearson bounds on TPR and FPR (scipy's exact binomial interval) (Bonferroni over the tests) give
 the epsilon the attack proves with 95% confidence; only a proven epsilon above the accounted one
 (or a bootstrap AUC interval above the ceiling's AUC) counts as beating the guarantee. An empirical
 FPR of 0 out of ~100 non-members proves little: its upper bound is ~3%, not 0.1%.
+The check writes the report's "membership_inference" section; it reads the privacy-budget section
+(the run's accounted epsilon) before it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from scipy.stats import beta, norm
+from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 
+from spine_fl.client.audit.inputs import AuditInputs, Reason, reason
+from spine_fl.client.privacy.plan import plan_round
 from spine_fl.shared.config import RunSettings
-from spine_fl.shared.contract.data_contract import SiteData
+from spine_fl.shared.contract.data_contract import SiteData, SiteDataError, load_site
 from spine_fl.shared.contract.tasks import get_task
-from spine_fl.shared.models.registry import build_model
+from spine_fl.shared.models.registry import build_model, pick_device
 from spine_fl.shared.training.local import DpSettings, TrainSettings, set_weights, tensors, train
 
+SECTIONS = ("membership_inference",)
 FPRS = (0.01, 0.001)
 CI = 0.95
 ROC_POINTS = 200
+BOOTSTRAP_BATCH_VALUES = 4_000_000  # resampled scores held at once (memory), however many patients
+CLEAR_LEAK_AUC = 0.60  # lower bound of an attack's AUC interval from which the verdict is 'fail'
+ABOVE_CHANCE_AUC = 0.55  # ... above which it asks for attention
 
 
 @torch.no_grad()
@@ -94,7 +103,7 @@ def lira_scores(target: np.ndarray, phis: np.ndarray, inside: np.ndarray) -> np.
     mu_in, mu_out = means(inside), means(~inside)
     sd_in = max(float(np.std((phis - mu_in)[inside])), 1e-6) if inside.any() else 1.0
     sd_out = max(float(np.std((phis - mu_out)[~inside])), 1e-6) if (~inside).any() else 1.0
-    return norm.logpdf(target, mu_in, sd_in) - norm.logpdf(target, mu_out, sd_out)
+    return stats.norm.logpdf(target, mu_in, sd_in) - stats.norm.logpdf(target, mu_out, sd_out)
 
 
 def tpr_at_fpr(is_member: np.ndarray, scores: np.ndarray, fpr_limit: float) -> float:
@@ -114,37 +123,60 @@ def dp_auc_ceiling(epsilon: float, delta: float) -> float:
     return float(np.trapezoid(dp_tpr_ceiling(grid, epsilon, delta), grid))
 
 
-def _interval(values: np.ndarray) -> list[float]:
-    tail = (1 - CI) / 2 * 100
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+def roc_statistics(member_scores: np.ndarray, nonmember_scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUC, then the TPR at each of FPRS, of an attack scoring members against non-members: one value
+    each, or one per resample along any leading axes (the scores lie along `axis`). Equal to
+    roc_auc_score and to `tpr_at_fpr` (roc_curve's best TPR at an FPR within the limit); with tied
+    scores the TPR may be higher than roc_curve's, which drops collinear points of the curve."""
+    members, others = np.moveaxis(member_scores, axis, -1), np.moveaxis(nonmember_scores, axis, -1)
+    n_members, n_others = members.shape[-1], others.shape[-1]
+    ranks = stats.rankdata(np.concatenate([members, others], axis=-1), axis=-1)  # ties share their mean rank
+    auc = (ranks[..., :n_members].sum(axis=-1) - n_members * (n_members + 1) / 2) / (n_members * n_others)
+    ordered = np.sort(others, axis=-1)
+    tprs = []
+    for limit in FPRS:
+        allowed = math.floor(n_others * (limit + 1e-12))  # false positives within the limit
+        if allowed >= n_others:
+            tprs.append(np.ones_like(auc))
+            continue
+        # the best threshold flags every score above the (allowed + 1)-th highest non-member's
+        cut = ordered[..., n_others - 1 - allowed]
+        tprs.append((members > cut[..., None]).mean(axis=-1))
+    return np.stack([auc, *tprs])
+
+
+def _resamplable(group: np.ndarray) -> np.ndarray:
+    """scipy's bootstrap needs two values per sample; resampling one value or two copies of it is the
+    same (and the statistics are shares within each group, so unchanged)."""
+    return np.repeat(group, 2) if len(group) == 1 else group
 
 
 def evaluate_attack(is_member: np.ndarray, scores: np.ndarray, bootstrap: int, seed: int) -> dict[str, Any]:
-    """AUC and TPR at the audit's FPRs, each with a bootstrap interval, and the ROC curve to plot."""
-    rng = np.random.default_rng(seed)
-    members, others = np.flatnonzero(is_member), np.flatnonzero(~is_member)
-    aucs, tprs = np.zeros(bootstrap), np.zeros((bootstrap, len(FPRS)))
-    for b in range(bootstrap):
-        idx = np.concatenate([rng.choice(members, len(members)), rng.choice(others, len(others))])
-        y, s = is_member[idx], scores[idx]
-        aucs[b] = roc_auc_score(y, s)
-        fpr, tpr, _ = roc_curve(y, s)
-        tprs[b] = [tpr[fpr <= limit + 1e-12].max() for limit in FPRS]
+    """AUC and TPR at the audit's FPRs, each with a percentile-bootstrap interval (members and
+    non-members resampled separately), and the ROC curve to plot."""
+    is_member = np.asarray(is_member, dtype=bool)
+    groups = (_resamplable(scores[is_member]), _resamplable(scores[~is_member]))
+    # two samples, paired=False: scipy resamples each on its own (the stratified bootstrap)
+    resampled = stats.bootstrap(groups, roc_statistics, paired=False, vectorized=True, axis=-1,
+                                confidence_level=CI, method="percentile", n_resamples=bootstrap,
+                                batch=max(1, BOOTSTRAP_BATCH_VALUES // len(scores)), random_state=seed)
+    low, high = (np.asarray(bound, dtype=float) for bound in resampled.confidence_interval)
     fpr, tpr, _ = roc_curve(is_member, scores)
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).astype(int))
     return {
-        "auc": float(roc_auc_score(is_member, scores)), "auc_ci": _interval(aucs),
-        "tpr_at_fpr": [{"fpr": limit, "tpr": tpr_at_fpr(is_member, scores, limit), "ci": _interval(tprs[:, j])}
-                       for j, limit in enumerate(FPRS)],
+        "auc": float(roc_auc_score(is_member, scores)), "auc_ci": [float(low[0]), float(high[0])],
+        "tpr_at_fpr": [{"fpr": limit, "tpr": tpr_at_fpr(is_member, scores, limit),
+                        "ci": [float(low[1 + j]), float(high[1 + j])]} for j, limit in enumerate(FPRS)],
         "roc": {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()},
     }
 
 
 def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
-    """Exact two-sided (1 - alpha) interval of a binomial proportion k / n."""
-    low = float(beta.ppf(alpha / 2, k, n - k + 1)) if k > 0 else 0.0
-    high = float(beta.ppf(1 - alpha / 2, k + 1, n - k)) if k < n else 1.0
-    return low, high
+    """Exact two-sided (1 - alpha) interval of a binomial proportion k / n (Clopper-Pearson)."""
+    if n == 0:
+        return 0.0, 1.0
+    interval = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method="exact")
+    return float(interval.low), float(interval.high)
 
 
 def proven_epsilon(is_member: np.ndarray, scores: np.ndarray, delta: float) -> float:
@@ -203,3 +235,67 @@ def membership_audit(weights: list[np.ndarray], settings: RunSettings, rounds: i
         "attacks": {name: _against_ceiling(evaluate_attack(is_member, s, bootstrap, seed + i), is_member, s, epsilon,
                                            delta) for i, (name, s) in enumerate(scores.items())},
     }
+
+
+def run(audit: AuditInputs, report: Mapping[str, Any]) -> dict[str, Any]:
+    return {"membership_inference": _final_model_audit(audit, report["privacy_budget"])}
+
+
+def _final_model_audit(audit: AuditInputs, budget: Mapping[str, Any]) -> dict[str, Any]:
+    """Both attacks on the last final model whose run settings the site knows, or why none ran."""
+    usable = [m for m in audit.received if m.run_id in audit.settings]
+    if not usable:
+        return {"skipped": "this site holds no final shared model (received models are kept from this version of "
+                "spine-fl on, in <state_dir>/received)"}
+    model = usable[-1]
+    settings = audit.settings[model.run_id]
+    try:
+        data = load_site(audit.site.data_dir, get_task(settings.task), settings.image_size)
+    except SiteDataError as exc:
+        return {"skipped": f"the site's data could not be loaded for task {settings.task}: {exc}"}
+    dp, eps, delta = None, None, None
+    if settings.dp:
+        mine = [r for r in audit.privacy_records if r.run_id == model.run_id]
+        if mine:
+            dp = DpSettings(mine[-1].noise_multiplier, mine[-1].max_grad_norm)
+        else:
+            dp = DpSettings(plan_round(settings, int((data.split == "train").sum())).noise_multiplier,
+                            settings.max_grad_norm)
+        row = next((r for r in budget.get("runs", []) if r["run_id"] == model.run_id), None)
+        if row is not None:
+            eps, delta = row["epsilon"], row["delta"]
+    audit.progress(f"membership inference on run {model.run_id}'s final model")
+    result = membership_audit(model.weights, settings, model.round, data, dp, eps, delta, audit.shadow_models,
+                              bootstrap=audit.bootstrap, seed=audit.seed, device=pick_device(),
+                              progress=audit.progress)
+    return {"run_id": model.run_id, "round": model.round, "task": settings.task, **result}
+
+
+def reasons(report: Mapping[str, Any]) -> list[Reason]:
+    mia = report["membership_inference"]
+    if "skipped" in mia:
+        return [reason("attention", "membership", f"Membership inference was not run: {mia['skipped']}.")]
+    out = []
+    for name, attack in mia["attacks"].items():
+        label = {"loss_threshold": "loss-threshold attack", "lira": "LiRA attack"}.get(name, name)
+        low, high = attack["auc_ci"]
+        numbers = f"AUC {attack['auc']:.2f} (95% CI {low:.2f}-{high:.2f})"
+        if attack["exceeds_dp_ceiling"]:
+            out.append(reason("fail", "membership", f"The {label} on the final model beats what epsilon "
+                              f"{mia['epsilon']:.2f} allows ({numbers}, DP ceiling AUC {attack['auc_ceiling']:.2f}; "
+                              f"it proves epsilon >= {attack['proven_epsilon']:.2f}): the DP guarantee does not "
+                              "hold as accounted."))
+        elif low >= CLEAR_LEAK_AUC:
+            out.append(reason("fail", "membership", f"The {label} tells this site's training patients from its "
+                              f"held-out patients: {numbers}. The shared model leaks who was in training."))
+        elif low > ABOVE_CHANCE_AUC:
+            out.append(reason("attention", "membership", f"The {label} does better than chance: {numbers}"
+                              + (", within what the DP guarantee allows." if mia["epsilon"] is not None else ".")))
+    if not out:
+        shown = "; ".join(f"{n.replace('_', ' ')} AUC {a['auc']:.2f} (95% CI {a['auc_ci'][0]:.2f}-{a['auc_ci'][1]:.2f})"
+                          for n, a in mia["attacks"].items())
+        out.append(reason("pass", "membership", f"Membership attacks on the final model with this site's "
+                          f"{mia['members']} training and {mia['non_members']} held-out patients stay below the "
+                          f"attention threshold (lower 95% bound of the AUC at most {ABOVE_CHANCE_AUC:.2f}, where "
+                          f"0.50 is guessing): {shown}."))
+    return out

@@ -4,17 +4,20 @@ A run's settings are the ones the site received with its final model (client/rec
 what the site actually did comes from its own ledgers: whether updates left under SecAgg+, with
 DP-SGD, at which noise multiplier and epsilon. A rule that a run broke is fine when the site
 refused it; it is a breach when the site trained and sent updates anyway.
+The check writes the report's "policy" section; it reads the privacy-budget section before it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
+from spine_fl.client.audit.inputs import AuditInputs, Reason, reason
 from spine_fl.client.privacy.policy import SitePolicy, rule_violations
 from spine_fl.shared import protocol
 from spine_fl.shared.config import RunSettings
 from spine_fl.shared.refusal import Refusal
 
+SECTIONS = ("policy",)
 MASKED_UPDATE = f"{protocol.SECAGG_CONFIGS}/masked_params"
 FIT_PAYLOAD_KEYS = (protocol.FIT_NUM_EXAMPLES, MASKED_UPDATE)
 DP_FLAG = protocol.fit_metric(protocol.DP)
@@ -103,3 +106,36 @@ def compliance(policy: SitePolicy, lines: list[dict[str, Any]], settings: dict[s
 
 def _policy_dict(policy: SitePolicy) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in policy.__dict__.items()}
+
+
+def run(audit: AuditInputs, report: Mapping[str, Any]) -> dict[str, Any]:
+    budget = report["privacy_budget"]
+    spent = budget if "runs" in budget else {"runs": [], "rounds": []}
+    return {"policy": compliance(audit.site.policy, audit.lines, audit.settings, spent)}
+
+
+def reasons(report: Mapping[str, Any]) -> list[Reason]:
+    policy = report["policy"]
+    out = []
+    if not report["inputs"]["policy_found"]:
+        out.append(reason("attention", "policy", f"No site policy was found ({report['inputs']['policy_source']}); "
+                          "runs were checked against spine-fl's default policy."))
+    for row in policy["runs"]:
+        trained = bool(row["trained_rounds"])
+        if row["status"] == "breach":
+            out.append(reason("fail", "policy", f"Run {row['run_id']} trained and sent updates although it broke "
+                              f"the site's rule(s): {', '.join(row['broken_rules'])}."))
+        if trained and row["dp"] is False:
+            out.append(reason("attention", "policy", f"Run {row['run_id']} trained without differential privacy "
+                              "(DP off, dp = false): its updates carry no formal privacy guarantee."))
+        if trained and not row["secagg"]:
+            out.append(reason("attention", "policy", f"Run {row['run_id']} sent updates without secure "
+                              "aggregation: the coordinator saw this site's model update on its own."))
+        if trained and row["settings"] is None:
+            out.append(reason("attention", "policy", f"Run {row['run_id']}: its settings are unknown (no final "
+                              "model was received), so its rules could only be checked from the ledgers."))
+    if not out:
+        refused = len(policy["refusals"])
+        out.append(reason("pass", "policy", f"All {len(policy['runs'])} run(s) kept to the site's policy"
+                          + (f"; the site enforced it with {refused} refusal(s)." if refused else ".")))
+    return out

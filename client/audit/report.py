@@ -1,8 +1,9 @@
 """Audit: write the report as audit.json (every number) and audit.html (one self-contained page).
 
 The page is for a data-protection officer: the verdict with its reasons first, then each part as a
-plain-language sentence with the numbers and plots beside it. Plots are embedded PNGs, so the page
-opens offline in any browser (shared/html_report.py: no scripts, no network requests).
+plain-language sentence with the numbers and plots beside it. This module turns the report into plain
+data (sentences, table rows, plots as PNG data URIs); templates/audit.html lays it out, autoescaped
+(shared/html/page.py: no scripts, no network requests), so nothing read from a ledger becomes markup.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from spine_fl.client.audit.membership_inference import FPRS, dp_tpr_ceiling  # noqa: E402
 from spine_fl.client.audit.verdict import headline  # noqa: E402
 from spine_fl.shared.files import atomic_write_bytes  # noqa: E402
-from spine_fl.shared.html.page import Section, figure_to_img, render_page, table, verdict_banner  # noqa: E402
+from spine_fl.shared.html.page import figure_data_uri, render_page  # noqa: E402
 
 JSON_FILE = "audit.json"
 HTML_FILE = "audit.html"
+TEMPLATE = "audit.html"  # in templates/, beside this module
 ATTACK_NAMES = {"loss_threshold": "loss threshold", "lira": "LiRA (shadow models)"}
 
 
@@ -51,22 +53,14 @@ def _short(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _verdict_section(report: dict[str, Any]) -> Section:
-    reasons = report["verdict"]["reasons"]
-    return Section("All checks", "Every check the audit made, worst first.",
-                   [table(["result", "topic", "reason"], [[r["level"], r["topic"], r["text"]] for r in reasons])])
-
-
-def _integrity_section(report: dict[str, Any]) -> Section:
+def _integrity(report: dict[str, Any]) -> dict[str, Any]:
     check = report["integrity"]
     summary = (f"The site's signed egress ledger has {check['lines']} lines and every signature and hash link "
                "verifies." if check["ok"] else
                f"The egress ledger does NOT verify: the first broken line is {check['first_broken_line']}. "
                f"{check['problem']}.")
-    return Section("Ledger integrity", summary, [table(
-        ["ledger", "lines", "intact", "first broken line", "problem"],
-        _rows([[check["ledger"], check["lines"], "yes" if check["ok"] else "NO", check["first_broken_line"],
-                check["problem"] or None]]))])
+    return {"summary": summary, "rows": _rows([[check["ledger"], check["lines"], "yes" if check["ok"] else "NO",
+                                                check["first_broken_line"], check["problem"] or None]])}
 
 
 def _egress_plot(egress: dict[str, Any]) -> str:
@@ -80,38 +74,31 @@ def _egress_plot(egress: dict[str, Any]) -> str:
     ax.set_xticks(range(len(sizes)), labels, rotation=90, fontsize=7)
     ax.set(ylabel="KiB sent", title="Bytes that left the site per run (last digits of its id) and round")
     fig.tight_layout()
-    return figure_to_img(fig, "bytes that left the site per round")
+    return figure_data_uri(fig)
 
 
-def _egress_section(report: dict[str, Any]) -> Section:
+def _message_row(rnd: dict[str, Any], m: dict[str, Any]) -> list[Any]:
+    arrays = (f"{len(m['arrays'])}: " + ", ".join(f"{a['name'].rpartition('/')[2]} {a['shape']}"
+                                                  for a in m["arrays"])) if m["arrays"] else "-"
+    metrics = "; ".join(f"{k.rpartition('/')[2]}={_short(v)}" for k, v in m["metrics"].items())
+    error = json.dumps(m["error"]) if m["error"] else "-"
+    return [m["line"], rnd["round"], m["kind"], arrays, metrics, m["num_examples"], m["bytes"], error]
+
+
+def _egress(report: dict[str, Any]) -> dict[str, Any]:
     egress, scan = report["egress"], report["payload_scan"]
     total = sum(r["bytes"] for r in egress["runs"])
     summary = (f"{sum(r['messages'] for r in egress['runs'])} replies left this site in {len(egress['runs'])} run(s), "
                f"{total / 1024:.1f} KiB in all. "
                + ("The automated scan found only model weights and declared numeric metrics."
                   if scan["clean"] else f"The automated scan raised {len(scan['findings'])} finding(s), listed below."))
-    parts = [_egress_plot(egress)] if egress["runs"] else []
-    if scan["findings"]:
-        parts.append(table(["ledger line", "severity", "where", "what"],
-                           [[f["line"], f["severity"], f["where"], f["what"]] for f in scan["findings"]]))
-    ids = scan["identifiers_checked"]
-    parts.append(f'<p class="note">Checked against {ids["identifiers"]} identifiers and '
-                 f'{ids["clinical_and_dicom_text_values"]} text values from clinical.csv and {ids["dicom_files_read"]} '
-                 'DICOM headers.</p>')
-    for run in egress["runs"]:
-        rows = []
-        for rnd in run["rounds"]:
-            for m in rnd["messages"]:
-                arrays = (f"{len(m['arrays'])}: " + ", ".join(f"{a['name'].rpartition('/')[2]} {a['shape']}"
-                                                              for a in m["arrays"])) if m["arrays"] else "-"
-                metrics = "; ".join(f"{k.rpartition('/')[2]}={_short(v)}" for k, v in m["metrics"].items())
-                error = json.dumps(m["error"]) if m["error"] else "-"
-                rows.append([m["line"], rnd["round"], m["kind"], arrays, metrics, m["num_examples"], m["bytes"], error])
-        flower = ", ".join(f for f in run["flower_run_ids"] if f != run["run_id"])
-        parts.append(f"<h3>Run {run['run_id']}" + (f" (Flower run {flower})" if flower else "") + "</h3>" + table(
-            ["line", "round", "message", "arrays (index shape)", "metrics and values", "examples", "bytes", "error"],
-            _rows(rows)))
-    return Section("What left the site", summary, parts)
+    runs = [{"run_id": run["run_id"],
+             "flower": ", ".join(f for f in run["flower_run_ids"] if f != run["run_id"]),
+             "rows": _rows([_message_row(rnd, m) for rnd in run["rounds"] for m in rnd["messages"]])}
+            for run in egress["runs"]]
+    return {"summary": summary, "plot": _egress_plot(egress) if egress["runs"] else None,
+            "findings": _rows([[f["line"], f["severity"], f["where"], f["what"]] for f in scan["findings"]]),
+            "checked": scan["identifiers_checked"], "runs": runs}
 
 
 def _budget_plot(budget: dict[str, Any]) -> str:
@@ -131,17 +118,18 @@ def _budget_plot(budget: dict[str, Any]) -> str:
     ax.set(xlabel="DP round at this site (all runs, in order)", ylabel="epsilon", title="Privacy spent")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    return figure_to_img(fig, "epsilon per round against the budgets")
+    return figure_data_uri(fig)
 
 
-def _budget_section(report: dict[str, Any]) -> Section:
+def _budget(report: dict[str, Any]) -> dict[str, Any]:
+    """The budget section; `plot` and the tables only when DP rounds were recorded."""
     budget = report["privacy_budget"]
     if "error" in budget:
-        return Section("Privacy budget", budget["error"])
+        return {"summary": budget["error"], "plot": None}
     life = budget["lifetime"]
     if not budget["rounds"]:
-        return Section("Privacy budget", "No DP-SGD round is recorded for this dataset: no privacy budget was spent "
-                       "(a run without DP spends none, and guarantees none).")
+        return {"summary": "No DP-SGD round is recorded for this dataset: no privacy budget was spent (a run without "
+                           "DP spends none, and guarantees none).", "plot": None}
     summary = (f"Over its lifetime this dataset has spent epsilon {life['epsilon']:.2f} of its budget "
                f"{life['budget']:g} ({life['used_fraction']:.0%}) at delta {life['delta']:.2g}. Every figure is "
                "recomputed from the site's privacy ledger with Opacus and, independently, with Google's dp-accounting.")
@@ -152,38 +140,29 @@ def _budget_section(report: dict[str, Any]) -> Section:
     rounds = _rows([[r["run_id"], r["round"], r["noise_multiplier"], r["sample_rate"], r["steps"], r["epsilon_run"],
                      r["epsilon_run_dp_accounting"], r["reported_epsilon_run"], r["epsilon_lifetime"],
                      r["epsilon_lifetime_dp_accounting"], r["reported_epsilon_lifetime"]] for r in budget["rounds"]])
-    return Section("Privacy budget", summary, [
-        _budget_plot(budget),
-        table(["run", "rounds", "epsilon (Opacus)", "epsilon (dp-accounting)", "epsilon reported", "budget", "used",
-               "delta", "accountant", "noise multiplier", "sample rate", "steps", "clipping norm", "agree"], runs),
-        table(["lifetime epsilon (Opacus)", "lifetime epsilon (dp-accounting)", "lifetime budget", "used", "delta"],
-              _rows([[life["epsilon"], life["epsilon_dp_accounting"], life["budget"], f"{life['used_fraction']:.0%}",
-                      life["delta"]]])),
-        "<h3>Per round (cumulative)</h3>",
-        table(["run", "round", "noise multiplier", "sample rate", "steps", "run epsilon (Opacus)",
-               "run epsilon (dp-accounting)", "run epsilon reported", "lifetime epsilon (Opacus)",
-               "lifetime epsilon (dp-accounting)", "lifetime epsilon reported"], rounds)])
+    lifetime = _rows([[life["epsilon"], life["epsilon_dp_accounting"], life["budget"], f"{life['used_fraction']:.0%}",
+                       life["delta"]]])
+    return {"summary": summary, "plot": _budget_plot(budget), "runs": runs, "lifetime": lifetime, "rounds": rounds}
 
 
-def _policy_section(report: dict[str, Any]) -> Section:
+def _kept(ok: bool | None) -> str:
+    return "-" if ok is None else "yes" if ok else "NO"
+
+
+def _policy(report: dict[str, Any]) -> dict[str, Any]:
     policy = report["policy"]
     source = report["inputs"]["policy_source"]
     breaches = [r for r in policy["runs"] if r["status"] == "breach"]
     summary = (f"{len(policy['runs'])} run(s) checked against the site's policy ({source}); "
                + (f"{len(breaches)} broke it." if breaches else "none broke it.")
                + f" The site refused {len(policy['refusals'])} request(s).")
-    parts = [table(["rule", "policy"], [[k, _cell(v)] for k, v in policy["policy"].items()])]
-    for run in policy["runs"]:
-        parts.append(f"<h3>Run {run['run_id']}: {run['status']}</h3>" + table(
-            ["rule", "run", "policy", "kept"],
-            _rows([[c["rule"], c["run"], c["policy"], "-" if c["ok"] is None else "yes" if c["ok"] else "NO"]
-                   for c in run["checks"]])))
-    if policy["refusals"]:
-        parts.append("<h3>Refusals</h3>" + table(
-            ["ledger line", "run", "round", "message", "rule", "why"],
-            _rows([[r["line"], r["run_id"], r.get("round"), r.get("kind"), r.get("rule"), r.get("message")]
-                   for r in policy["refusals"]])))
-    return Section("Policy compliance", summary, parts)
+    return {"summary": summary,
+            "rules": [[k, _cell(v)] for k, v in policy["policy"].items()],
+            "runs": [{"run_id": run["run_id"], "status": run["status"],
+                      "checks": _rows([[c["rule"], c["run"], c["policy"], _kept(c["ok"])] for c in run["checks"]])}
+                     for run in policy["runs"]],
+            "refusals": _rows([[r["line"], r["run_id"], r.get("round"), r.get("kind"), r.get("rule"), r.get("message")]
+                               for r in policy["refusals"]])}
 
 
 def _roc_plot(mia: dict[str, Any]) -> str:
@@ -203,14 +182,14 @@ def _roc_plot(mia: dict[str, Any]) -> str:
            title="Membership inference on the final model")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    return figure_to_img(fig, "membership inference ROC curves, log-log, with the DP ceiling")
+    return figure_data_uri(fig)
 
 
-def _membership_section(report: dict[str, Any]) -> Section:
+def _membership(report: dict[str, Any]) -> dict[str, Any]:
+    """The membership-inference section; `attacks` (table rows) and the plot only when it ran."""
     mia = report["membership_inference"]
-    title = "Empirical privacy: membership inference"
     if "skipped" in mia:
-        return Section(title, f"Not run: {mia['skipped']}.")
+        return {"summary": f"Not run: {mia['skipped']}.", "attacks": []}
     best = max(mia["attacks"].values(), key=lambda a: a["auc"])
     summary = (f"An attacker who holds the final shared model and a patient's record tries to tell whether that "
                f"patient was used in training. Using this site's {mia['members']} training patients (members) and "
@@ -230,25 +209,23 @@ def _membership_section(report: dict[str, Any]) -> Section:
     for limit in FPRS:
         headers += [f"TPR at {limit:.1%} FPR (95% CI)", "DP ceiling"]
     headers.append("epsilon the attack proves (95%)")
-    note = (f'<p class="note">Shadow models: {mia["shadow_models"]}, trained here on random halves of the site\'s '
-            f'labelled patients for {mia["shadow_training"]["epochs"]} epochs'
-            + (f' with DP-SGD (noise multiplier {mia["shadow_training"]["noise_multiplier"]:.3g})'
-               if mia["shadow_training"]["dp"] else '') +
-            f'. With {mia["non_members"]} non-members the smallest non-zero FPR is {mia["smallest_nonzero_fpr"]:.3f}; '
-            f'lower targets are read at FPR 0. Intervals: {mia["bootstrap"]} bootstrap resamples. The epsilon an '
-            'attack proves uses Clopper-Pearson bounds on its TPR and FPR at these thresholds; it beats the DP '
-            'guarantee only if it exceeds the accounted epsilon.</p>')
-    return Section(title, summary, [table(headers, _rows(rows)), _roc_plot(mia), note])
+    shadow = mia["shadow_training"]
+    return {"summary": summary, "headers": headers, "attacks": _rows(rows), "plot": _roc_plot(mia),
+            "shadow_models": mia["shadow_models"], "shadow_epochs": shadow["epochs"],
+            "shadow_noise": f"{shadow['noise_multiplier']:.3g}" if shadow["dp"] else None,
+            "non_members": mia["non_members"], "smallest_fpr": f"{mia['smallest_nonzero_fpr']:.3f}",
+            "bootstrap": mia["bootstrap"]}
 
 
 def render_html(report: dict[str, Any]) -> str:
     v = report["verdict"]
-    sections = [_integrity_section(report), _egress_section(report), _budget_section(report),
-                _policy_section(report), _membership_section(report), _verdict_section(report)]
     subtitle = (f"Generated {report['generated_at']} at the site from its own files only: ledgers in "
                 f"{report['inputs']['state_dir']}, data in {report['inputs']['data_dir']}.")
-    return render_page(f"Privacy audit: site {report['site']}", subtitle, sections,
-                       verdict_banner(v["verdict"], headline(v)))
+    return render_page(
+        __package__, TEMPLATE, title=f"Privacy audit: site {report['site']}", subtitle=subtitle,
+        verdict={"level": v["verdict"], "reasons": headline(v)},
+        integrity=_integrity(report), egress=_egress(report), budget=_budget(report), policy=_policy(report),
+        membership=_membership(report), checks=[[r["level"], r["topic"], r["text"]] for r in v["reasons"]])
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:

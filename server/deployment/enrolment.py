@@ -1,11 +1,17 @@
-"""Adding a site's public key to the federation file's enrolled sites, keeping the file valid."""
+"""Adding a site's public key to the federation file's enrolled sites, keeping the file valid.
+
+The file is edited with tomlkit, so every comment, blank line and the order of its tables survive;
+it is replaced atomically, never left half-written."""
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from pathlib import Path
+
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+from tomlkit.items import InlineTable
 
 from spine_fl.shared.config import ConfigError
 from spine_fl.shared.files import atomic_write_bytes
@@ -14,25 +20,51 @@ from spine_fl.shared.runtime.credentials import load_site_public_key
 SITE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def enrol_public_key(federation: Path, site: str, key_file: Path) -> None:
+def enrol_public_key(federation: Path, site: str, key_file: Path, replace: bool = False) -> bool:
+    """Set [sites.<site>] public_key in the federation file; True if it replaced the site's earlier key.
+
+    An enrolled site's key is replaced only when asked (`replace`): a key swapped by mistake or by
+    someone else would let another machine train as that site."""
     if not SITE_NAME.match(site):
         raise ConfigError(f"site name {site!r}: use letters, digits, '-' and '_' only")
     load_site_public_key(key_file)  # refuse a key Flower could not use
     text = federation.read_text() if federation.exists() else ""
     try:
-        enrolled = tomllib.loads(text).get("sites", {})
-    except tomllib.TOMLDecodeError as exc:
+        tomllib.loads(text)  # tomlkit's parser is more lenient; refuse what the coordinator could not read
+        document = tomlkit.parse(text)
+    except (tomllib.TOMLDecodeError, TOMLKitError) as exc:
         raise ConfigError(f"{federation}: not valid TOML ({exc})") from None
-    if site in enrolled:
-        raise ConfigError(f"{federation}: site {site} is already enrolled; edit [sites.{site}] to replace its key")
     relative = Path(key_file).resolve()
     try:
         relative = relative.relative_to(federation.resolve().parent)
     except ValueError:
         pass
-    updated = text.rstrip("\n") + f"\n\n[sites.{site}]\npublic_key = {json.dumps(relative.as_posix())}\n"
+    sites = document.get("sites")
+    if sites is None:
+        sites = tomlkit.table(is_super_table=True)  # written as [sites.<name>] headers, no bare [sites]
+        document.append("sites", sites)
+    elif not isinstance(sites, dict):
+        raise ConfigError(f"{federation}: `sites` is not a table; enrolled sites are [sites.<name>] tables")
+    existing = sites.get(site)
+    replaced = existing is not None
+    if replaced and not replace:
+        raise ConfigError(f"{federation}: {site} is already enrolled; pass --replace to change its key (only "
+                          "when the site has sent a new one)")
     try:
+        if isinstance(existing, dict):
+            existing["public_key"] = relative.as_posix()  # the table keeps its place and its comments
+        else:
+            entry = tomlkit.inline_table() if isinstance(sites, InlineTable) else tomlkit.table()
+            entry["public_key"] = relative.as_posix()
+            if not isinstance(entry, InlineTable) and list(document)[-1] != "sites":
+                entry.add(tomlkit.nl())  # a blank line before the table that follows
+            if replaced:
+                sites[site] = entry
+            else:
+                sites.append(site, entry)
+        updated = tomlkit.dumps(document)
         tomllib.loads(updated)
-    except tomllib.TOMLDecodeError as exc:  # e.g. an inline `sites = {...}` table already in the file
-        raise ConfigError(f"{federation}: cannot add [sites.{site}] to this file ({exc}); add it by hand") from None
+    except (tomllib.TOMLDecodeError, TOMLKitError) as exc:
+        raise ConfigError(f"{federation}: cannot set [sites.{site}] in this file ({exc}); edit it by hand") from None
     atomic_write_bytes(federation, updated.encode())
+    return replaced

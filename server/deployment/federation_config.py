@@ -20,7 +20,7 @@ Relative paths are resolved against the file's folder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from spine_fl.shared.config import ConfigError, RunSettings, read_toml, typed_from_table
@@ -47,7 +47,30 @@ class FederationConfig:
         return self.address.rsplit(":", 1)[0]
 
 
-FEDERATION_KEYS = {"address", "state_dir", "out_dir", "ca_certificate", "certificate", "private_key"}
+@dataclass(frozen=True)
+class FederationTable:
+    """[federation]: every key is required; paths are relative to the file."""
+
+    address: str
+    state_dir: str
+    out_dir: str
+    ca_certificate: str
+    certificate: str
+    private_key: str
+
+    def __post_init__(self) -> None:
+        if ":" not in self.address or not self.address.rsplit(":", 1)[1].isdigit():
+            raise ConfigError(f"address = {self.address!r}: expected host:port, such as \"0.0.0.0:9092\"")
+
+
+@dataclass(frozen=True)
+class EnrolledSite:
+    """[sites.<name>]: the site's SuperNode public key (added by `spine-fl enroll`)."""
+
+    public_key: str
+
+
+FEDERATION_KEYS = {f.name for f in fields(FederationTable)}
 
 
 def load_federation(path: Path) -> FederationConfig:
@@ -55,24 +78,19 @@ def load_federation(path: Path) -> FederationConfig:
     unknown = sorted(set(raw) - {"federation", "run", "sites"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: federation, run, sites")
-    fed = raw.get("federation", {})
-    missing = sorted(FEDERATION_KEYS - set(fed))
-    extra = sorted(set(fed) - FEDERATION_KEYS)
-    if missing or extra:
-        raise ConfigError(f"{path} [federation]: " + "; ".join(
-            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else [])))
-    if ":" not in str(fed["address"]) or not str(fed["address"]).rsplit(":", 1)[1].isdigit():
-        raise ConfigError(f"{path} [federation] address: expected host:port, got {fed['address']!r}")
+    fed = typed_from_table(FederationTable, raw.get("federation", {}), f"{path} [federation]")
     base = Path(path).parent
+    enrolled = raw.get("sites", {})
+    if not isinstance(enrolled, dict):
+        raise ConfigError(f"{path} sites: expected [sites.<name>] tables, each with public_key = \"<file>.pub\"")
     sites = {}
-    for name, table in raw.get("sites", {}).items():
-        if not isinstance(table, dict) or set(table) != {"public_key"}:
-            raise ConfigError(f"{path} [sites.{name}]: expected exactly one key, public_key = \"<file>.pub\"")
-        sites[name] = base / table["public_key"]
+    for name, table in enrolled.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path} [sites.{name}]: expected a table with one key, public_key = \"<file>.pub\"")
+        sites[name] = base / typed_from_table(EnrolledSite, table, f"{path} [sites.{name}]").public_key
     run = typed_from_table(RunSettings, raw.get("run", {}), f"{path} [run]")
     if len(sites) < run.min_sites:
         raise ConfigError(f"{path}: {len(sites)} enrolled site(s) but [run] min_sites = {run.min_sites}; "
                           "enrol more sites with `spine-fl enroll` or lower min_sites")
-    return FederationConfig(Path(path), str(fed["address"]), base / fed["state_dir"], base / fed["out_dir"],
-                            base / fed["ca_certificate"], base / fed["certificate"], base / fed["private_key"],
-                            run, sites)
+    return FederationConfig(Path(path), fed.address, base / fed.state_dir, base / fed.out_dir,
+                            base / fed.ca_certificate, base / fed.certificate, base / fed.private_key, run, sites)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import brentq
 from scipy.special import expit, logit
-from scipy.stats import mannwhitneyu
+from scipy.stats import bootstrap, rankdata
 from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 
@@ -47,6 +47,8 @@ PREDICTION_COLUMNS = ["model", "site", "patient_id", "age", "sex", "y", "p"]
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 20250101
+CONFIDENCE_LEVEL = 0.95
+CI_METRICS = ("auroc", "brier", "sensitivity", "specificity")  # the order _class_statistics returns them in
 AGE_BANDS = ((-math.inf, 50, "<50"), (50, 65, "50-64"), (65, math.inf, ">=65"))
 SEX_LABELS = {"F": "female", "M": "male"}
 MIN_SUBGROUP_CLASS = 5  # events and non-events a subgroup needs before its AUROC enters the gap
@@ -128,34 +130,66 @@ def _num(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _resample(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return values[rng.integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))]
+def _class_statistics(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC, Brier score, sensitivity and specificity (CI_METRICS) from the events' (`pos`) and the
+    non-events' (`neg`) predicted probabilities along `axis`; leading axes (scipy's resamples)
+    broadcast. AUROC is the Mann-Whitney U of the events over n_pos * n_neg (ties count one half)."""
+    pos = np.moveaxis(np.asarray(pos, dtype=float), axis, -1)
+    neg = np.moveaxis(np.asarray(neg, dtype=float), axis, -1)
+    n_pos, n_neg = pos.shape[-1], neg.shape[-1]
+    lead = np.broadcast_shapes(pos.shape[:-1], neg.shape[:-1])
+    pos, neg = np.broadcast_to(pos, lead + (n_pos,)), np.broadcast_to(neg, lead + (n_neg,))
+    ranks = rankdata(np.concatenate([pos, neg], axis=-1), axis=-1)  # mid-ranks for ties
+    u = ranks[..., :n_pos].sum(-1) - n_pos * (n_pos + 1) / 2
+    return np.stack([u / (n_pos * n_neg),
+                     (((1 - pos) ** 2).sum(-1) + (neg ** 2).sum(-1)) / (n_pos + n_neg),
+                     (pos >= THRESHOLD).mean(-1),
+                     (neg < THRESHOLD).mean(-1)])
+
+
+def _resample(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper percentile-bootstrap bounds of CI_METRICS (scipy.stats.bootstrap).
+
+    Events and non-events are two independent samples, each resampled with replacement to its own
+    size (paired=False): the stratified bootstrap, in which every resample keeps both classes.
+    scipy needs two observations per sample; a class of one patient resamples to itself every
+    time, so it is held fixed and only the other class is resampled (the same distribution); with
+    one patient in each class every resample is the sample, and the interval is its value."""
+    samples = [np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)]
+    varying = [i for i, sample in enumerate(samples) if len(sample) > 1]
+    if not varying:
+        value = _class_statistics(*samples)
+        return value, value
+
+    def statistic(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
+        full = list(samples)
+        for i, sample in zip(varying, resampled):
+            full[i] = np.moveaxis(sample, axis, -1)
+        return _class_statistics(*full)
+
+    result = bootstrap([samples[i] for i in varying], statistic, n_resamples=BOOTSTRAP_RESAMPLES,
+                       vectorized=True, paired=False, confidence_level=CONFIDENCE_LEVEL, method="percentile",
+                       random_state=BOOTSTRAP_SEED)
+    return np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high)
 
 
 def metrics_with_ci(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     """Point estimates (scikit-learn, as metrics.json) with stratified percentile-bootstrap 95% CIs.
 
     Stratified: events and non-events are resampled separately, so every resample keeps both
-    classes and the AUROC is always defined (the default of pROC's `ci.auc`)."""
+    classes and the AUROC is always defined (the default of pROC's `ci.auc`). With one class only
+    there is no interval: the CIs are null."""
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)
     point = binary_metrics(y, p)
     out: dict[str, Any] = {"n": len(y), "events": int(y.sum()), "prevalence": _num(point["prevalence"])}
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
     pos, neg = p[y == 1], p[y == 0]
     if len(pos) and len(neg):
-        pos_b, neg_b = _resample(pos, rng), _resample(neg, rng)
-        replicates = {
-            "auroc": mannwhitneyu(pos_b, neg_b, axis=1, method="asymptotic").statistic / (len(pos) * len(neg)),
-            "brier": (((1 - pos_b) ** 2).sum(1) + (neg_b ** 2).sum(1)) / len(y),
-            "sensitivity": (pos_b >= THRESHOLD).mean(1),
-            "specificity": (neg_b < THRESHOLD).mean(1),
-        }
+        low, high = _resample(pos, neg)
     else:
-        replicates = {}
-    for name in ("auroc", "brier", "sensitivity", "specificity"):
-        ci = np.percentile(replicates[name], [2.5, 97.5]) if name in replicates else (math.nan, math.nan)
-        out[name] = {"value": _num(point[name]), "ci": [_num(ci[0]), _num(ci[1])]}
+        low = high = np.full(len(CI_METRICS), math.nan)
+    for i, name in enumerate(CI_METRICS):
+        out[name] = {"value": _num(point[name]), "ci": [_num(low[i]), _num(high[i])]}
     return out
 
 

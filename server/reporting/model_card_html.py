@@ -1,11 +1,14 @@
 """The model card as one self-contained HTML page: plain language first, numbers beside, plots embedded.
 
 Rendered from the card dict alone (model_card.json), so the page can be rebuilt without the run's data.
+This module turns the card into plain data (sentences, table rows, plots as PNG data URIs);
+templates/model_card.html lays it out, autoescaped (shared/html/page.py), so no text from the run
+(a site name, the task's description) becomes markup.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -14,13 +17,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spine_fl.server.reporting.model_card import MIN_SUBGROUP_CLASS  # noqa: E402
-from spine_fl.shared.html.page import Section, escape, figure_to_img, render_page, table  # noqa: E402
+from spine_fl.shared.html.page import figure_data_uri, render_page  # noqa: E402
 
 MODEL_NAMES = {"federated": "federated (the shared model)", "pooled": "pooled (all data in one place)",
                "local_only": "local-only (each site alone)"}
 MODEL_STYLE = {"federated": ("#1f5fa8", "-", "o"), "pooled": ("#6b6b6b", "--", "s"),
                "local_only": ("#c26a00", ":", "^")}
 FLAG = "#b00020"
+TEMPLATE = "model_card.html"  # in templates/, beside this module
 
 
 NO_BREAK = str.maketrans({" ": "\u00a0", "-": "\u2011"})  # keep "0.82 (0.73-0.89)" on one line in narrow cells
@@ -36,14 +40,6 @@ def _ci(metric: dict[str, Any]) -> str:
 
 def _num(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _bullets(items: Sequence[str]) -> str:
-    return "<ul>" + "".join(f"<li>{escape(i)}</li>" for i in items) + "</ul>"
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{escape(text)}</p>'
 
 
 # -- plots -----------------------------------------------------------------------------------
@@ -118,63 +114,54 @@ def _decision(dca: dict[str, Any]) -> plt.Figure:
     return fig
 
 
-# -- sections --------------------------------------------------------------------------------
+# -- sections: plain data for the template ----------------------------------------------------
 
-def _data_section(card: dict[str, Any]) -> Section:
+def _unavailable(what: str) -> dict[str, Any]:
+    """A section the coordinator's card cannot fill: it never sees a patient-level prediction."""
+    return {"summary": f"Not available: {what} patient-level predictions, which stay at the sites."}
+
+
+def _data(card: dict[str, Any]) -> dict[str, Any]:
     data = card["data"]
     splits = ("train", "test", "external")
     rows = [[s["site"], *("n/a" if s.get(k) is None else s[k] for k in splits), _num(s.get("test_prevalence"))]
             for s in data["sites"]]
     total = sum(s.get(k) or 0 for s in data["sites"] for k in splits)
-    parts = [table(["site", "training patients", "held-out (test) patients", "external patients",
-                    "outcome rate (test)"], rows)]
-    if data.get("attribution"):
-        parts.append(_note(f"Data: {data['attribution']}"))
     run = card["run"]
-    parts.append(_note(f"Run: strategy {run.get('strategy')}, {run.get('rounds_completed')} of "
-                       f"{run.get('rounds_planned')} rounds, status {run.get('status')}; "
-                       f"data source: {data['source']}."))
-    return Section("The task and the data",
-                   f"The model predicts: {card['task']['description']} (task {card['task']['name']}). "
-                   f"{len(data['sites'])} hospitals took part with {total} patients; each kept its data and trained "
-                   "locally. All results below are on each site's held-out (test) patients, never used in training.",
-                   parts)
+    return {"summary": f"The model predicts: {card['task']['description']} (task {card['task']['name']}). "
+                       f"{len(data['sites'])} hospitals took part with {total} patients; each kept its data and "
+                       "trained locally. All results below are on each site's held-out (test) patients, never used "
+                       "in training.",
+            "rows": rows, "attribution": data.get("attribution"),
+            "run": f"Run: strategy {run.get('strategy')}, {run.get('rounds_completed')} of {run.get('rounds_planned')} "
+                   f"rounds, status {run.get('status')}; data source: {data['source']}."}
 
 
-def _performance_section(card: dict[str, Any]) -> Section:
+def _performance(card: dict[str, Any]) -> dict[str, Any]:
     fed = card["comparison"]["federated"]
-    rows = [["all sites", m["n"], m["events"], _ci(m["auroc"]), _ci(m["brier"]), _ci(m["sensitivity"]),
-             _ci(m["specificity"])] for m in [fed["overall"]]]
-    rows += [[site, m["n"], m["events"], _ci(m["auroc"]), _ci(m["brier"]), _ci(m["sensitivity"]), _ci(m["specificity"])]
-             for site, m in fed["per_site"].items()]
-    ci = " (95% CI)" if fed["source"] == "predictions" else ""
-    parts = [table(["", "patients", "with the outcome", f"AUROC{ci}", f"Brier{ci}", "sensitivity at 0.5",
-                    "specificity at 0.5"], rows)]
+    rows = [[label, m["n"], m["events"], _ci(m["auroc"]), _ci(m["brier"]), _ci(m["sensitivity"]),
+             _ci(m["specificity"])] for label, m in [("all sites", fed["overall"]), *fed["per_site"].items()]]
     forest = [("all sites", "federated", fed["overall"]["auroc"])] + [(s, "federated", m["auroc"])
                                                                         for s, m in fed["per_site"].items()]
-    parts.append(figure_to_img(_forest(forest, "Federated model: AUROC overall and per site"),
-                               "AUROC with confidence intervals, overall and per site"))
     ext = card.get("external", {})
+    external = None
     if ext.get("federated"):
-        parts.append(_note(f"On the external split ({ext['federated']['n']} patients set aside by design) the "
-                           f"federated AUROC is {_num(ext['federated']['auroc'])}"
-                           + (f" (pooled {_num(ext['pooled']['auroc'])})." if ext.get("pooled") else ".")))
-    parts.append(_note("AUROC: the chance that a patient with the outcome gets a higher prediction than one without "
-                       "(0.5 = coin toss). Brier: mean squared error of the probabilities (0 = perfect; lower is "
-                       "better). "
-                       "Sensitivity / specificity: share of patients with / without the outcome the model calls "
-                       "correctly at the 0.5 cut-off."))
-    summary = " ".join(card["findings"][k] for k in ("overall", "sites") if k in card["findings"])
-    return Section("How well it predicts, overall and per site", summary, parts)
+        external = (f"On the external split ({ext['federated']['n']} patients set aside by design) the federated "
+                    f"AUROC is {_num(ext['federated']['auroc'])}"
+                    + (f" (pooled {_num(ext['pooled']['auroc'])})." if ext.get("pooled") else "."))
+    return {"summary": " ".join(card["findings"][k] for k in ("overall", "sites") if k in card["findings"]),
+            "ci": " (95% CI)" if fed["source"] == "predictions" else "", "rows": rows,
+            "plot": figure_data_uri(_forest(forest, "Federated model: AUROC overall and per site")),
+            "external": external}
 
 
-def _subgroup_section(card: dict[str, Any]) -> Section:
-    title = "Fairness: does it work equally well for everyone?"
+def _subgroups(card: dict[str, Any]) -> dict[str, Any]:
+    """The fairness section; `rows` and the plot only when subgroups were evaluated."""
     groups = card.get("subgroups")
     if card["evidence"] == "metrics_only":
-        return _unavailable(title, "subgroup metrics need")
+        return _unavailable("subgroup metrics need")
     if not groups or not groups["variables"]:
-        return Section(title, "Not available: this task records no age or sex.")
+        return {"summary": "Not available: this task records no age or sex."}
     gap = groups.get("largest_gap")
     rows, forest, flagged = [], [], set()
     for variable, entry in groups["variables"].items():
@@ -198,45 +185,29 @@ def _subgroup_section(card: dict[str, Any]) -> Section:
                    f"groups. {chance}")
     else:
         summary = "No two subgroups had enough patients with and without the outcome to compare."
-    parts = [table(["group", "patients", "with the outcome", "AUROC (95% CI)", "Brier", "sensitivity at 0.5",
-                    "specificity at 0.5", "note"], rows),
-             figure_to_img(_forest(forest, "Federated model: AUROC per subgroup (red: largest gap)", flagged),
-                           "AUROC per subgroup with confidence intervals")]
-    return Section(title, summary, parts)
+    return {"summary": summary, "rows": rows,
+            "plot": figure_data_uri(_forest(forest, "Federated model: AUROC per subgroup (red: largest gap)", flagged))}
 
 
-def _unavailable(title: str, what: str) -> Section:
-    """A section the coordinator's card cannot fill: it never sees a patient-level prediction."""
-    return Section(title, f"Not available: {what} patient-level predictions, which stay at the sites.")
-
-
-def _calibration_section(card: dict[str, Any]) -> Section:
-    title = "Calibration: can the probabilities be read as risks?"
+def _calibration(card: dict[str, Any]) -> dict[str, Any]:
     calibration = card.get("calibration")
     if not calibration:
-        return _unavailable(title, "calibration needs")
+        return _unavailable("calibration needs")
     rows = [[MODEL_NAMES[m], _num(c["brier"], 3), _num(c["slope"]), _num(c["intercept"]), _num(c["mean_predicted"]),
              _num(c["observed_rate"]), _num(c["share_predicted_positive"]), "good" if c["well_calibrated"] else "POOR"]
             for m, c in calibration.items()]
     fed = calibration.get("federated") or next(iter(calibration.values()))
-    parts = [table(["model", "Brier", "calibration slope (ideal 1)", "calibration intercept (ideal 0)",
-                    "mean predicted", "observed rate", "share called positive at 0.5", "calibration"], rows),
-             figure_to_img(_reliability(calibration), "reliability curve and histogram of predicted probabilities"),
-             _note("Slope and intercept come from a logistic regression of the outcome on logit(prediction): the slope "
-                   "with both fitted, the intercept with the slope fixed at 1 (calibration-in-the-large). "
-                   "Reliability points: held-out patients in 10 groups of equal size.")]
     summary = fed["reading"]
     if not fed["well_calibrated"] and card["privacy"]["dp"]:
         summary += (" Training with differential privacy often does this: the clipped, noised updates shift and "
                     "squeeze the probabilities even when the ranking survives.")
-    return Section(title, summary, parts)
+    return {"summary": summary, "rows": rows, "plot": figure_data_uri(_reliability(calibration))}
 
 
-def _decision_section(card: dict[str, Any]) -> Section:
-    title = "Decision curve: would acting on it help?"
+def _decision_curve(card: dict[str, Any]) -> dict[str, Any]:
     dca = card.get("decision_curve")
     if not dca:
-        return _unavailable(title, "decision curves need")
+        return _unavailable("decision curves need")
     rows = [[f"{r['threshold']:.1f}", _num(r["federated"], 3), _num(r["treat_all"], 3), _num(r["treat_none"], 3),
              "yes" if r["federated"] > max(r["treat_all"], r["treat_none"]) + 1e-12 else "no"] for r in dca["table"]]
     ranges = ", ".join(f"{a:.2f} to {b:.2f}" for a, b in dca["useful_ranges"])
@@ -252,17 +223,11 @@ def _decision_section(card: dict[str, Any]) -> Section:
     if not (card.get("calibration") or {}).get("federated", {}).get("well_calibrated", True):
         summary += (" Net benefit reads the probabilities at face value, and this model's are poorly calibrated "
                     "(see above): a locally recalibrated model could do better.")
-    parts = [figure_to_img(_decision(dca), "decision curve: net benefit against threshold probability"),
-             table(["threshold", "net benefit: federated model", "treat everyone", "treat no one",
-                    "model better than both?"], rows),
-             _note(f"Outcome rate among these patients: {dca['prevalence']:.2f}. Treat everyone: rate - (1 - rate) x "
-                   "t / (1 - t); treat no one: 0. As reported by Ge et al. 2025 for residual back pain after "
-                   "vertebral augmentation. A net benefit of 0.20 is as good as correctly treating 20 of every 100 "
-                   "patients with no unnecessary treatment.")]
-    return Section(title, summary, parts)
+    return {"summary": summary, "rows": rows, "plot": figure_data_uri(_decision(dca)),
+            "prevalence": f"{dca['prevalence']:.2f}"}
 
 
-def _comparison_section(card: dict[str, Any]) -> Section:
+def _comparison(card: dict[str, Any]) -> dict[str, Any]:
     comparison = card["comparison"]
     sites = list(comparison["federated"]["per_site"])
     rows = [[MODEL_NAMES[m], _ci(c["overall"]["auroc"]), _ci(c["overall"]["brier"]),
@@ -276,50 +241,32 @@ def _comparison_section(card: dict[str, Any]) -> Section:
                 forest.append((f"{label}: {model.replace('_', '-')}", model, metric["auroc"]))
     without_ci = [m.replace("_", "-") for m, c in comparison.items() if c["source"] != "predictions"]
     ci = " (95% CI where available)" if len(without_ci) < len(comparison) else ""
-    parts = [table(["model", f"AUROC, all sites{ci}", f"Brier, all sites{ci}", *(f"AUROC {s}" for s in sites)],
-                   rows),
-             figure_to_img(_forest(forest, "AUROC: federated vs pooled vs local-only"),
-                           "AUROC of the federated, pooled and local-only models, overall and per site")]
-    parts.append(_note("Pooled is the reference a single data set with every patient would reach (not allowed under "
-                       "GDPR); local-only is what each hospital reaches alone. Both baselines train as long as the "
-                       "federation and, when the run uses differential privacy, with the same DP-SGD settings."
-                       + (f" No confidence intervals for {', '.join(without_ci)}: only their summary in metrics.json "
-                          "was available." if without_ci else "")))
-    return Section("Federated vs pooled vs local-only",
-                   card["findings"].get("comparison", "Only the federated model was evaluated in this run."), parts)
+    return {"summary": card["findings"].get("comparison", "Only the federated model was evaluated in this run."),
+            "headers": ["model", f"AUROC, all sites{ci}", f"Brier, all sites{ci}", *(f"AUROC {s}" for s in sites)],
+            "rows": rows, "plot": figure_data_uri(_forest(forest, "AUROC: federated vs pooled vs local-only")),
+            "without_ci": ", ".join(without_ci)}
 
 
-def _privacy_section(card: dict[str, Any]) -> Section:
+def _privacy(card: dict[str, Any]) -> dict[str, Any]:
     privacy = card["privacy"]
     rows = [[site, "yes" if v.get("dp") else "no", _num(v.get("epsilon")), _num(v.get("epsilon_lifetime")),
              "n/a" if v.get("delta") is None else f"{v['delta']:.1e}".translate(NO_BREAK),
              _num(v.get("noise_multiplier")),
              _num(v.get("max_grad_norm")), "n/a" if v.get("steps") is None else v["steps"], v.get("accountant", "n/a"),
              "yes" if v.get("secagg") else "no"] for site, v in privacy["per_site"].items()]
-    settings = ", ".join(f"{k} = {v}" for k, v in privacy["settings"].items())
-    parts = [table(["site", "DP-SGD", "epsilon (this run)", "epsilon (site lifetime)", "delta", "noise multiplier",
-                    "clipping norm", "steps", "accountant", "secure aggregation"], rows),
-             _note(f"Run settings: {settings}." if settings else "Run settings not recorded.")]
-    if privacy["refusals"]:
-        parts.append(_note(f"Sites that refused a round (policy or budget): {len(privacy['refusals'])} refusal(s) "
-                           "recorded in metrics.json."))
-    return Section("Privacy settings", card["findings"]["privacy"] + " Epsilon bounds how much any one patient can "
-                   "change what leaves a "
-                   "site (smaller is more private); delta is the small chance that bound fails.", parts)
-
-
-def _method_section(card: dict[str, Any]) -> Section:
-    parts = [_bullets(card["limitations"]),
-             _note(f"Generated {card['generated_at']} from {card['run_dir']} (model_card.json holds every number).")]
-    return Section("How this card was made, and its limits", card["evidence_note"], parts)
+    return {"summary": card["findings"]["privacy"] + " Epsilon bounds how much any one patient can change what leaves "
+                       "a site (smaller is more private); delta is the small chance that bound fails.",
+            "rows": rows, "settings": ", ".join(f"{k} = {v}" for k, v in privacy["settings"].items()),
+            "refusals": len(privacy["refusals"])}
 
 
 def render_card(card: dict[str, Any]) -> str:
-    findings = ('<section><h2>In short</h2>' + _bullets(list(card["findings"].values())) + "</section>")
-    sections = [_data_section(card), _performance_section(card), _subgroup_section(card),
-                _calibration_section(card), _decision_section(card), _comparison_section(card),
-                _privacy_section(card), _method_section(card)]
+    source = card["data"]["source"]
     subtitle = (f"Task {card['task']['name']} - {len(card['data']['sites'])} sites - "
-                f"{'SYNTHETIC patients' if card['data']['source'] == 'synthetic' else card['data']['source'] + ' data'}"
-                f" - generated {card['generated_at']}")
-    return render_page(f"Model card: {card['task']['description']}", subtitle, sections, banner=findings)
+                f"{'SYNTHETIC patients' if source == 'synthetic' else source + ' data'} - generated {card['generated_at']}")
+    return render_page(
+        __package__, TEMPLATE, title=f"Model card: {card['task']['description']}", subtitle=subtitle,
+        findings=list(card["findings"].values()), data=_data(card), performance=_performance(card),
+        subgroups=_subgroups(card), calibration=_calibration(card), decision=_decision_curve(card),
+        comparison=_comparison(card), privacy=_privacy(card), limitations=card["limitations"],
+        evidence_note=card["evidence_note"], generated_at=card["generated_at"], run_dir=card["run_dir"])
