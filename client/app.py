@@ -1,9 +1,12 @@
 """The ClientApp: trains the shared model with DP-SGD on this site's training split and evaluates
 it on the site's held-out split. Only weights, example counts and numeric metrics leave the site,
-each reply recorded in the site's egress ledger first (see mods.py for the order of concerns)."""
+each reply recorded in the site's egress ledger first (see mods.py for the order of concerns).
+Nothing computed on the training patients leaves besides the (masked) weights and the privacy
+report; held-out metrics leave only when the site's policy allows (evaluation_budget.py)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -13,6 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import Scalar
 
+from spine_fl.client.privacy.evaluation_budget import withhold_reason
 from spine_fl.client.privacy.mods import site_mods
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, SpendRecord, dataset_id
 from spine_fl.client.privacy.received_models import save_received
@@ -25,6 +29,8 @@ from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.metrics import binary_metrics
 from spine_fl.shared.models.registry import build_model, pick_device
 from spine_fl.shared.training.local import DpSettings, TrainSettings, get_weights, predict, set_weights, train
+
+log = logging.getLogger("spine_fl.client")
 
 
 class SiteClient(NumPyClient):
@@ -79,17 +85,24 @@ class SiteClient(NumPyClient):
             })
         else:
             loss, _ = train(model, train_split, local, self.device)
+        log.debug("%s round %s: training loss %.4f (kept at the site)", self.site.name, server_round, loss)
         weights = get_weights(model)
         _check_secagg_range(weights, settings)
-        return weights, len(train_split), {**metrics, protocol.TRAIN_LOSS: loss}
+        return weights, len(train_split), metrics
 
     def evaluate(self, parameters, config):
         _, model, data = self._prepare(parameters, config)
         save_received(self.site.state_dir, self.run_id, parameters, config)  # for the site's privacy audit
         held_out = data.subset("test")
+        site_index = self._site_index(config)
+        server_round = int(config.get(protocol.ROUND, 0))
+        withheld = withhold_reason(self.site, held_out.y, run_key_of(config, self.run_id), server_round)
+        if withheld is not None:  # decided before anything is computed on the held-out patients
+            log.warning("spine-fl: %s round %s: held-out metrics withheld: %s", self.site.name, server_round, withheld)
+            return 0.0, 0, {protocol.SITE_INDEX: site_index, protocol.WITHHELD: 1}
         metrics = binary_metrics(held_out.y, predict(model, held_out, self.device))
         metrics.pop("n")
-        return metrics["log_loss"], len(held_out), {**metrics, protocol.SITE_INDEX: self._site_index(config)}
+        return metrics["log_loss"], len(held_out), {**metrics, protocol.SITE_INDEX: site_index}
 
 
 def _check_secagg_range(weights: list[np.ndarray], settings: RunSettings) -> None:

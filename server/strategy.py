@@ -29,7 +29,9 @@ def round_config(settings: RunSettings, sites: list[str], offset: int = 0,
 
 
 def weighted_mean(reports: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Example-weighted mean of each numeric metric the sites reported (site_index excluded)."""
+    """Example-weighted mean of each numeric metric the sites reported (site_index excluded). A site
+    that withheld its metrics (protocol.WITHHELD, 0 examples, no metrics) takes no part."""
+    reports = [(n, m) for n, m in reports if n > 0 and not m.get(protocol.WITHHELD)]
     out: dict[str, Scalar] = {}
     for key in sorted({k for _, m in reports for k in m if k != protocol.SITE_INDEX}):
         pairs = [(n, float(m[key])) for n, m in reports if key in m]
@@ -106,7 +108,7 @@ class RoundLog:
         for examples, metrics in reports:
             self.train_examples[_site_name(self.sites, metrics)] = int(examples)
             self.privacy[_site_name(self.sites, metrics)] = {k: float(v) for k, v in metrics.items()
-                                                              if k not in (protocol.SITE_INDEX, protocol.TRAIN_LOSS)}
+                                                              if k != protocol.SITE_INDEX}
         if len(reports) < self.min_sites:
             self.stop(f"round {server_round}: only {len(reports)} site(s) trained, fewer than min_sites = "
                       f"{self.min_sites}; the run ends here")
@@ -124,8 +126,11 @@ class RoundLog:
             log(WARNING, "spine-fl: %s", reason)
 
     def record_evaluate(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]], failures: int) -> None:
+        """Per-site metrics and their example-weighted means; sites that withheld their held-out
+        metrics are listed under "withheld" (not in per_site: they reported nothing to show)."""
+        withheld = sorted(_site_name(self.sites, m) for _, m in reports if m.get(protocol.WITHHELD))
         per_site = {_site_name(self.sites, m): {k: float(v) for k, v in m.items() if k != protocol.SITE_INDEX} | {"n": n}
-                    for n, m in reports}
+                    for n, m in reports if not m.get(protocol.WITHHELD)}
         now = time.monotonic()
         entry: dict[str, Any] = {"round": server_round, "trained": server_round in self.trained_rounds,
                                  "seconds": round(now - self._round_started, 2)}
@@ -134,6 +139,7 @@ class RoundLog:
         for key in protocol.ROUND_METRICS:
             entry[key] = means.get(key, float("nan"))
         entry["per_site"] = per_site
+        entry["withheld"] = withheld
         entry["failures"] = failures
         entry["refusals"] = [r for r in self.refusals if r["round"] == server_round]
         entry["dropouts"] = sorted({d["site"] for d in self.dropouts if d["round"] == server_round})
@@ -178,6 +184,7 @@ class RecordingStrategy(Strategy):
     def aggregate_evaluate(self, server_round, results: list[tuple[ClientProxy, Any]], failures):  # type: ignore[override]
         absolute = server_round + self.offset
         self.log.record_evaluate(absolute, [(r.num_examples, r.metrics) for _, r in results], len(failures))
+        results = [(proxy, r) for proxy, r in results if r.num_examples > 0]  # withheld: nothing to average
         if self.on_round_done and self._latest is not None and absolute in self.log.trained_rounds:
             self.on_round_done(absolute, self._latest)
         return self.inner.aggregate_evaluate(server_round, results, failures)

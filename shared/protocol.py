@@ -15,12 +15,19 @@ Round instruction, coordinator -> site (config record FIT_CONFIG or EVALUATE_CON
     A SecAgg+ round also carries Flower's SECAGG_CONFIGS record (key exchange, masked update).
 
 Train reply, site -> coordinator (metric record FIT_METRICS; example count in FIT_NUM_EXAMPLES):
-    SITE_INDEX, DP (0/1), TRAIN_LOSS, and with DP-SGD the privacy report PRIVACY_METRICS: the
-    epsilon this run and over the site's lifetime at the site's delta, and the DP-SGD settings
-    used. The weights travel in Flower's parameters record (SecAgg+-masked on SecAgg+ rounds).
+    SITE_INDEX, DP (0/1), and with DP-SGD the privacy report PRIVACY_METRICS: the epsilon this
+    run and over the site's lifetime, the DELTA they are at (the site's own: at most 1 / (10 n)
+    for its n training patients, or the run's when the run asks for a smaller one), and the
+    DP-SGD settings used. The weights travel in Flower's parameters record (SecAgg+-masked on
+    SecAgg+ rounds). No loss on the training patients: it would leave in the clear even under
+    SecAgg+, so it is not sent ("train_loss" is undeclared: the audit's egress scan flags it).
 
 Evaluate reply, site -> coordinator (metric record EVALUATE_METRICS, loss = log loss):
-    EVALUATION_METRICS on the site's held-out split, and SITE_INDEX.
+    EVALUATION_METRICS on the site's held-out split, and SITE_INDEX. A site whose held-out split
+    is too small (policy min_eval_patients / min_eval_per_class) or whose evaluation budget for
+    the dataset is spent (policy max_evaluations) sends only SITE_INDEX and WITHHELD = 1, with
+    loss 0.0 and 0 examples: no figure computed on its held-out patients leaves.
+    EVALUATE_REPLY_METRICS lists every key an evaluate reply may carry.
 
 Refusal, site -> coordinator: an Error reply with code REFUSAL_CODE whose reason is
     REFUSAL_PREFIX + JSON of `shared.refusal.Refusal` (rule, message, epsilon figures).
@@ -55,7 +62,6 @@ PROXIMAL_MU: Final = "proximal_mu"
 # Train reply metrics.
 SITE_INDEX: Final = "site_index"
 DP: Final = "dp"
-TRAIN_LOSS: Final = "train_loss"
 EPSILON_RUN: Final = "epsilon_run"
 EPSILON_LIFETIME: Final = "epsilon_lifetime"
 DELTA: Final = "delta"
@@ -65,13 +71,17 @@ SAMPLE_RATE: Final = "sample_rate"
 STEPS_RUN: Final = "steps_run"
 PRIVACY_METRICS: Final = (EPSILON_RUN, EPSILON_LIFETIME, DELTA, NOISE_MULTIPLIER, MAX_GRAD_NORM, SAMPLE_RATE,
                           STEPS_RUN)
-TRAIN_METRICS: Final = (SITE_INDEX, DP, TRAIN_LOSS, *PRIVACY_METRICS)
+TRAIN_METRICS: Final = (SITE_INDEX, DP, *PRIVACY_METRICS)
 
 # Evaluate reply metrics (shared.metrics.binary_metrics without its count), averaged per round by
 # the coordinator, example-weighted.
 EVALUATION_METRICS: Final = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss",
                              "prevalence")
 ROUND_METRICS: Final = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "brier", "log_loss")
+# Set to 1 (with SITE_INDEX, loss 0.0, 0 examples and nothing else) when the site withholds its
+# held-out metrics: too few held-out patients, or its evaluation budget spent.
+WITHHELD: Final = "withheld"
+EVALUATE_REPLY_METRICS: Final = (*EVALUATION_METRICS, SITE_INDEX, WITHHELD)
 
 # Refusals.
 REFUSAL_CODE: Final = 4403

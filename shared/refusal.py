@@ -18,6 +18,9 @@ class Refusal:
     epsilon_spent: float | None = None
     epsilon_after: float | None = None
     budget: float | None = None
+    delta: float | None = None  # the δ of epsilon_spent / epsilon_after
+    delta_asked: float | None = None  # rule max_delta: what the run asked for
+    delta_allowed: float | None = None  # rule max_delta: the largest δ this site allows
 
     def to_reason(self) -> str:
         return REFUSAL_PREFIX + json.dumps({k: v for k, v in asdict(self).items() if v is not None})

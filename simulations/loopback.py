@@ -61,6 +61,12 @@ class Loopback:
             "identity": {"private_key": str(cred / f"{site}_supernode_key")},
             "policy": {**self.policy, "allowed_bundles": allowed}}))
 
+    def set_policy(self, site: str, **values: Any) -> None:
+        """Change keys of one site's [policy] (e.g. require_tls = False before a client with --insecure)."""
+        doc = tomlkit.parse(self.site_file(site).read_text())
+        doc["policy"].update(values)
+        self.site_file(site).write_text(tomlkit.dumps(doc))
+
     def start_server(self, insecure: bool = False) -> subprocess.Popen:
         return self._start("server", ["server", "--config", str(self.federation_file),
                                       *(["--insecure"] if insecure else [])])

@@ -113,27 +113,61 @@ app.add_typer(ledger_app, name="ledger")
 def ledger_verify(
     site: str = typer.Option(..., help="site name; its config is configs/sites/<site>.toml unless --config"),
     config: Optional[Path] = typer.Option(None, help="the site's TOML config (gives state_dir)"),
-    state_dir: Optional[Path] = typer.Option(None, help="the site's state folder directly (e.g. a simulation's "
-                                             "results/default/site-state/<site>)"),
+    state_dir: Optional[Path] = typer.Option(None, help="the site's state folder (e.g. /var/lib/spine-fl/leiden), "
+                                             "or a folder of sites' state folders (a simulation's "
+                                             "results/default/site-state): then <state-dir>/<site>"),
 ) -> None:
-    """Check every signature and hash link of the site's egress ledger; name the first broken line."""
-    from spine_fl.client.privacy.egress_ledger import LEDGER_FILE, verify
+    """Check every signature and hash link of the site's egress ledger; name the first broken line.
+
+    Exit 0: intact; 1: broken; 2: the ledger is not the site's (its lines name another site), or
+    no state folder for the site was found."""
+    from spine_fl.client.privacy.egress_ledger import KEY_FILE, LEDGER_FILE, PUBLIC_KEY_FILE, sites_named, verify
     from spine_fl.client.site_config import load_site_config
     from spine_fl.shared.config import ConfigError
 
+    def own_folder(folder: Path) -> bool:
+        return any((folder / name).exists() for name in (LEDGER_FILE, PUBLIC_KEY_FILE, KEY_FILE))
+
     if state_dir is None:
+        path = config or Path("configs/sites") / f"{site}.toml"
         try:
-            state_dir = load_site_config(config or Path("configs/sites") / f"{site}.toml").state_dir
+            site_def = load_site_config(path)
         except ConfigError as exc:  # the file, or a rule in its [policy]
             console.print(f"[red]{escape(str(exc))}[/] (or pass --state-dir)")
             raise typer.Exit(2) from None
+        if site_def.name != site:
+            console.print(f"[red]{escape(str(path))} is for site {escape(site_def.name)!r}, not {escape(site)!r}[/]")
+            raise typer.Exit(2)
+        state_dir = site_def.state_dir
+    elif (state_dir / site).is_dir():  # a folder of sites' state folders, as a simulation writes
+        state_dir = state_dir / site
+    elif not own_folder(state_dir):
+        holds = sorted(d.name for d in state_dir.iterdir() if d.is_dir() and own_folder(d)) if state_dir.is_dir() else []
+        found = f"; it holds the state folders of {', '.join(holds)}" if holds else ""
+        console.print(f"[red]no egress ledger for site {escape(site)}[/]: {escape(str(state_dir))} is neither "
+                      f"{escape(site)}'s state folder nor holds {escape(site)}/{escape(found)}", highlight=False)
+        raise typer.Exit(2)
     result = verify(state_dir)
     where = state_dir / LEDGER_FILE
+    named = sites_named(state_dir)
+    if named - {site}:
+        console.print(f"[red]not {escape(site)}'s ledger[/]: {escape(str(where))} records replies of site(s) "
+                      f"{escape(', '.join(sorted(named)))}; nothing was verified for {escape(site)}", highlight=False)
+        raise typer.Exit(2)
+    if named:
+        whose = f"site {site} (every line that names a site names {site})"
+    elif state_dir.name == site:
+        whose = f"site {site} (the folder's name; its lines do not name their site)"
+    else:
+        whose = (f"the folder given; NOT confirmed to be {site}'s: neither its lines nor its name say which "
+                 "site wrote it")
     if result.ok:
-        console.print(f"[green]ledger intact[/]: {where}, {result.lines} line(s), every signature and link valid")
+        console.print(f"[green]ledger intact[/]: {escape(str(where))}, {result.lines} line(s), every signature "
+                      f"and link valid; {escape(whose)}", highlight=False)
         raise typer.Exit(0)
     line = f" at line {result.first_broken_line}" if result.first_broken_line else ""
-    console.print(f"[red]ledger BROKEN{line}[/]: {where}: {result.problem}", highlight=False)
+    console.print(f"[red]ledger BROKEN{line}[/]: {escape(str(where))}: {escape(result.problem)}; {escape(whose)}",
+                  highlight=False)
     raise typer.Exit(1)
 
 
@@ -196,13 +230,17 @@ def client(
     from spine_fl.shared.runtime.processes import ProcessStartError
 
     path = config or Path("configs/sites") / f"{site}.toml"
-    if insecure:
-        console.print("[bold red]WARNING: --insecure: no TLS and no site authentication. Never use this with "
-                      "patient data.[/]")
     try:
         site_def, connection = load_site_config(path), load_site_connection(path)
         if site_def.name != site:
             raise ConfigError(f"{path} is for site {site_def.name!r}, not {site!r}")
+        if insecure and site_def.policy.require_tls:
+            raise ConfigError(f"--insecure refused: this site's policy requires TLS (require_tls = true, the "
+                              f"default). Only for a local experiment without patient data, set require_tls = "
+                              f"false in the [policy] section of {path}")
+        if insecure:
+            console.print("[bold red]WARNING: --insecure: no TLS and no site authentication (the site's policy "
+                          "sets require_tls = false). Never use this with patient data.[/]")
         if threads:
             import torch
 

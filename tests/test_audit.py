@@ -4,6 +4,8 @@ without DP), on a tampered ledger and on a planted identifier; plus the attack a
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -12,23 +14,19 @@ import pandas as pd
 import pytest
 import torch
 import typer
-from privacy_reference import independent_epsilon
+from privacy_reference import independent_epsilon, pld_epsilon
 from typer.testing import CliRunner
 
+from spine_fl.client.audit.budget import consistent
 from spine_fl.client.audit.cli import audit, locate_site
 from spine_fl.client.audit.egress_scan import DeclaredModel, Identifiers, scan_payloads
-from spine_fl.client.audit.membership_inference import (
-    dp_auc_ceiling,
-    dp_tpr_ceiling,
-    evaluate_attack,
-    lira_scores,
-    proven_epsilon,
-)
+from spine_fl.client.audit.membership_inference import dp_auc_ceiling, evaluate_attack, lira_scores, proven_epsilon
 from spine_fl.client.audit.run import run_audit
-from spine_fl.client.privacy.egress_ledger import EgressLedger, verify
+from spine_fl.client.privacy.egress_ledger import HEAD_FILE, LEDGER_FILE, EgressLedger, verify
 from spine_fl.client.privacy.received_models import load_received
 from spine_fl.client.site_config import Site
 from spine_fl.shared.config import load_scenario
+from spine_fl.shared.training.accounting import dp_tpr_ceiling
 from spine_fl.simulations.runner import simulate
 
 DP_RUN = {"task": "rbp_tabular", "rounds": 3, "local_epochs": 1, "batch_size": 16, "learning_rate": 0.3,
@@ -93,10 +91,15 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
     budget, reported = report["privacy_budget"], metrics["privacy"]["per_site"]["leiden"]
     (run,) = budget["runs"]
     assert run["rounds"] == 3 and run["delta"] == reported["delta"]
-    for figure in (run["epsilon_dp_accounting"], run["reported_epsilon"], reported["epsilon"],
+    for figure in (run["reported_epsilon"], reported["epsilon"],
                    independent_epsilon(reported["noise_multiplier"], reported["sample_rate"], reported["steps"],
-                                       reported["delta"], "rdp")):
+                                       reported["delta"], "rdp")):  # RDP against RDP: like with like
         assert run["epsilon"] == pytest.approx(figure, rel=0.02)
+    # the independent figure is dp-accounting's PLD: (nearly) exact, so below Opacus' RDP upper bound
+    history = [(reported["noise_multiplier"], reported["sample_rate"], reported["steps"])]
+    assert run["epsilon_dp_accounting"] == pytest.approx(pld_epsilon(history, reported["delta"]), rel=3e-3)
+    assert run["epsilon_dp_accounting"] < run["epsilon"] and consistent(run["epsilon"], run["epsilon_dp_accounting"],
+                                                                        "rdp")
     assert budget["lifetime"]["epsilon"] == pytest.approx(run["epsilon"])
     assert all(row["agree"] for row in budget["rounds"])
     assert [r["epsilon_run"] for r in budget["rounds"]] == sorted(r["epsilon_run"] for r in budget["rounds"])
@@ -115,6 +118,7 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
               + ", ".join(f"TPR@{p['fpr']:.1%} {p['tpr']:.3f} ({p['ci'][0]:.3f}-{p['ci'][1]:.3f}), ceiling "
                           f"{p['ceiling']:.3f}" for p in attack["tpr_at_fpr"]))
     assert set(mia["attacks"]) == {"loss_threshold", "lira"}
+    _assert_plain_words(page, budget["lifetime"], mia)
     (kept,) = load_received(run_dir / "site-state" / "leiden")  # the attacked model is the published one
     published = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"].values()
     assert mia["run_id"] == kept.run_id and kept.round == 3
@@ -126,6 +130,29 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
         assert site_report["verdict"]["verdict"] == "pass", site_report["verdict"]
         assert site_report["privacy_budget"]["runs"][0]["epsilon"] == pytest.approx(
             metrics["privacy"]["per_site"][site]["epsilon"], rel=0.02)
+
+
+def _assert_plain_words(page: str, lifetime: dict, mia: dict) -> None:
+    """The budget section reads the lifetime (epsilon, delta) as an attack bound, with LiRA's measured figure
+    beside it; every number recomputed here from the report."""
+    eps, delta = lifetime["epsilon"], lifetime["delta"]
+    bound = min(1.0, math.exp(eps) * 0.01 + delta, 1 - math.exp(-eps) * (1 - delta - 0.01))
+    shown = re.search(r"In plain words: \u03b5 = ([\d.]+), \u03b4 = ([\d.e-]+) means: .*? e\^\u03b5 \u2248 ([\d,]+) "
+                      r".*?correctly identify at most ([\d.]+)% of patients\.", page)
+    assert shown, "plain-words sentence missing"
+    assert float(shown[1]) == pytest.approx(eps, abs=0.005) and float(shown[2]) == pytest.approx(delta, rel=0.05)
+    assert float(shown[3].replace(",", "")) == pytest.approx(math.exp(eps), rel=0.05)
+    assert float(shown[4]) / 100 == pytest.approx(bound, abs=5e-4)
+    assert page.index("In plain words") < page.index("Per round (cumulative)")  # in the privacy-budget section
+    lira = mia["attacks"]["lira"]["tpr_at_fpr"][0]
+    assert lira["fpr"] == 0.01
+    measured = re.search(r"Measured: the LiRA \(shadow models\) attack .*? correctly identified ([\d.]+)% \(95% CI "
+                         r"([\d.]+)% to ([\d.]+)%\) .*? allows at most ([\d.]+)%\.", page)
+    assert measured, "measured LiRA figure missing"
+    assert float(measured[1]) / 100 == pytest.approx(lira["tpr"], abs=5e-3)
+    assert [float(measured[i]) / 100 for i in (2, 3)] == pytest.approx(lira["ci"], abs=5e-3)
+    run_bound = float(dp_tpr_ceiling(0.01, mia["epsilon"], mia["delta"]))
+    assert float(measured[4]) / 100 == pytest.approx(run_bound, abs=5e-4)
 
 
 def _site(run_dir: Path, site: str, state_dir: Path | None = None) -> Site:
@@ -152,6 +179,35 @@ def test_edited_ledger_line_fails_and_is_named(dp_run, tmp_path: Path) -> None:
     first = report["verdict"]["reasons"][0]
     assert first["level"] == "fail" and "line 8" in first["text"], first
     assert "line 8" in (tmp_path / "report" / "audit.html").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "truncated"])
+def test_a_deleted_or_truncated_egress_ledger_fails(dp_run, tmp_path: Path, damage: str) -> None:
+    """The privacy ledger records the site's DP rounds, so an egress ledger without them is a failure: the
+    record of what left the site was deleted (with its head file) or cut short."""
+    run_dir, _ = dp_run
+    state = _copy_site(run_dir, "leiden", tmp_path)
+    ledger, head = state / LEDGER_FILE, state / HEAD_FILE
+    assert ledger.exists() and head.exists() and verify(state).ok
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    head.unlink()
+    if damage == "deleted":
+        ledger.unlink()
+    elif damage == "emptied":
+        ledger.write_bytes(b"")
+    else:
+        ledger.write_bytes(b"".join(lines[:-5]))  # the last round's SecAgg+ stages and evaluate reply
+    report = run_audit(_site(run_dir, "leiden", state), tmp_path / "report", shadow_models=0, bootstrap=100)
+    assert report["verdict"]["verdict"] == "fail"
+    first = report["verdict"]["reasons"][0]
+    assert first["level"] == "fail" and first["topic"] == "ledger", first
+    if damage == "truncated":  # the signed head is gone: the ledger as a whole cannot be trusted
+        assert "head file missing" in first["text"]
+    else:
+        assert "deleted or never written" in first["text"] and "3 DP round(s)" in first["text"], first
+        assert report["integrity"]["activity"]["dp_rounds_recorded"] == 3
+        assert "deleted or never written" in (tmp_path / "report" / "audit.html").read_text()
 
 
 @pytest.mark.slow
@@ -231,7 +287,7 @@ def test_scan_flags_identifiers_dates_undeclared_arrays_and_oversized_secagg_pay
     lines = [
         {"line": 1, "run": "r", "arrays": [{"name": "fitres.parameters/0", "shape": [32, 16]},
                                               {"name": "fitres.parameters/1", "shape": [32]}],
-         "metrics": {"fitres.status/message": "Success", "fitres.metrics/train_loss": 0.5}},
+         "metrics": {"fitres.status/message": "Success", "fitres.metrics/dp": 1}},
         {"line": 2, "run": "r", "arrays": [], "metrics": {"evaluateres.metrics/comment": "seen LEI0042 today"}},
         {"line": 3, "run": "r", "arrays": [], "metrics": {"evaluateres.metrics/auroc": 20230315}},
         {"line": 4, "run": "r", "arrays": [{"name": "fitres.extra/x", "shape": [1, 64, 64]}], "metrics": {}},

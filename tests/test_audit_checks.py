@@ -1,22 +1,30 @@
 """The audit's list of checks (client/audit/checks.py): every check keeps the one interface, a new
 check is one module plus one line in CHECKS, and the verdict is the worst of all checks' reasons.
 Plus the scipy-based statistics of the membership-inference check (exact binomial interval,
-stratified bootstrap) against simple references. Fast: no federated run."""
+stratified bootstrap) against simple references; the privacy budget's cross-check (Opacus, Google's
+dp-accounting PLD and the site's reports) on long synthetic ledgers; the rule for a missing egress
+ledger; epsilon in plain words. Fast: no federated run."""
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
+import re
+import time
 import types
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pytest
+from opacus.accountants import RDPAccountant
+from privacy_reference import independent_epsilon as rdp_reference
+from privacy_reference import pld_epsilon
 from scipy.stats import beta
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from spine_fl.client.audit import checks, membership_inference
+from spine_fl.client.audit import budget, checks, ledger_integrity, membership_inference
 from spine_fl.client.audit import run as audit_run
 from spine_fl.client.audit.inputs import LEVELS, AuditInputs, reason
 from spine_fl.client.audit.membership_inference import (
@@ -29,8 +37,13 @@ from spine_fl.client.audit.membership_inference import (
 from spine_fl.client.audit.verdict import verdict
 from spine_fl.client.privacy.egress_ledger import EgressLedger
 from spine_fl.client.privacy.policy import SitePolicy
+from spine_fl.client.privacy.privacy_ledger import SpendRecord
 from spine_fl.client.site_config import Site
+from spine_fl.shared.training.accounting import dp_tpr_ceiling, epsilon, epsilon_in_plain_words
 
+# the numbers of epsilon_in_plain_words' sentence, as a reader finds them
+PLAIN = re.compile(r"\u03b5 = (?P<eps>[\d.]+), \u03b4 = (?P<delta>[\d.e-]+) means: .*? e\^\u03b5 \u2248 "
+                   r"(?P<odds>[\d,.^]+) .*? identify at most (?P<tpr>[\d.]+)% of patients")
 REPORT_KEYS = ["site", "generated_at", "inputs", "integrity", "egress", "payload_scan", "privacy_budget", "policy",
                "membership_inference", "verdict"]
 
@@ -227,3 +240,161 @@ def test_bootstrap_resamples_members_and_non_members_separately(monkeypatch: pyt
     result = evaluate_attack(is_member, scores, bootstrap=200, seed=0)
     assert sizes == {(40, 2)}  # the one non-member counted twice: the same shares
     assert result["auc_ci"][0] <= result["auc"] <= result["auc_ci"][1]
+
+
+# -- the privacy budget's three figures: Opacus, dp-accounting's PLD, and what the site reported ----------
+
+def _records(plan: list[tuple[str, int]], noise: float, rate: float, steps: int, delta: float) -> list[SpendRecord]:
+    """A correct privacy ledger: (run id, rounds) per run, every round the same mechanism."""
+    return [SpendRecord(run_id, r, noise, rate, steps, 1.0, delta, "rdp") for run_id, rounds in plan
+            for r in range(1, rounds + 1)]
+
+
+def _reported(records: list[SpendRecord], scale: float = 1.0, at: int | None = None) -> dict:
+    """What a correct site reported after each round (budget.reported_epsilons' shape), its own Opacus
+    figures; with `at`, the report after that round (0-based) is multiplied by `scale` (an edited ledger)."""
+    out, runs = {}, {}
+    for index, record in enumerate(records):
+        runs.setdefault(record.run_id, []).append((record.noise_multiplier, record.sample_rate, record.steps))
+        lifetime = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records[:index + 1]]
+        factor = scale if index == at else 1.0
+        out[(record.run_id, sum(s for _, _, s in runs[record.run_id]))] = {
+            "epsilon_run": factor * epsilon(runs[record.run_id], record.delta),
+            "epsilon_lifetime": factor * epsilon(lifetime, record.delta), "line": 2 * index + 1}
+    return out
+
+
+LONG_LIFETIME = _records([(f"run{i:02d}", 10) for i in range(30)], 1.0, 0.2, 10, 1e-4)  # 300 rounds, 3,000 steps
+# the README's default run at leiden: 135 training patients, batch 32 (rate 1/5, 5 steps a round), 10 rounds
+DEFAULT_RUN = _records([("default", 10)], 1.0, 0.2, 5, 1 / 1350)
+DEFAULT_RUN_HISTORY = [(1.0, 0.2, 50)]
+GENEROUS = SitePolicy(epsilon_per_run=1000.0, epsilon_lifetime=1000.0)
+
+
+def test_pld_second_opinion_is_dp_accountings_pld_accountant() -> None:
+    for history, delta in [([(1.0, 0.2, 3000)], 1e-4), ([(1.0, 0.2, 50)], 1 / 1350), ([(2.0, 0.01, 1000)], 1e-5),
+                           ([(1.0, 0.2, 500), (1.3, 0.1, 400), (1.0, 0.2, 20)], 1e-4)]:
+        accounted = epsilon(history, delta)
+        got = budget.independent_epsilon(history, delta, scale=accounted)
+        assert got == pytest.approx(pld_epsilon(history, delta, grid=budget.pld_grid(accounted)), rel=1e-9)
+        assert got == pytest.approx(pld_epsilon(history, delta, grid=1e-4), rel=2e-3)  # the grid costs < 0.2%
+        assert budget.independent_epsilon(history, delta) == pytest.approx(got, rel=2e-3)  # its own scale
+        assert budget.consistent(accounted, got, "rdp"), (history, accounted, got)
+        assert got < accounted  # RDP is an upper bound, PLD (nearly) exact
+
+
+def test_opacus_epsilon_with_cached_rdp_is_opacus_rdp_accountant_bit_for_bit() -> None:
+    """shared/training/accounting.py caches Opacus' one-step RDP per mechanism (what makes a 300-round series
+    fast); the figure spine-fl enforces must stay exactly RDPAccountant's."""
+    for history in ([(1.0, 0.2, 3000)], [(1.0, 0.2, 50)], [(1.0, 0.2, 500), (1.3, 0.1, 400), (0.8, 0.25, 7)]):
+        for delta in (1e-5, 1 / 1350):
+            reference = RDPAccountant()
+            reference.history = list(history)
+            assert epsilon(history, delta) == float(reference.get_epsilon(delta=delta))
+    assert epsilon([(1.0, 0.2, 5)] * 12, 1e-3) == epsilon([(1.0, 0.2, 60)], 1e-3)
+
+
+def test_pld_on_a_few_thousand_steps_takes_well_under_a_second() -> None:
+    budget._one_step.cache_clear()
+    start = time.perf_counter()
+    figure = budget.independent_epsilon([(1.0, 0.2, 3000)], 1e-4)
+    took = time.perf_counter() - start
+    print(f"PLD, 3,000 steps of (1.0, 0.2), delta 1e-4: epsilon {figure:.3f} in {took:.3f} s "
+          f"(Opacus RDP {epsilon([(1.0, 0.2, 3000)], 1e-4):.3f})")
+    assert took < 1.0
+
+
+@pytest.mark.parametrize("records", [LONG_LIFETIME, DEFAULT_RUN], ids=["300 rounds", "default run"])
+def test_a_correct_ledger_agrees_everywhere(records: list[SpendRecord]) -> None:
+    section = budget.budget_report(records, _reported(records), GENEROUS)
+    assert all(row["agree"] and row["agree_dp_accounting"] and row["agree_reported"] for row in section["rounds"])
+    assert all(row["agree"] for row in section["runs"])
+    assert all(row["reported_epsilon_run"] is not None for row in section["rounds"])
+    (passed,) = budget.reasons({"privacy_budget": section})
+    assert passed["level"] == "pass" and "agree" in passed["text"]
+    life = section["lifetime"]
+    steps = sum(r.steps for r in records)  # one mechanism throughout: it composes exactly into one entry
+    assert life["epsilon"] == pytest.approx(epsilon([(1.0, 0.2, steps)], records[0].delta), rel=1e-12)
+    assert life["epsilon_dp_accounting"] == pytest.approx(pld_epsilon([(1.0, 0.2, steps)], records[0].delta), rel=2e-3)
+    print(f"{len(records)} rounds: Opacus RDP {life['epsilon']:.3f}, dp-accounting PLD "
+          f"{life['epsilon_dp_accounting']:.3f} (ratio {life['epsilon'] / life['epsilon_dp_accounting']:.3f})")
+
+
+def test_dp_accountings_rdp_would_have_flagged_the_long_lifetime() -> None:
+    """Why PLD: on 3,000 steps dp-accounting's RDP orders do not converge, and its figure is far off Opacus'."""
+    ours = epsilon([(1.0, 0.2, 3000)], 1e-4)
+    assert rdp_reference(1.0, 0.2, 3000, 1e-4, "rdp") > ours * 1.2
+    assert epsilon(DEFAULT_RUN_HISTORY, 1 / 1350) == pytest.approx(8.46, abs=0.01)  # the README's figure
+
+
+@pytest.mark.parametrize(("records", "scale"), [(LONG_LIFETIME, 1.2), (DEFAULT_RUN, 1.2), (DEFAULT_RUN, 0.8)],
+                         ids=["300 rounds, 20% high", "default run, 20% high", "default run, 20% low"])
+def test_a_reported_epsilon_off_by_20_percent_is_flagged(records: list[SpendRecord], scale: float) -> None:
+    at = len(records) - 4
+    section = budget.budget_report(records, _reported(records, scale=scale, at=at), GENEROUS)
+    flagged = [index for index, row in enumerate(section["rounds"]) if not row["agree"]]
+    assert flagged == [at]
+    assert section["rounds"][at]["agree_dp_accounting"] and not section["rounds"][at]["agree_reported"]
+    (why,) = [r for r in budget.reasons({"privacy_budget": section}) if r["level"] != "pass"]
+    assert why["level"] == "attention" and "reported differs" in why["text"]
+    assert f"ledger line {2 * at + 1}" in why["text"] and records[at].run_id in why["text"]
+
+
+def test_an_accountant_that_claims_less_than_pld_is_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second opinion catches a wrong Opacus figure even when the site reported that same figure."""
+    monkeypatch.setattr(budget, "epsilon", lambda history, delta, accountant="rdp": 0.8 * epsilon(history, delta))
+    section = budget.budget_report(DEFAULT_RUN, {}, GENEROUS)
+    # RDP's margin over PLD is largest early on (1.27 after one round of the default run, 1.16 after ten),
+    # so an accountant 20% low shows from round 3 on
+    assert [row["agree_dp_accounting"] for row in section["rounds"]] == [True] * 2 + [False] * 8
+    assert not section["runs"][0]["agree_dp_accounting"]
+    (why,) = [r for r in budget.reasons({"privacy_budget": section}) if r["level"] != "pass"]
+    assert why["level"] == "attention" and "dp-accounting (PLD)" in why["text"]
+
+
+def test_agreement_is_one_sided_within_the_measured_gap() -> None:
+    assert budget.consistent(8.46, 7.29, "rdp")  # the default run
+    assert budget.consistent(7.29 * 1.019, 7.29, "rdp") and not budget.consistent(7.29 / 1.03, 7.29, "rdp")
+    assert budget.consistent(0.153, 0.0746, "rdp")  # the largest measured RDP / PLD, 2.05, at a tiny epsilon
+    assert not budget.consistent(7.29 * 1.5 + 0.6, 7.29, "rdp")  # absurdly above
+    assert budget.consistent(7.30, 7.29, "prv") and not budget.consistent(7.29 * 1.1, 7.29, "prv")
+    assert budget.consistent(None, 7.29, "rdp") is None
+
+
+# -- a missing egress ledger, and epsilon in plain words -------------------------------------------
+
+def _integrity_section(lines: int, dp_rounds: int, models: int) -> dict:
+    return {"integrity": {"ledger": "/state/egress.jsonl", "lines": lines, "ok": True, "first_broken_line": None,
+                          "problem": "", "activity": {"dp_rounds_recorded": dp_rounds,
+                                                      "dp_runs_recorded": ["r1"] * bool(dp_rounds),
+                                                      "final_models_received": models}}}
+
+
+def test_an_empty_egress_ledger_fails_when_the_site_took_part() -> None:
+    (why,) = ledger_integrity.reasons(_integrity_section(0, 30, 1))
+    assert why["level"] == "fail" and "deleted or never written" in why["text"] and "30 DP round(s)" in why["text"]
+    (why,) = ledger_integrity.reasons(_integrity_section(0, 0, 1))  # a site without DP that received a model
+    assert why["level"] == "fail" and "1 final shared model(s)" in why["text"]
+    (why,) = ledger_integrity.reasons(_integrity_section(0, 0, 0))  # nothing says the site ever took part
+    assert why["level"] == "attention"
+    assert ledger_integrity.reasons(_integrity_section(15, 3, 1))[0]["level"] == "pass"
+
+
+@pytest.mark.parametrize(("eps", "delta"), [(8.46, 1 / 1350), (1.0, 1e-5), (4.7, 7e-4), (0.0, 1e-5), (130.6, 1e-4)])
+def test_epsilon_in_plain_words_states_the_hypothesis_testing_bound(eps: float, delta: float) -> None:
+    sentence = epsilon_in_plain_words(eps, delta)
+    ceiling = min(1.0, math.exp(eps) * 0.01 + delta, 1 - math.exp(-eps) * (1 - delta - 0.01))
+    assert float(dp_tpr_ceiling(0.01, eps, delta)) == pytest.approx(max(ceiling, 0.0), abs=1e-12)
+    shown = PLAIN.search(sentence)
+    assert shown, sentence
+    assert float(shown["eps"]) == pytest.approx(eps, abs=0.005)
+    assert float(shown["delta"]) == pytest.approx(delta, rel=0.05)
+    odds = shown["odds"].replace(",", "")
+    if "^" in odds:  # beyond a million, a power of ten
+        assert float(odds.split("^")[1]) == pytest.approx(eps / math.log(10), abs=0.5)
+    else:
+        assert float(odds) == pytest.approx(math.exp(eps), rel=0.05)
+    assert float(shown["tpr"]) / 100 == pytest.approx(ceiling, abs=5e-4) and float(shown["tpr"]) / 100 <= 1.0
+    if ceiling < 1:
+        assert float(shown["tpr"]) < 100  # a bound just below 100% never reads as 100%
+    assert "wrongly accuses 1% of non-patients" in sentence

@@ -136,6 +136,10 @@ def test_unenrolled_key_and_client_without_tls_are_refused(loopback):
     create_site_keys(loop.root / "credentials", intruder)
     loop.write_site(intruder, loop.root / "data" / loop.sites[0], [build_bundle().sha256])
     unenrolled = loop.start_client(intruder, attempts=2)
+    refused = loop.start_client(loop.sites[1], insecure=True, name="refused", attempts=2)
+    assert refused.wait(120) == 1  # the site's own policy (require_tls, default true) forbids --insecure
+    assert "--insecure refused" in loop.output("refused") and "require_tls" in loop.output("refused")
+    loop.set_policy(loop.sites[1], require_tls=False)
     plain = loop.start_client(loop.sites[1], insecure=True, name="plain", attempts=2)
     assert unenrolled.wait(120) == 1
     assert plain.wait(120) == 1

@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from cryptography import x509
+from typer.testing import CliRunner
 
+from spine_fl.cli import app
 from spine_fl.client.deployment.clientapp_worker import bundle_refusal
 from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.site_config import Site
@@ -200,3 +202,78 @@ def test_the_coordinator_talks_to_enrolled_nodes_only_and_names_dropouts() -> No
     grid.send_and_receive(sent)
     assert log.dropouts == [{"round": 6, "site": "zurich", "stage": "train"}]
     assert [(r["round"], r["rule"]) for r in log.refusals] == [(6, "require_dp")]
+
+
+def _site_config(tmp_path: Path, policy: str = "") -> Path:
+    path = tmp_path / "leiden.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('[site]\nname = "leiden"\ndata_dir = "data"\nstate_dir = "state"\ntask = "tfesi_radiograph"\n'
+                    '[coordinator]\naddress = "127.0.0.1:1"\nca_certificate = "ca.crt"\n'
+                    '[identity]\nprivate_key = "leiden_supernode_key"\n[policy]\n' + policy)
+    return path
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_insecure_client_is_refused_unless_the_site_policy_sets_require_tls_false(tmp_path: Path) -> None:
+    assert SitePolicy().require_tls is True
+    path = _site_config(tmp_path)
+    refused = CliRunner().invoke(app, ["client", "--site", "leiden", "--config", str(path), "--insecure"])
+    assert refused.exit_code == 1
+    text = _one_line(refused.output)
+    assert "--insecure refused" in text and "require_tls = false" in text and "[policy]" in text
+    assert str(path) in "".join(refused.output.split())  # the site's own config file, named
+    assert "WARNING: --insecure" not in text
+    assert not (tmp_path / "state").exists()  # nothing started, nothing written
+    allowed = CliRunner().invoke(app, ["client", "--site", "leiden", "--config",
+                                       str(_site_config(tmp_path / "lab", "require_tls = false\n")), "--insecure"])
+    assert "--insecure refused" not in allowed.output
+    assert "WARNING: --insecure" in _one_line(allowed.output)
+    assert "not joining" in allowed.output  # then it goes on: here, its data folder does not exist
+
+
+def test_the_server_names_nginx_and_how_to_install_it_when_missing(tmp_path: Path, monkeypatch) -> None:
+    import spine_fl.server.deployment.front as front
+
+    fed = _federation(tmp_path, "[run]\nmin_sites = 1\n[sites.a]\npublic_key = \"a.pub\"\n")
+    create_server_credentials(tmp_path / "c", [])
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs-here"))
+    monkeypatch.setattr(front, "NGINX_LOCATIONS", ())
+    result = CliRunner().invoke(app, ["server", "--config", str(fed)])
+    assert result.exit_code == 2
+    text = _one_line(result.output)
+    assert "nginx not found" in text and "apt-get install nginx" in text
+    assert not (tmp_path / "s" / "superlink.log").exists()  # nothing was started
+
+
+def test_the_front_forwards_exactly_the_fleet_api_the_supernode_uses(tmp_path: Path) -> None:
+    import inspect
+    import re
+    import subprocess
+
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    from spine_fl.server.deployment.front import FrontConfig, fleet_paths, nginx_config, write_front_config
+
+    used = set(re.findall(r'path="(/v1/[^"]+)"', inspect.getsource(FleetHttpClient)))
+    assert used and used <= set(fleet_paths()) and all(p.startswith("/v1/fleet/") for p in fleet_paths())
+    creds = create_server_credentials(tmp_path / "c", [])
+    cfg = FrontConfig("0.0.0.0", 9092, 40000, tmp_path / "front", (creds.ca_cert, creds.cert, creds.key))
+    conf = nginx_config(cfg)
+    forwarded = re.findall(r"location = (\S+) \{", conf)
+    assert sorted(forwarded) == fleet_paths()
+    assert re.findall(r"proxy_pass https://superlink(\S+);", conf) == forwarded  # each to its own path only
+    assert "/v1/control" not in conf and "/v1/runtime" not in conf
+    assert "listen 0.0.0.0:9092 ssl;" in conf and "server 127.0.0.1:40000;" in conf
+    assert "proxy_ssl_verify on;" in conf
+    insecure = nginx_config(FrontConfig("127.0.0.1", 9092, 40000, tmp_path / "front", None))
+    assert "ssl" not in insecure and "proxy_pass http://superlink/v1/fleet/pull-messages;" in insecure
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(nginx, os.X_OK):
+        pytest.skip("nginx not installed (CI installs it: .ci/run)")
+    write_front_config(cfg)
+    checked = subprocess.run([nginx, "-t", "-p", str(cfg.folder), "-c", str(cfg.conf_path), "-e",
+                              str(cfg.log_path)], capture_output=True, text=True, timeout=30, check=False)
+    assert checked.returncode == 0, checked.stderr

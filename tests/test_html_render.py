@@ -5,6 +5,8 @@ checker itself on pages that are broken on purpose, so these checks can fail."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ BLANK_PAGE = ('<!DOCTYPE html><html><head><meta charset="utf-8"><link rel="icon"
 # the default task with DP-SGD and SecAgg+ (the defaults), small: 32-pixel images, three rounds
 SMALL_RUN = ('name = "small"\n[consortium]\nsource = "synthetic"\nsites = 3\nseed = 7\n'
              '[run]\ntask = "tfesi_radiograph"\nimage_size = 32\nrounds = 3\nlocal_epochs = 1\nmin_sites = 3\n')
+# the numbers of the plain-words sentence beside a recorded (epsilon, delta), as a reader finds them
+PLAIN_WORDS = re.compile(r"\u03b5 = (?P<eps>[\d.]+), \u03b4 = (?P<delta>[\d.e-]+) means: whatever an attacker already "
+                         r"knows, .*? e\^\u03b5 \u2248 (?P<odds>[\d,.]+) .*? wrongly accuses 1% of non-patients can "
+                         r"correctly identify at most (?P<tpr>[\d.]+)% of patients\.")
 CARD_SECTIONS = ("In short", "The task and the data", "How well it predicts", "Fairness", "Calibration",
                  "Decision curve", "Federated vs pooled vs local-only", "Privacy settings", "How this card was made")
 
@@ -61,6 +67,23 @@ def test_checker_sees_injected_elements_and_dismisses_dialogs(tmp_path: Path) ->
     assert "javascript dialog (alert): 1" in result.errors
     assert result.tags["script"] == 1 and result.tags["b"] == 1 and result.handlers == ["img[onerror]"]
     assert result.image_sources == ["x"]
+
+
+def _assert_plain_words(text: str, eps: float, delta: float) -> str:
+    """The sentence is there with (epsilon, delta), e^epsilon and the hypothesis-testing bound at 1% FPR,
+    TPR <= min(1, e^eps FPR + delta, 1 - e^-eps (1 - delta - FPR)), all recomputed here; returns the part of
+    the text from the sentence on."""
+    shown = PLAIN_WORDS.search(text)
+    assert shown, "plain-words sentence missing"
+    assert float(shown["eps"]) == pytest.approx(eps, abs=0.005)
+    assert float(shown["delta"]) == pytest.approx(delta, rel=0.05)
+    assert float(shown["odds"].replace(",", "")) == pytest.approx(math.exp(eps), rel=0.05)
+    assert float(shown["tpr"]) / 100 == pytest.approx(_bound(eps, delta), abs=5e-4)
+    return text[shown.start():]
+
+
+def _bound(eps: float, delta: float) -> float:
+    return min(1.0, math.exp(eps) * 0.01 + delta, 1 - math.exp(-eps) * (1 - delta - 0.01))
 
 
 def _assert_renders(html: Path, screenshot: Path, min_images: int, fits_window: bool = True) -> str:
@@ -121,6 +144,13 @@ def test_model_card_of_a_simulated_run(simulated_run: tuple[Path, dict], tmp_pat
     text = _assert_renders(run_dir / CARD_HTML, tmp_path / "card.png", min_images=5)
     for title in CARD_SECTIONS:
         assert title in text
+    # the weakest site's (epsilon, delta) in plain words, in the privacy-settings section
+    weakest = max(metrics["sites"], key=lambda site: metrics["privacy"]["per_site"][site]["epsilon"])
+    p = metrics["privacy"]["per_site"][weakest]
+    for page in (text, (run_dir / CARD_HTML).read_text()):  # as the browser shows it, and in the HTML
+        after = _assert_plain_words(page[page.index("Privacy settings"):], p["epsilon"], p["delta"])
+        assert f"for {weakest} (the site with the weakest guarantee in this run)" in page
+        assert "How this card was made" in after
 
 
 @pytest.mark.slow
@@ -137,6 +167,19 @@ def test_audit_html_renders(simulated_run: tuple[Path, dict], tmp_path: Path) ->
     text = _assert_renders(tmp_path / "audit" / "audit.html", tmp_path / "audit.png", min_images=1, fits_window=False)
     assert f"Verdict: {report['verdict']['verdict'].upper()}" in text
     assert "Privacy audit: site leiden" in text
+    # the lifetime (epsilon, delta) in plain words in the privacy-budget section, and the measured attack beside it
+    # (no shadow models here: the loss-threshold attack's TPR at 1% FPR)
+    life, mia = report["privacy_budget"]["lifetime"], report["membership_inference"]
+    html = (tmp_path / "audit" / "audit.html").read_text()
+    for page in (text, html):
+        section = page[page.index("Privacy budget"):page.index("Policy compliance")]
+        after = _assert_plain_words(section, life["epsilon"], life["delta"])
+        point = mia["attacks"]["loss_threshold"]["tpr_at_fpr"][0]
+        measured = re.search(r"Measured: the loss threshold attack .*? correctly identified ([\d.]+)% .*? wrongly "
+                             r"accusing at most 1% .*? allows at most ([\d.]+)%\.", after)
+        assert measured, after[:600]
+        assert point["fpr"] == 0.01 and float(measured[1]) / 100 == pytest.approx(point["tpr"], abs=5e-3)
+        assert float(measured[2]) / 100 == pytest.approx(_bound(mia["epsilon"], mia["delta"]), abs=5e-4)
 
 
 # -- text from data stays text: markup in every field that comes from data shows as characters ----------

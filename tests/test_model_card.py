@@ -245,3 +245,30 @@ def test_report_on_a_folder_without_metrics_is_a_clear_error(tmp_path: Path) -> 
     (tmp_path / "broken" / "metrics.json").write_text("{not json")
     code, output = _invoke_report(tmp_path / "broken")
     assert code == 2 and "not a spine-fl metrics file" in output
+
+
+def test_privacy_settings_say_what_epsilon_means_in_plain_words(sample: tuple[dict, Path], tmp_path: Path) -> None:
+    """The weakest site's (epsilon, delta) read as a membership-attack bound, in the card and on its page."""
+    card, run_dir = sample
+    bound = card["privacy"]["attack_bound"]
+    eps, delta = 4.7, 7e-4  # every sample site's
+    ceiling = min(1.0, math.exp(eps) * 0.01 + delta, 1 - math.exp(-eps) * (1 - delta - 0.01))
+    assert bound["site"] in SITES and bound["fpr"] == 0.01
+    assert (bound["epsilon"], bound["delta"]) == (eps, delta) and bound["tpr_ceiling"] == pytest.approx(ceiling)
+    page = (run_dir / CARD_HTML).read_text()
+    privacy = page[page.index("Privacy settings"):page.index("How this card was made")]
+    assert ("\u03b5 = 4.70, \u03b4 = 7e-4 means: whatever an attacker already knows, seeing the model can raise their "
+            "odds of telling whether any one patient was in the training data by at most a factor e^\u03b5 \u2248 "
+            f"{round(math.exp(eps), -1):,.0f}") in privacy
+    assert f"can correctly identify at most {100 * ceiling:.1f}% of patients." in privacy
+
+    # a run without DP has no bound to state
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for site in metrics["privacy"]["per_site"].values():
+        site["dp"] = False
+    metrics["config"]["run"]["dp"] = False
+    (tmp_path / "no-dp").mkdir()
+    (tmp_path / "no-dp" / "metrics.json").write_text(json.dumps(metrics))
+    no_dp = write_model_card(tmp_path / "no-dp")
+    assert no_dp["privacy"]["attack_bound"] is None
+    assert "In plain words" not in (tmp_path / "no-dp" / CARD_HTML).read_text()

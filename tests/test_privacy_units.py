@@ -39,7 +39,7 @@ def test_privacy_ledger_survives_new_processes_and_refuses_corruption(tmp_path: 
     assert reopened.epsilon(1e-3, "rdp", "run2") < reopened.epsilon(1e-3, "rdp")
     with reopened.path.open("a") as handle:
         handle.write("{not json\n")
-    with pytest.raises(PrivacyLedgerError, match="line 3 is unreadable"):
+    with pytest.raises(PrivacyLedgerError, match="does not verify at line 3: not a signed ledger line"):
         reopened.epsilon(1e-3, "rdp")
 
 

@@ -39,7 +39,7 @@ SMALLEST_IMAGE = 32  # when a run's image size is unknown: the smallest size spi
 
 DECLARED_NUMBERS = {
     *(protocol.fit_metric(k) for k in protocol.TRAIN_METRICS),
-    *(protocol.evaluate_metric(k) for k in (*protocol.EVALUATION_METRICS, protocol.SITE_INDEX)),
+    *(protocol.evaluate_metric(k) for k in protocol.EVALUATE_REPLY_METRICS),
     protocol.FIT_NUM_EXAMPLES, "fitres.status/code",
     "evaluateres.loss/loss", protocol.EVALUATE_NUM_EXAMPLES, "evaluateres.status/code",
 }

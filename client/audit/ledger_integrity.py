@@ -4,6 +4,9 @@ The ledger is the site's own signed record of every reply that left it; the audi
 the coordinator's account. Lines after the first broken one are still summarised (they are what
 the file says), but the summary states that they are unverified. Each line names Flower's run id;
 the audit groups lines by run key (one run across coordinator restarts) where the site knows it.
+A ledger that is missing or empty although the site's other records show it took part (DP rounds
+in its privacy ledger, final models it received) is a failure, not an empty record: the record of
+what left the site was deleted or never written.
 The check writes two report sections: "integrity" and "egress" (what left).
 """
 
@@ -68,9 +71,16 @@ def egress_summary(lines: list[dict[str, Any]], first_broken_line: int | None = 
     return {"lines": len(lines), "runs": summary, "unverified": unverified}
 
 
+def activity(audit: AuditInputs) -> dict[str, Any]:
+    """What the site's other records say it did: every reply it sent should be in the egress ledger."""
+    records = audit.privacy_records
+    return {"dp_rounds_recorded": len(records), "dp_runs_recorded": list(dict.fromkeys(r.run_id for r in records)),
+            "final_models_received": len(audit.received)}
+
+
 def run(audit: AuditInputs, report: Mapping[str, Any]) -> dict[str, Any]:
     audit.progress("checking the egress ledger")
-    check = integrity(audit.site.state_dir)
+    check = {**integrity(audit.site.state_dir), "activity": activity(audit)}
     return {"integrity": check, "egress": egress_summary(audit.lines, check["first_broken_line"])}
 
 
@@ -82,6 +92,17 @@ def reasons(report: Mapping[str, Any]) -> list[Reason]:
                        f"verification ({check['problem']}). The record of what left the site cannot be trusted "
                        "from there on.")]
     if check["lines"] == 0:
+        done = check.get("activity") or {}
+        evidence = []
+        if done.get("dp_rounds_recorded"):
+            evidence.append(f"its privacy ledger records {done['dp_rounds_recorded']} DP round(s) in "
+                            f"{len(done['dp_runs_recorded'])} run(s)")
+        if done.get("final_models_received"):
+            evidence.append(f"it holds {done['final_models_received']} final shared model(s) it received")
+        if evidence:
+            return [reason("fail", "ledger", f"The egress ledger ({check['ledger']}) is missing or empty, yet this "
+                           f"site took part in training: {' and '.join(evidence)}. The record of what left the "
+                           "site was deleted or never written, so nothing that left it can be checked.")]
         return [reason("attention", "ledger", "The egress ledger is empty: nothing is recorded as having left "
                        "this site. If the site took part in a run, its ledger is missing.")]
     return [reason("pass", "ledger", f"Egress ledger intact: all {check['lines']} lines carry a valid "

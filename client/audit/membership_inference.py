@@ -44,6 +44,7 @@ from spine_fl.shared.config import RunSettings
 from spine_fl.shared.contract.data_contract import SiteData, SiteDataError, load_site
 from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.models.registry import build_model, pick_device
+from spine_fl.shared.training.accounting import dp_tpr_ceiling
 from spine_fl.shared.training.local import DpSettings, TrainSettings, set_weights, tensors, train
 
 SECTIONS = ("membership_inference",)
@@ -109,13 +110,6 @@ def lira_scores(target: np.ndarray, phis: np.ndarray, inside: np.ndarray) -> np.
 def tpr_at_fpr(is_member: np.ndarray, scores: np.ndarray, fpr_limit: float) -> float:
     fpr, tpr, _ = roc_curve(is_member, scores)
     return float(tpr[fpr <= fpr_limit + 1e-12].max())
-
-
-def dp_tpr_ceiling(fpr: np.ndarray | float, epsilon: float, delta: float) -> np.ndarray:
-    """The largest TPR any attack can reach at this FPR against an (epsilon, delta)-DP mechanism."""
-    fpr = np.asarray(fpr, dtype=float)
-    bound = np.minimum(math.exp(epsilon) * fpr + delta, 1.0 - math.exp(-epsilon) * (1.0 - delta - fpr))
-    return np.clip(bound, 0.0, 1.0)
 
 
 def dp_auc_ceiling(epsilon: float, delta: float) -> float:

@@ -20,10 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from spine_fl.client.audit.membership_inference import FPRS, dp_tpr_ceiling  # noqa: E402
+from spine_fl.client.audit.membership_inference import FPRS  # noqa: E402
 from spine_fl.client.audit.verdict import headline  # noqa: E402
 from spine_fl.shared.files import atomic_write_bytes  # noqa: E402
 from spine_fl.shared.html.page import figure_data_uri, render_page  # noqa: E402
+from spine_fl.shared.training import accounting  # noqa: E402
 
 JSON_FILE = "audit.json"
 HTML_FILE = "audit.html"
@@ -55,10 +56,18 @@ def _short(value: Any) -> str:
 
 def _integrity(report: dict[str, Any]) -> dict[str, Any]:
     check = report["integrity"]
-    summary = (f"The site's signed egress ledger has {check['lines']} lines and every signature and hash link "
-               "verifies." if check["ok"] else
-               f"The egress ledger does NOT verify: the first broken line is {check['first_broken_line']}. "
-               f"{check['problem']}.")
+    done = check.get("activity") or {}
+    if not check["ok"]:
+        summary = (f"The egress ledger does NOT verify: the first broken line is {check['first_broken_line']}. "
+                   f"{check['problem']}.")
+    elif check["lines"] == 0 and (done.get("dp_rounds_recorded") or done.get("final_models_received")):
+        summary = (f"The egress ledger is missing or empty, although the site took part in training "
+                   f"({done.get('dp_rounds_recorded', 0)} DP round(s) in its privacy ledger, "
+                   f"{done.get('final_models_received', 0)} final model(s) received): the record of what left the "
+                   "site was deleted or never written.")
+    else:
+        summary = (f"The site's signed egress ledger has {check['lines']} lines and every signature and hash link "
+                   "verifies.")
     return {"summary": summary, "rows": _rows([[check["ledger"], check["lines"], "yes" if check["ok"] else "NO",
                                                 check["first_broken_line"], check["problem"] or None]])}
 
@@ -132,7 +141,8 @@ def _budget(report: dict[str, Any]) -> dict[str, Any]:
                            "DP spends none, and guarantees none).", "plot": None}
     summary = (f"Over its lifetime this dataset has spent epsilon {life['epsilon']:.2f} of its budget "
                f"{life['budget']:g} ({life['used_fraction']:.0%}) at delta {life['delta']:.2g}. Every figure is "
-               "recomputed from the site's privacy ledger with Opacus and, independently, with Google's dp-accounting.")
+               "recomputed from the site's privacy ledger with Opacus and, independently, with Google's dp-accounting "
+               "(its privacy-loss-distribution accountant).")
     runs = _rows([[r["run_id"], r["rounds"], r["epsilon"], r["epsilon_dp_accounting"], r["reported_epsilon"],
                    r["budget"], f"{r['used_fraction']:.0%}", r["delta"], r["accountant"],
                    f"{r['noise_multiplier_min']:.3g}-{r['noise_multiplier_max']:.3g}", r["sample_rate"], r["steps"],
@@ -142,7 +152,47 @@ def _budget(report: dict[str, Any]) -> dict[str, Any]:
                      r["epsilon_lifetime_dp_accounting"], r["reported_epsilon_lifetime"]] for r in budget["rounds"]])
     lifetime = _rows([[life["epsilon"], life["epsilon_dp_accounting"], life["budget"], f"{life['used_fraction']:.0%}",
                        life["delta"]]])
-    return {"summary": summary, "plot": _budget_plot(budget), "runs": runs, "lifetime": lifetime, "rounds": rounds}
+    plain = accounting.epsilon_in_plain_words(life["epsilon"], life["delta"], seen="the models trained on this dataset")
+    return {"summary": summary, "plain": plain,
+            "measured": _measured(report), "agreement": _agreement_note(budget),
+            "plot": _budget_plot(budget), "runs": runs, "lifetime": lifetime, "rounds": rounds}
+
+
+def _agreement_note(budget: dict[str, Any]) -> str:
+    """How the three figures are compared, in words (the rules are client/audit/budget.py's)."""
+    rule = budget.get("agreement") or {}
+    ceilings = rule.get("ceiling_over_dp_accounting") or {}
+    if "rdp" not in ceilings or "prv" not in ceilings:
+        return f"The site's reports must match the recomputation within {budget.get('agreement_tolerance', 0.02):.0%}."
+    rdp, prv = ceilings["rdp"], ceilings["prv"]
+    return (f"How to read the columns: the site's reports must match the Opacus recomputation within "
+            f"{rule['reported_within']:.0%}. Opacus' RDP accountant gives an upper bound on epsilon, while "
+            "dp-accounting's PLD is (nearly) exact, so the PLD figure is lower, typically by 5-20%. The two agree "
+            f"when Opacus is not below PLD (beyond {rule['dp_accounting_above_at_most']:.0%}) nor above "
+            f"{rdp['factor']:g} x PLD + {rdp['plus']:g} (for Opacus' PRV accountant, also nearly exact: "
+            f"{prv['factor']:g} x PLD + {prv['plus']:g}).")
+
+
+def _measured(report: dict[str, Any]) -> str | None:
+    """Beside the guarantee, what this audit's attack achieved at the same false-accusation rate: LiRA's
+    true positive rate at 1% FPR (the loss-threshold attack's when no shadow models were trained)."""
+    mia = report.get("membership_inference") or {}
+    attacks = mia.get("attacks") or {}
+    if "skipped" in mia or not attacks:
+        return None
+    pct, fpr = accounting.plain_percent, accounting.PLAIN_WORDS_FPR
+    name = "lira" if "lira" in attacks else next(iter(attacks))
+    point = attacks[name]["tpr_at_fpr"][FPRS.index(fpr)]
+    low, high = point["ci"]
+    text = (f"Measured: the {ATTACK_NAMES.get(name, name)} attack this audit ran on run {mia.get('run_id', '?')}'s "
+            f"final model correctly identified {pct(point['tpr'])} (95% CI {pct(low)} to {pct(high)}) of this "
+            f"site's training patients while wrongly accusing at most {pct(fpr)} of its held-out patients")
+    if mia.get("epsilon") is None:
+        return text + "; that run used no DP, so no guarantee caps it."
+    ceiling = point.get("ceiling")
+    if ceiling is None:
+        ceiling = float(accounting.dp_tpr_ceiling(fpr, mia["epsilon"], mia.get("delta") or 0.0))
+    return text + f"; that run's own guarantee (\u03b5 = {mia['epsilon']:.2f}) allows at most {pct(ceiling)}."
 
 
 def _kept(ok: bool | None) -> str:
@@ -173,7 +223,7 @@ def _roc_plot(mia: dict[str, Any]) -> str:
         ax.plot(fpr, tpr, label=f"{ATTACK_NAMES.get(name, name)} (AUC {attack['auc']:.2f})")
     grid = np.logspace(math.log10(floor), 0, 200)
     if mia["epsilon"] is not None:
-        ax.plot(grid, dp_tpr_ceiling(grid, mia["epsilon"], mia["delta"] or 0.0), "r--",
+        ax.plot(grid, accounting.dp_tpr_ceiling(grid, mia["epsilon"], mia["delta"] or 0.0), "r--",
                 label=f"DP ceiling (epsilon {mia['epsilon']:.2f})")
     ax.plot(grid, grid, "k:", lw=1, label="chance")
     for limit in FPRS:

@@ -1,6 +1,7 @@
 """Audit: the verdict a data-protection officer reads first, each level with its plain-language reasons.
 
 fail       the record cannot be trusted or privacy was demonstrably broken: an altered ledger, an
+           egress ledger missing or emptied while the site's other records show it took part, an
            identifier or undeclared data in a payload, a run that trained against the site's
            policy or over budget, spending left unrecorded, or a membership attack that beats what
            the run's (epsilon, delta) allows or separates members clearly (AUC interval >= 0.60);

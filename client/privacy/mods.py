@@ -2,11 +2,14 @@
 
     egress ledger  ->  site policy and budget  ->  SecAgg+ (only on SecAgg+ rounds)  ->  training
 
-The egress ledger is outermost so that it records every reply, refusals included, before it leaves.
+The egress ledger is outermost so that it records every reply, refusals included, before it leaves;
+when anything inside raises, it builds the error reply Flower would have built, records it and
+returns it, so that no reply leaves unrecorded.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Callable, Sequence
@@ -15,10 +18,12 @@ from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
 
 from spine_fl.client.privacy.egress_ledger import EgressLedger
 from spine_fl.client.privacy.egress_record import describe
-from spine_fl.client.privacy.policy import rule_violations
+from spine_fl.client.privacy.policy import delta_refusal, rule_violations
+from spine_fl.client.privacy.privacy_ledger import PrivacyLedgerError
 from spine_fl.client.privacy.round_privacy import RoundPrivacy, assess_round, hand_over
 from spine_fl.client.site_config import Site
 from spine_fl.client.site_data import resolve_site, site_data
@@ -28,6 +33,7 @@ from spine_fl.shared.protocol import REFUSAL_CODE, SECAGG_CONFIGS
 from spine_fl.shared.refusal import Refusal
 
 SiteResolver = Callable[[Context], Site]
+log = logging.getLogger("spine_fl.client")
 
 
 def run_config_of(msg: Message) -> dict | None:
@@ -50,19 +56,32 @@ def record_egress(site: Site, run_id: str, msg: Message, kind: str, reply: Messa
     desc = describe(reply)
     EgressLedger(site.state_dir).append({
         "time": time.time(),
+        "site": site.name,
         "run_id": run_id,
         "round": int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else None,
         "kind": kind,
         **desc,
         "epsilon": desc["metrics"].get(protocol.fit_metric(protocol.EPSILON_LIFETIME)),
+        "delta": desc["metrics"].get(protocol.fit_metric(protocol.DELTA)),  # the delta that epsilon is at
     })
+
+
+def exception_reply(msg: Message, exc: Exception) -> Message:
+    """The error reply Flower builds for a ClientApp that raised (flwr.supernode.runtime.run_clientapp)."""
+    reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def make_egress_ledger_mod(resolve: SiteResolver) -> Mod:
     def egress_ledger_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         kind = message_kind(msg)
-        reply = call_next(msg, ctxt)
-        record_egress(resolve(ctxt), str(ctxt.run_id), msg, kind, reply)
+        site = resolve(ctxt)
+        try:
+            reply = call_next(msg, ctxt)
+        except Exception as exc:  # noqa: BLE001 - Flower would send it as an error reply, unrecorded
+            log.exception("spine-fl: %s %s failed; the error reply is recorded and sent", site.name, kind)
+            reply = exception_reply(msg, exc)
+        record_egress(site, str(ctxt.run_id), msg, kind, reply)
         return reply
 
     return egress_ledger_mod
@@ -91,15 +110,29 @@ def make_site_policy_mod(resolve: SiteResolver) -> Mod:
             return refuse(msg, site, violations[0])
         if training and run.dp:
             data = site_data(site, run.task, run.image_size)
-            assessed = assess_round(site, run, run_key_of(config, str(ctxt.run_id)),
-                                    int(config.get(protocol.ROUND, 0)), int((data.split == "train").sum()))
-            refusal = budget_refusal(site, run, assessed)
+            n_train = int((data.split == "train").sum())
+            refusal = delta_refusal(site.policy, run, n_train)
+            if refusal is not None:
+                return refuse(msg, site, refusal)
+            try:
+                assessed = assess_round(site, run, run_key_of(config, str(ctxt.run_id)),
+                                        int(config.get(protocol.ROUND, 0)), n_train)
+                refusal = budget_refusal(site, run, assessed)
+            except PrivacyLedgerError as exc:  # the spent budget cannot be established: never train
+                log.error("spine-fl: %s refuses to train: %s", site.name, exc)
+                return refuse(msg, site, ledger_refusal(exc))
             if refusal is not None:
                 return refuse(msg, site, refusal)
             hand_over(ctxt, assessed)
         return call_next(msg, ctxt)
 
     return site_policy_mod
+
+
+def ledger_refusal(exc: PrivacyLedgerError) -> Refusal:
+    """Rule privacy_ledger: the ledger does not verify, cannot be read, or was deleted."""
+    return Refusal("privacy_ledger", str(exc), epsilon_spent=getattr(exc, "epsilon_spent", None),
+                   delta=getattr(exc, "delta", None))
 
 
 def budget_refusal(site: Site, run: RunSettings, assessed: RoundPrivacy) -> Refusal | None:
@@ -114,8 +147,10 @@ def budget_refusal(site: Site, run: RunSettings, assessed: RoundPrivacy) -> Refu
         if after > budget:
             spent = assessed.epsilon_spent(run.accountant, site, per_run)
             return Refusal(rule, f"training this round would raise epsilon to {after:.3f}, over the "
-                           f"{rule.replace('_', ' ')} budget {budget:g} (spent so far {spent:.3f})",
-                           epsilon_spent=round(spent, 6), epsilon_after=round(after, 6), budget=budget)
+                               f"{rule.replace('_', ' ')} budget {budget:g} (spent so far {spent:.3f}; "
+                               f"delta {plan.delta:.3g})",
+                               epsilon_spent=round(spent, 6), epsilon_after=round(after, 6), budget=budget,
+                               delta=plan.delta)
     return None
 
 

@@ -3,12 +3,18 @@
 Read only at the site (`configs/sites/<site>.toml`, section `[policy]`). A run that breaks a rule
 is refused before any training, with the rule named; a round that would push epsilon over a
 budget is refused with the numbers. Both travel to the coordinator as a machine-readable refusal.
+
+δ is the site's (see plan.py): at most 1 / (10 n) for its n training patients and at most
+`max_delta` when set; a run asking for more is refused (rule `max_delta`). Held-out metrics leave
+only from a large enough held-out split (`min_eval_patients`, `min_eval_per_class`) and only
+`max_evaluations` times per dataset (evaluation_budget.py); otherwise the site withholds them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spine_fl.client.privacy.plan import allowed_delta
 from spine_fl.shared.config import RunSettings
 from spine_fl.shared.contract.tasks import TASKS
 from spine_fl.shared.refusal import Refusal
@@ -24,9 +30,19 @@ class SitePolicy:
     allowed_tasks: tuple[str, ...] = tuple(TASKS)
     require_dp: bool = True
     require_secagg: bool = True
+    # false lets `spine-fl client --insecure` run (no TLS, no site key): local experiments only.
+    require_tls: bool = True
     # SHA-256 of each app bundle (FAB) this site will run, as printed by `spine-fl bundle hash`.
     # Empty: the site runs no bundle at all on Flower's deployment engine (simulation has none).
     allowed_bundles: tuple[str, ...] = ()
+    # The largest δ this site trains at (below its own 1 / (10 n) when set); unset: 1 / (10 n).
+    max_delta: float | None = None
+    # Held-out metrics leave only when the held-out split has this many patients, and this many of
+    # each outcome class; below either the evaluate reply says only that they were withheld.
+    min_eval_patients: int = 20
+    min_eval_per_class: int = 5
+    # Releases of held-out metrics per dataset, over every run ever; past it they are withheld.
+    max_evaluations: int = 2000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_tasks", tuple(self.allowed_tasks))
@@ -39,6 +55,23 @@ class SitePolicy:
             raise ValueError(f"allowed_tasks names unknown task(s) {', '.join(unknown)}")
         if self.epsilon_lifetime <= 0 or self.epsilon_per_run <= 0:
             raise ValueError("epsilon budgets must be > 0")
+        if self.max_delta is not None and not 0 < self.max_delta < 1:
+            raise ValueError(f"max_delta must be in (0, 1) when set; got {self.max_delta!r}")
+        for name in ("min_eval_patients", "min_eval_per_class", "max_evaluations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+
+
+def delta_refusal(policy: SitePolicy, run: RunSettings, n_train: int) -> Refusal | None:
+    """A DP run asking for a δ larger than this site's (1 / (10 n), or max_delta) is refused."""
+    allowed = allowed_delta(n_train, policy.max_delta)
+    if not run.dp or run.delta <= allowed:
+        return None
+    source = ("its policy's max_delta" if allowed < allowed_delta(n_train)
+              else f"1 / (10 n) for its {n_train} training patients")
+    return Refusal("max_delta", f"the run asks for delta = {run.delta:g}; this site allows at most "
+                       f"{allowed:.3g} ({source}). Set delta = 0 to let each site use its own",
+                       delta_asked=run.delta, delta_allowed=allowed)
 
 
 def rule_violations(policy: SitePolicy, run: RunSettings, secagg_in_use: bool) -> list[Refusal]:

@@ -4,23 +4,38 @@ Flower creates a fresh ClientApp per message, and processes restart; an accounta
 memory would forget (Flower's Opacus example resets epsilon every round). Here each round is
 appended to `<state_dir>/privacy/<dataset_id>.jsonl` and fsync'd before the update leaves, and
 epsilon is always recomputed from the whole file: across rounds, runs and reboots.
-A ledger that cannot be read stops the site: it never silently restarts from zero.
+
+The ledger is signed and hash-chained exactly like the egress ledger (client/privacy/signed_log.py:
+the site's Ed25519 key, each line's `seq`, `prev_sha256` and `signature`, a signed head
+`<dataset_id>.head` with the last line's number and hash). `records()` verifies it first: a ledger
+that does not verify (an edited, deleted, inserted line, lines dropped from the end) or cannot be
+read stops the site, naming the first broken line; it never silently restarts from zero.
+
+The dataset id comes from the patients, not the files' bytes (`dataset_id`), so re-saving the same
+table in another column order or with other line endings keeps its budget.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import pandas as pd
+
+from spine_fl.client.privacy.signed_log import SignedLog, canonical
 from spine_fl.shared.training.accounting import History, epsilon
+
+RESTORE = "Restore the privacy ledger (and its .head file) from backup; never delete or edit it to reset epsilon."
 
 
 class PrivacyLedgerError(RuntimeError):
     pass
+
+
+class DatasetIdError(PrivacyLedgerError):
+    """The patients cannot be read, so neither can the dataset's identity or its spent budget."""
 
 
 @dataclass(frozen=True)
@@ -36,34 +51,97 @@ class SpendRecord:
     time: float = 0.0
 
 
+SPEND_FIELDS = frozenset(f.name for f in fields(SpendRecord))
+
+# The budget follows the patients: the identity is who they are (and their images), not any column
+# of their records, so adding, relabelling, re-splitting or re-saving columns never resets it, and
+# neither does a task that reads another column.
+DATASET_ID_VERSION = "spine-fl dataset id v3"
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except Exception as exc:  # noqa: BLE001 - pandas raises several parser errors
+        raise DatasetIdError(f"{path} is not a readable CSV ({exc}); the dataset's identity, and so its spent "
+                             "privacy budget, cannot be established. Run `spine-fl validate` on the site folder.") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    if "patient_id" not in table.columns:
+        raise DatasetIdError(f"{path} has no patient_id column; the dataset's identity cannot be established")
+    return table.apply(lambda col: col.str.strip())
+
+
+_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of an image's bytes (cached per process by path, size, inode and mtime)."""
+    try:
+        st = path.stat()
+    except OSError:
+        raise DatasetIdError(f"{path} (in manifest.csv) is missing; the dataset's identity cannot be established. "
+                             "Restore the image or remove it from the manifest.") from None
+    key = (str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
 def dataset_id(site_dir: Path) -> str:
-    """Content hash of the patient table (and image manifest): the same patients, the same budget."""
-    h = hashlib.sha256()
-    for name in ("clinical.csv", "manifest.csv"):
-        path = Path(site_dir) / name
-        if path.exists():
-            h.update(name.encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:32]
+    """Identity of the patients, not of the files: the same patients, the same budget.
+
+    The hash of canonical JSON holding (1) clinical.csv's patient ids, stripped and sorted; (2) when
+    manifest.csv exists, (patient_id, view, SHA-256 of the image's bytes) for every row, sorted.
+    Column order, line endings, quoting, other columns' values and file paths do not change it;
+    another patient id, another patient or another image does.
+    """
+    site_dir = Path(site_dir)
+    clinical = site_dir / "clinical.csv"
+    patients: list[str] = []  # no table, no patients (nothing can train on it: the validator says so)
+    if clinical.exists():
+        patients = sorted(_read_table(clinical)["patient_id"])
+    identity: dict = {"version": DATASET_ID_VERSION, "patients": patients}
+    manifest = site_dir / "manifest.csv"
+    if manifest.exists():
+        images = _read_table(manifest)
+        missing = [c for c in ("view", "path") if c not in images.columns]
+        if missing:
+            raise DatasetIdError(f"{manifest} lacks column(s) {', '.join(missing)}; the dataset's identity cannot be "
+                                 "established")
+        identity["images"] = sorted([pid, view, _file_sha256(site_dir / rel)]
+                                    for pid, view, rel in images[["patient_id", "view", "path"]].itertuples(index=False))
+    return hashlib.sha256(canonical(identity)).hexdigest()[:32]
 
 
 class PrivacyLedger:
     def __init__(self, state_dir: Path, dataset: str):
-        self.path = Path(state_dir) / "privacy" / f"{dataset}.jsonl"
+        self.state_dir = Path(state_dir)
+        self.dataset = dataset
+        self.path = self.state_dir / "privacy" / f"{dataset}.jsonl"
+        self.head = self.path.with_suffix(".head")
+        self.log = SignedLog(self.path, self.head, self.state_dir, self.path.parent / f".{dataset}.lock")
 
     def records(self) -> list[SpendRecord]:
-        if not self.path.exists():
+        """Every round recorded, after verifying the whole ledger; raises PrivacyLedgerError naming
+        the first line that does not verify."""
+        if not self.log.exists():
             return []
+        result, entries = self.log.entries()
+        if not result.ok:
+            where = f"line {result.first_broken_line}" if result.first_broken_line else "its head"
+            raise PrivacyLedgerError(
+                f"{self.path} does not verify at {where}: {result.problem}. The site's spent privacy budget "
+                f"cannot be established, so it will not train. {RESTORE}")
         out = []
-        with self.path.open() as handle:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    out.append(SpendRecord(**json.loads(line)))
-                except (json.JSONDecodeError, TypeError) as exc:
-                    raise PrivacyLedgerError(
-                        f"{self.path} line {number} is unreadable ({exc}); the site's spent privacy budget "
-                        "cannot be established. Restore the ledger from backup; never delete it to reset epsilon."
-                    ) from None
+        for number, entry in enumerate(entries, start=1):
+            try:
+                out.append(SpendRecord(**{k: v for k, v in entry.items() if k in SPEND_FIELDS}))
+            except TypeError as exc:
+                raise PrivacyLedgerError(f"{self.path} line {number} is not a spending record ({exc}). {RESTORE}") from None
         return out
 
     def history(self, run_id: str | None = None) -> History:
@@ -74,9 +152,5 @@ class PrivacyLedger:
         return epsilon(self.history(run_id), delta, accountant)
 
     def append(self, record: SpendRecord) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(asdict(record) | {"time": record.time or time.time()}, sort_keys=True) + "\n"
-        with self.path.open("a") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Sign, append and fsync one round (under a file lock), before the update leaves the site."""
+        self.log.append(asdict(record) | {"time": record.time or time.time()})

@@ -6,6 +6,11 @@ mod assesses the round once (one read of the privacy ledger, one epsilon per bud
 assessment in the message's Context, where the ClientApp's fit takes it instead of recomputing.
 The Context is the site's own (it never leaves the site); the assessment is keyed by run and round
 so a stale one is never used.
+
+Before a DP round, a missing or empty privacy ledger is checked against the egress ledger: a site
+whose egress ledger shows DP train replies that no privacy ledger at the site accounts for had its
+privacy ledger deleted, and refuses to train (`check_ledger_not_deleted`). Deleting both ledgers is
+caught only by the coordinator's record of the site's past spending (not here).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from dataclasses import asdict, dataclass
 
 from flwr.app import ConfigRecord, Context
 
+from spine_fl.client.privacy.egress_ledger import dp_train_spending
 from spine_fl.client.privacy.plan import DpPlan, plan_round
-from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, dataset_id
+from spine_fl.client.privacy.privacy_ledger import RESTORE, PrivacyLedger, PrivacyLedgerError, dataset_id
 from spine_fl.client.site_config import Site
 from spine_fl.shared.config import RunSettings
 from spine_fl.shared.training.accounting import epsilon
@@ -44,8 +50,11 @@ class RoundPrivacy:
 
 
 def assess_round(site: Site, run: RunSettings, run_key: str, server_round: int, n_train: int) -> RoundPrivacy:
-    plan = plan_round(run, n_train)
-    records = PrivacyLedger(site.state_dir, dataset_id(site.data_dir)).records()
+    plan = plan_round(run, n_train, site.policy.max_delta)  # never a larger delta than the site's own
+    ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
+    records = ledger.records()
+    if not records:
+        check_ledger_not_deleted(ledger)
     step = plan.round_spend
     lifetime = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records]
     this_run = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.run_id == run_key]
@@ -69,3 +78,44 @@ def take(context: Context, run_key: str, server_round: int) -> RoundPrivacy | No
     plan = raw.pop("plan")
     assessed = RoundPrivacy(**raw, plan=DpPlan(**{**plan, "round_spend": DpSpend(**plan["round_spend"])}))
     return assessed if (assessed.run_key, assessed.round) == (run_key, server_round) else None
+
+
+class PrivacyLedgerDeleted(PrivacyLedgerError):
+    """The privacy ledger is gone while the egress ledger shows the site spent epsilon."""
+
+    def __init__(self, message: str, epsilon_spent: float, delta: float | None):
+        super().__init__(message)
+        self.epsilon_spent, self.delta = epsilon_spent, delta
+
+
+def check_ledger_not_deleted(ledger: PrivacyLedger) -> None:
+    """Raise PrivacyLedgerDeleted when `ledger` (missing or empty) should hold spending: the egress
+    ledger records more DP train replies than all of the site's verifying privacy ledgers hold
+    rounds. Fewer or as many is a new dataset (other patients, their own budget), not a deletion."""
+    spent, egress = dp_train_spending(ledger.state_dir)
+    if not spent:
+        return
+    accounted, unverifiable = 0, []
+    for path in sorted(ledger.path.parent.glob("*.jsonl")) if ledger.path.parent.is_dir() else []:
+        if path == ledger.path:
+            continue
+        try:
+            accounted += len(PrivacyLedger(ledger.state_dir, path.stem).records())
+        except PrivacyLedgerError:
+            unverifiable.append(path.name)
+    if len(spent) <= accounted:
+        return
+    top = max(spent, key=lambda e: e["epsilon"])
+    delta = top.get("delta") if isinstance(top.get("delta"), (int, float)) else None
+    at = f" (at delta {delta:.3g})" if delta is not None else ""
+    notes = ""
+    if not egress.ok:
+        notes += f" The egress ledger itself does not verify ({egress.problem}); its lines were read as evidence."
+    if unverifiable:
+        notes += f" Privacy ledgers that do not verify: {', '.join(unverifiable)}."
+    raise PrivacyLedgerDeleted(
+        f"the privacy ledger {ledger.path} is missing or empty (deleted?) while the site's egress ledger shows "
+        f"{len(spent)} DP train repl{'y' if len(spent) == 1 else 'ies'} that sent epsilon, spending epsilon "
+        f"{top['epsilon']:.3f}{at}; no privacy ledger at the site accounts for {len(spent) - accounted} of them. "
+        f"The site will not train on a fresh budget.{notes} {RESTORE}",
+        epsilon_spent=float(top["epsilon"]), delta=delta)

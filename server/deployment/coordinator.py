@@ -1,7 +1,10 @@
 """`spine-fl server`: the coordinator of a real consortium on Flower's deployment engine.
 
-1. start a Flower SuperLink (TLS, SuperNode authentication, `--isolation process`, its state in
-   `<state_dir>/superlink.db`) and stop it by PID when done;
+1. start a Flower SuperLink on 127.0.0.1 only (TLS, SuperNode authentication, `--isolation
+   process`, its state in `<state_dir>/superlink.db`) and, on the federation's public address,
+   the nginx front that forwards only the Fleet API to it (server/deployment/front.py: the
+   Control API, which open-source Flower does not authenticate, stays unreachable from outside);
+   stop both by PID when done;
 2. register the enrolled sites' public keys (only those SuperNodes may connect; the ServerApp
    sends nothing to any other node);
 3. submit the run with the app bundle (sites check its hash against their policy);
@@ -34,6 +37,7 @@ from flwr.supercore.fab import Fab
 
 from spine_fl.server.app import build_server_app
 from spine_fl.server.deployment.federation_config import FederationConfig
+from spine_fl.server.deployment.front import FrontConfig, find_nginx, start_front
 from spine_fl.server.deployment.run_result import write_deployment_results
 from spine_fl.server.deployment.serverapp_worker import serve_run
 from spine_fl.server.reporting.run_result import RunResult
@@ -42,10 +46,21 @@ from spine_fl.shared.runtime.bundle import build_bundle, read_bundle
 from spine_fl.shared.runtime.credentials import load_site_public_key
 from spine_fl.shared.runtime.flower import write_secret
 from spine_fl.shared.runtime.polling import fast_serverapp_polling
-from spine_fl.shared.runtime.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port
+from spine_fl.shared.runtime.processes import (
+    ManagedProcess,
+    ensure_port_free,
+    free_loopback_port,
+    port_in_use,
+    start_python,
+    wait_for_port,
+)
 
 log = logging.getLogger("spine_fl.server")
 SUPERLINK_CODE = "from flwr.superlink.cli.flower_superlink import flower_superlink; flower_superlink()"
+# Flower's legacy gRPC Control/Fleet servers (on their own default ports, 0.0.0.0) stay off whatever
+# the environment says: the SuperLink is reachable through the front only.
+SUPERLINK_ENV = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
+SUPERLINK_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -56,35 +71,54 @@ class Endpoint:
     root_certificates: bytes | None
 
 
-def superlink_args(fed: FederationConfig, secret: Path, insecure: bool) -> list[str]:
+def superlink_args(fed: FederationConfig, secret: Path, insecure: bool, port: int) -> list[str]:
     args = ["--isolation", "process", "--database", str(fed.state_dir / "superlink.db"),
             "--disable-runtime-dependency-installation", "--superexec-auth-secret-file", str(secret),
-            "--host", fed.host, "--port", str(fed.port)]
+            "--host", SUPERLINK_HOST, "--port", str(port)]
     if insecure:
         return [*args, "--insecure"]
     return [*args, "--ssl-ca-certfile", str(fed.ca_certificate), "--ssl-certfile", str(fed.certificate),
             "--ssl-keyfile", str(fed.private_key), "--enable-supernode-auth"]
 
 
+def wait_until_port_free(host: str, port: int, what: str, timeout: float = 10.0) -> None:
+    """A coordinator restarted right after being killed: its front may take a moment to let go of the port."""
+    deadline = time.monotonic() + timeout
+    while port_in_use(host, port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ensure_port_free(host, port, what)
+
+
+def public_probe_host(fed: FederationConfig) -> str:
+    return "127.0.0.1" if fed.host in ("0.0.0.0", "") else fed.host
+
+
 def start_superlink(fed: FederationConfig, insecure: bool) -> tuple[ManagedProcess, Endpoint, bytes]:
+    """The SuperLink on 127.0.0.1, on a free port of its own (the public port is the front's)."""
     if not insecure:
         for path in (fed.ca_certificate, fed.certificate, fed.private_key):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: create the consortium's certificates with "
                                         f"`spine-fl certs --out {path.parent}` (or run with --insecure for a "
                                         "local experiment)")
-    host = "127.0.0.1" if fed.host in ("0.0.0.0", "") else fed.host
-    ensure_port_free(host, fed.port, "SuperLink")
+    find_nginx()  # before anything starts: a missing front is a clear error, not a half-started coordinator
+    wait_until_port_free(public_probe_host(fed), fed.port, "coordinator's public front (nginx)")
+    port = free_loopback_port()
     secret = write_secret(fed.state_dir / "superexec.secret")
-    proc = start_python("SuperLink", ["-c", SUPERLINK_CODE, *superlink_args(fed, secret, insecure)],
-                        fed.state_dir / "superlink.log")
+    proc = start_python("SuperLink", ["-c", SUPERLINK_CODE, *superlink_args(fed, secret, insecure, port)],
+                        fed.state_dir / "superlink.log", env=SUPERLINK_ENV)
     try:
-        wait_for_port(proc, host, fed.port)
+        wait_for_port(proc, SUPERLINK_HOST, port)
     except BaseException:
         proc.stop()
         raise
     certs = None if insecure else fed.ca_certificate.read_bytes()
-    return proc, Endpoint(f"{host}:{fed.port}", certs), secret.read_bytes()
+    return proc, Endpoint(f"{SUPERLINK_HOST}:{port}", certs), secret.read_bytes()
+
+
+def front_config(fed: FederationConfig, endpoint: Endpoint, insecure: bool) -> FrontConfig:
+    return FrontConfig(fed.host, fed.port, int(endpoint.address.rsplit(":", 1)[1]), fed.state_dir / "front",
+                       None if insecure else (fed.ca_certificate, fed.certificate, fed.private_key))
 
 
 def enrol_sites(control: Any, fed: FederationConfig, insecure: bool) -> dict[int, str]:
@@ -124,10 +158,13 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
     fed.state_dir.mkdir(parents=True, exist_ok=True)
     bundle = read_bundle(bundle_file) if bundle_file else build_bundle()
     proc, endpoint, secret = start_superlink(fed, insecure)
-    say(f"SuperLink PID {proc.pid} listening on {fed.address} ({'INSECURE' if insecure else 'TLS'}); "
-        f"log {proc.log_path}")
+    front: ManagedProcess | None = None
     started = time.perf_counter()
     try:
+        front = start_front(front_config(fed, endpoint, insecure))
+        say(f"SuperLink PID {proc.pid} on {endpoint.address} (loopback only); log {proc.log_path}")
+        say(f"front (nginx) PID {front.pid} listening on {fed.address} ({'INSECURE' if insecure else 'TLS'}), "
+            f"forwarding only the Fleet API; log {front.log_path}")
         control = init_http_client_from_connection(SuperLinkConnection(
             name="spine-fl", address=endpoint.address, insecure=insecure,
             root_certificates=None if insecure else str(fed.ca_certificate.resolve())))
@@ -147,6 +184,9 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
         serve_run(endpoint.address, res.run_id, app, insecure=insecure,
                   root_certificates=endpoint.root_certificates, secret=secret)
     finally:
+        if front is not None:
+            front.stop()
+            say(f"front (nginx) PID {front.pid} stopped")
         proc.stop()
         say(f"SuperLink PID {proc.pid} stopped")
     return write_deployment_results(fed, bundle.sha256, time.perf_counter() - started)

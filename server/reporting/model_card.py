@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from spine_fl.server.reporting.run_result import METRICS_FILE, RunResultError, read_run_result
 from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.metrics import THRESHOLD, binary_metrics
+from spine_fl.shared.training.accounting import PLAIN_WORDS_FPR, dp_tpr_ceiling
 
 if TYPE_CHECKING:
     from spine_fl.shared.contract.data_contract import SiteData
@@ -400,6 +401,9 @@ def _privacy(metrics: dict) -> dict[str, Any]:
     run = (metrics.get("config") or {}).get("run", {})
     per_site = privacy.get("per_site", {})
     epsilons = [v["epsilon"] for v in per_site.values() if v.get("dp") and v.get("epsilon") is not None]
+    guaranteed = {site: v for site, v in per_site.items()
+                  if v.get("dp") and v.get("epsilon") is not None and v.get("delta") is not None}
+    weakest = max(guaranteed, key=lambda site: guaranteed[site]["epsilon"]) if guaranteed else None
     return {
         "dp": bool(run.get("dp", any(v.get("dp") for v in per_site.values()))),
         "secagg": bool((privacy.get("secagg") or {}).get("enabled", run.get("secagg", False))),
@@ -408,6 +412,12 @@ def _privacy(metrics: dict) -> dict[str, Any]:
         "per_site": per_site,
         "max_epsilon": max(epsilons) if epsilons else None,
         "refusals": privacy.get("refusals", []),
+        # the weakest site's guarantee read as an attack bound: the most any membership attack can catch
+        # of that site's training patients while wrongly accusing `fpr` of others (dp_tpr_ceiling)
+        "attack_bound": None if weakest is None else {
+            "site": weakest, "epsilon": guaranteed[weakest]["epsilon"], "delta": guaranteed[weakest]["delta"],
+            "fpr": PLAIN_WORDS_FPR, "tpr_ceiling": float(dp_tpr_ceiling(
+                PLAIN_WORDS_FPR, guaranteed[weakest]["epsilon"], guaranteed[weakest]["delta"]))},
     }
 
 

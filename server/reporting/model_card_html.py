@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 
 from spine_fl.server.reporting.model_card import MIN_SUBGROUP_CLASS  # noqa: E402
 from spine_fl.shared.html.page import figure_data_uri, render_page  # noqa: E402
+from spine_fl.shared.training.accounting import epsilon_in_plain_words  # noqa: E402
 
 MODEL_NAMES = {"federated": "federated (the shared model)", "pooled": "pooled (all data in one place)",
                "local_only": "local-only (each site alone)"}
@@ -256,8 +257,19 @@ def _privacy(card: dict[str, Any]) -> dict[str, Any]:
              "yes" if v.get("secagg") else "no"] for site, v in privacy["per_site"].items()]
     return {"summary": card["findings"]["privacy"] + " Epsilon bounds how much any one patient can change what leaves "
                        "a site (smaller is more private); delta is the small chance that bound fails.",
-            "rows": rows, "settings": ", ".join(f"{k} = {v}" for k, v in privacy["settings"].items()),
+            "plain": _plain_words(privacy), "rows": rows,
+            "settings": ", ".join(f"{k} = {v}" for k, v in privacy["settings"].items()),
             "refusals": len(privacy["refusals"])}
+
+
+def _plain_words(privacy: dict[str, Any]) -> str | None:
+    """The recorded (epsilon, delta) in one sentence a data-protection officer can read: the weakest site's."""
+    bound = privacy.get("attack_bound")
+    if not bound:
+        return None
+    several = sum(1 for v in privacy["per_site"].values() if v.get("dp")) > 1
+    return ((f"In plain words, for {bound['site']} (the site with the weakest guarantee in this run): " if several
+             else "In plain words: ") + epsilon_in_plain_words(bound["epsilon"], bound["delta"], fpr=bound["fpr"]))
 
 
 def render_card(card: dict[str, Any]) -> str:

@@ -9,6 +9,11 @@ file, line and column, what is wrong and what to do, so a site fixes its export 
 Errors make the site unusable; warnings (unlabelled patients, missing subgroup values) are
 reported and the affected patients are excluded only where stated.
 
+Image tasks never train on placeholders: a patient whose required views are not all present and
+decodable (manifest row missing, file missing, unreadable or blank DICOM) is excluded with a
+warning naming the patient and file; when that leaves no patient in the train split, the site is
+unusable (an error).
+
 Without a `split` column, each patient is assigned by a hash of its id: 80% train, 20% test.
 """
 
@@ -232,18 +237,20 @@ def _check_subgroups(task: Task, row: pd.Series, where: str, report: ValidationR
     return age, sex
 
 
-def _manifest_paths(site_dir: Path, task: Task, report: ValidationReport) -> dict[tuple[str, str], Path]:
+def _manifest_paths(site_dir: Path, task: Task,
+                    report: ValidationReport) -> dict[tuple[str, str], tuple[Path, int]] | None:
+    """(patient, view) -> (file, manifest line); None when the manifest itself is unusable (an error)."""
     manifest_path = site_dir / MANIFEST_FILE
     manifest = _read_csv(manifest_path, report, "image manifest (patient_id, view, path)")
     if manifest is None:
-        return {}
+        return None
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
     for col in missing:
         report.error(f"{manifest_path}, column {col}", "column missing", "add it (patient_id, view, path)")
     if missing:
-        return {}
+        return None
     assert task.image is not None
-    paths: dict[tuple[str, str], Path] = {}
+    paths: dict[tuple[str, str], tuple[Path, int]] = {}
     for idx, row in manifest.iterrows():
         where = f"{manifest_path} line {_line(idx)}"
         pid, view, rel = row["patient_id"].strip(), row["view"].strip(), row["path"].strip()
@@ -252,38 +259,98 @@ def _manifest_paths(site_dir: Path, task: Task, report: ValidationReport) -> dic
         if (pid, view) in paths:
             report.error(where, f"second {view} image for patient {pid}", "keep one image per view in the manifest")
             continue
-        paths[(pid, view)] = site_dir / rel
+        paths[(pid, view)] = (site_dir / rel, _line(idx))
     return paths
 
 
+# A patient whose required views are not all readable is excluded; never trained on a placeholder.
+NAMED_PATIENTS = 5  # per-file warnings and the summary name this many patients, then give a count
+
+
+@dataclass(frozen=True)
+class _ImageFailure:
+    patient_id: str
+    view: str
+    where: str  # the file, or the manifest when the row is missing
+    what: str
+    action: str
+    short: str  # for the summary: view and file (or "no manifest row")
+
+
 def _read_images(site_dir: Path, task: Task, patient_ids: list[str], lines: list[int], size: int,
-                 report: ValidationReport) -> np.ndarray:
-    """Decode every needed DICOM; any missing or unreadable image is an error in the report."""
+                 report: ValidationReport) -> tuple[dict[str, np.ndarray], dict[str, list[_ImageFailure]]]:
+    """Decode every needed DICOM. Returns each fully readable patient's (n_views, size, size) stack
+    and, per patient, the views that are missing or unreadable (that patient is excluded)."""
     assert task.image is not None
     paths = _manifest_paths(site_dir, task, report)
+    if paths is None:  # the manifest is missing or malformed: already an error; no patient has images
+        return {}, {}
+    manifest_path = site_dir / MANIFEST_FILE
     views = task.image.views
-    images = np.zeros((len(patient_ids), len(views), size, size), dtype=np.float32)
-    for i, pid in enumerate(patient_ids):
-        for v, view in enumerate(views):
-            path = paths.get((pid, view))
-            if path is None:
-                if paths:
-                    report.error(f"{site_dir / MANIFEST_FILE}", f"no {view} image for patient {pid} "
-                                 f"({CLINICAL_FILE} line {lines[i]})", f"add the {view} image to the manifest or remove the patient")
+    stacks: dict[str, np.ndarray] = {}
+    failures: dict[str, list[_ImageFailure]] = {}
+    for pid, line in zip(patient_ids, lines):
+        decoded: list[np.ndarray] = []
+        excluded = f"patient {pid} excluded from training and evaluation (no placeholder image is used)"
+        for view in views:
+            entry = paths.get((pid, view))
+            if entry is None:
+                failures.setdefault(pid, []).append(_ImageFailure(
+                    pid, view, str(manifest_path), f"no {view} image for patient {pid} ({CLINICAL_FILE} line {line})",
+                    f"{excluded}; add the {view} image to the manifest or remove the patient", f"{view}: no manifest row"))
+                continue
+            path, manifest_line = entry
+            rel = path.relative_to(site_dir) if path.is_relative_to(site_dir) else path
+            if not path.is_file():
+                failures.setdefault(pid, []).append(_ImageFailure(
+                    pid, view, str(path), f"file missing ({view} image of patient {pid}, {MANIFEST_FILE} line {manifest_line})",
+                    f"{excluded}; copy the file into the site folder or correct the path in the manifest",
+                    f"{view}: {rel} missing"))
                 continue
             try:
                 image = read_dicom_image(path, size, task.image.field_of_view_mm)
             except DicomError as exc:
-                report.error(str(path), str(exc).removeprefix(f"{path}: "), "re-export or replace this DICOM file")
+                failures.setdefault(pid, []).append(_ImageFailure(
+                    pid, view, str(path), f"{str(exc).removeprefix(f'{path}: ')} ({view} image of patient {pid})",
+                    f"{excluded}; re-export or replace this DICOM file", f"{view}: {rel} unreadable"))
                 continue
             if image.modality not in task.image.modalities:
                 report.error(str(path), f"modality {image.modality or 'missing'}; task {task.name} needs "
                              f"{'/'.join(task.image.modalities)}", "check that the right series was exported")
                 continue
+            if float(image.pixels.max()) == float(image.pixels.min()):
+                failures.setdefault(pid, []).append(_ImageFailure(
+                    pid, view, str(path), f"blank image: every pixel has the same value ({view} image of patient {pid})",
+                    f"{excluded}; re-export the original image", f"{view}: {rel} blank"))
+                continue
             for message in image.warnings:
                 report.warn(str(path), message.removeprefix(f"{path}: "), "check the export settings")
-            images[i, v] = image.pixels
-    return images
+            decoded.append(image.pixels)
+        if len(decoded) == len(views):
+            stacks[pid] = np.stack(decoded).astype(np.float32, copy=False)
+    _report_image_failures(manifest_path, views, failures, report)
+    return stacks, failures
+
+
+def _report_image_failures(manifest_path: Path, views: tuple[str, ...], failures: dict[str, list[_ImageFailure]],
+                           report: ValidationReport) -> None:
+    """One warning per problem file for the first patients, and one summary with the count."""
+    if not failures:
+        return
+    named = list(failures)[:NAMED_PATIENTS]
+    for pid in named:
+        for f in failures[pid]:
+            report.warn(f.where, f.what, f.action)
+    listing = "; ".join(f"{pid} ({', '.join(f.short for f in failures[pid])})" for pid in named)
+    more = len(failures) - len(named)
+    if more:
+        listing += f"; and {more} more patient(s)"
+    report.warn(str(manifest_path),
+                f"{len(failures)} patient(s) excluded: a required view ({', '.join(views)}) is missing or "
+                f"unreadable: {listing}",
+                "no placeholder image is used for a missing view: add or re-export these images (each of the first "
+                f"{NAMED_PATIENTS} patients' files has its own warning) and validate again, or remove the patients "
+                f"from {CLINICAL_FILE}")
 
 
 def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) -> tuple[SiteData | None, ValidationReport]:
@@ -330,12 +397,17 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
         rows.append((pid, split, label, features, age, sex, _line(idx)))
 
     images = None
+    stacks: dict[str, np.ndarray] = {}
+    failures: dict[str, list[_ImageFailure]] = {}
     if task.image is not None:
-        images = _read_images(site_dir, task, [r[0] for r in rows], [r[6] for r in rows], image_size, report)
-    keep = [i for i, r in enumerate(rows) if r[3] is not None]
-    if images is not None:
-        images = images[keep]
-    rows = [rows[i] for i in keep]
+        stacks, failures = _read_images(site_dir, task, [r[0] for r in rows], [r[6] for r in rows],
+                                        image_size, report)
+    labelled_rows = [r for r in rows if r[3] is not None]
+    # An image task keeps only patients with every required view decoded: never a placeholder.
+    rows = [r for r in labelled_rows if task.image is None or r[0] in stacks]
+    if task.image is not None:
+        images = (np.stack([stacks[r[0]] for r in rows]) if rows
+                  else np.empty((0, len(task.image.views), image_size, image_size), dtype=np.float32))
     ids = [r[0] for r in rows]
     splits = [r[1] for r in rows]
     labels = [r[2] for r in rows]
@@ -350,6 +422,17 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
         "positive": int(y.sum()),
         **{s: int((split_arr == s).sum()) for s in SPLITS},
     }
+    if task.image is not None:
+        report.counts["images_missing"] = len(failures)
+    lost = [r for r in labelled_rows if r[0] in failures]
+    if failures and report.counts["train"] == 0:
+        lost_train = sum(r[1] == "train" for r in lost)
+        scope = "to train or evaluate on" if not rows else "in the train split"
+        report.error(str(site_dir / MANIFEST_FILE),
+                     f"no patient left {scope}: {len(failures)} patient(s) excluded because a required image "
+                     f"is missing or unreadable ({lost_train} of them labelled train patients)",
+                     "the site cannot train on placeholder images: add the missing DICOM files and manifest rows "
+                     "(see the warnings), then validate again")
     for split in ("train", "test") if report.usable else ():
         if report.counts[split] == 0 or len(set(y[split_arr == split])) < 2:
             report.error(str(clinical_path), f"the {split} split has no patients of one outcome class",

@@ -1,5 +1,6 @@
-"""Processes spine-fl starts (SuperLink, SuperNode): own process group, log file, PID file,
-stopped by PID (SIGTERM, then SIGKILL) so nothing outlives the command that started it."""
+"""Processes spine-fl starts (SuperLink, SuperNode, the coordinator's nginx front): own process
+group, log file, PID file, stopped by PID (SIGTERM, then SIGKILL) so nothing outlives the command
+that started it."""
 
 from __future__ import annotations
 
@@ -63,12 +64,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_python(name: str, code_or_module: list[str], log_path: Path) -> ManagedProcess:
+def start_python(name: str, code_or_module: list[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> ManagedProcess:
     """`python <args>` with Flower's telemetry, update checks and dependency installation off."""
+    return start_command(name, [sys.executable, *code_or_module], log_path, env)
+
+
+def start_command(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
+    """Any program (e.g. the coordinator's nginx front), started and stopped like the Flower processes;
+    `env` is added to Flower's quiet environment."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        popen = subprocess.Popen([sys.executable, *code_or_module], stdout=log, stderr=subprocess.STDOUT,
-                                 env=flower_env(), start_new_session=True,
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**flower_env(), **(env or {})}, start_new_session=True,
                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     pid_path = log_path.with_suffix(".pid")
     pid_path.write_text(str(popen.pid))
@@ -79,6 +87,13 @@ def port_in_use(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def free_loopback_port() -> int:
+    """A port nothing listens on at 127.0.0.1 right now (the OS's choice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def ensure_port_free(host: str, port: int, what: str) -> None:

@@ -1,0 +1,190 @@
+"""Attacks on a site's privacy budget by an insider with the site's disk (issue 10).
+
+The insider wants a fresh or smaller privacy budget so the site trains on more than its policy
+allows. With write access to `<state_dir>` and the site folder they can:
+- edit a privacy-ledger line (fewer steps, more noise), drop the last line, or delete a line in the
+  middle: the ledger is signed and hash-chained with a signed head, so it no longer verifies, the
+  error names the first broken line, and the site refuses to train (rule privacy_ledger);
+- re-save clinical.csv (another column order, CRLF line endings) hoping for a new dataset id: the id
+  comes from the patients, not the bytes, so the earlier spending still counts;
+- delete `<state_dir>/privacy/`: the egress ledger still shows the DP replies that spent epsilon, so
+  the next DP round is refused (rule privacy_ledger), with the epsilon the egress ledger shows.
+Not stopped here: replacing the site key and re-signing everything (needs key pinning: the
+coordinator or an officer must know the site's public key), and deleting both ledgers (needs the
+coordinator's record of the site's past spending). Both are later parts of issue 10.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app.message_type import MessageType
+from test_attacks_site import ledger_lines, make_site, run_settings, send
+
+from spine_fl.client.privacy.egress_ledger import verify
+from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, PrivacyLedgerError, SpendRecord, dataset_id
+from spine_fl.client.privacy.round_privacy import assess_round
+from spine_fl.client.privacy.signed_log import KEY_FILE, PUBLIC_KEY_FILE
+from spine_fl.client.site_config import Site
+from spine_fl.shared import protocol
+from spine_fl.shared.refusal import Refusal
+
+RUN = "r" * 32
+
+
+def _ledger_of(site: Site, rounds: int = 3) -> PrivacyLedger:
+    ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
+    for rnd in range(1, rounds + 1):
+        ledger.append(SpendRecord(RUN, rnd, 1.0, 0.125, 8, 1.0, 1e-4, "rdp"))
+    return ledger
+
+
+def _refusal(site: Site, server_round: int = 1) -> dict:
+    reply = send(site, MessageType.TRAIN, run_settings(), server_round=server_round)
+    assert reply.has_error() and reply.error.code == protocol.REFUSAL_CODE, reply
+    refusal = Refusal.parse(reply.error.reason)
+    assert refusal is not None
+    return refusal
+
+
+def _rewrite(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+@pytest.mark.parametrize("tamper,line,problem", [
+    ("edit", 2, "signature does not match"),     # fewer steps on round 2
+    ("truncate", 3, "signed head records line 3"),  # the last round dropped
+    ("delete", 2, "chain broken"),               # the middle round dropped
+])
+def test_a_tampered_privacy_ledger_is_named_and_the_site_refuses(tmp_path: Path, tamper: str, line: int,
+                                                                 problem: str) -> None:
+    site = make_site(tmp_path)
+    ledger = _ledger_of(site)
+    lines = ledger.path.read_bytes().splitlines()
+    if tamper == "edit":
+        assert b'"steps":8' in lines[1]
+        lines[1] = lines[1].replace(b'"steps":8', b'"steps":1')
+    elif tamper == "truncate":
+        lines = lines[:-1]
+    else:
+        del lines[1]
+    _rewrite(ledger.path, lines)
+    with pytest.raises(PrivacyLedgerError, match=f"at line {line}: .*{problem}"):
+        ledger.records()
+    refusal = _refusal(site)
+    assert refusal["rule"] == "privacy_ledger" and refusal["site"] == site.name
+    assert f"line {line}" in refusal["message"] and "never delete" in refusal["message"]
+    assert len(ledger.path.read_bytes().splitlines()) == len(lines)  # nothing trained, nothing appended
+    assert verify(site.state_dir).ok and "privacy_ledger" in ledger_lines(site.state_dir)[-1]["error"]["reason"]
+
+
+def test_a_replaced_key_that_re_signs_everything_verifies(tmp_path: Path) -> None:
+    """Without key pinning a new key is indistinguishable from the site's own: the insider who
+    replaces site_ed25519.pem and re-signs a smaller ledger gets one that verifies. Catching this
+    needs the site's public key pinned elsewhere (the coordinator, the privacy officer): a later part
+    of issue 10. What the swap does break is every line the old key signed, e.g. the egress ledger."""
+    site = make_site(tmp_path)
+    ledger = _ledger_of(site)
+    send(site, MessageType.EVALUATE, run_settings())  # one egress line signed by the original key
+    assert verify(site.state_dir).ok
+    kept = ledger.records()[:1]
+
+    new = Ed25519PrivateKey.generate()
+    (site.state_dir / KEY_FILE).unlink()
+    fd = os.open(site.state_dir / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    (site.state_dir / PUBLIC_KEY_FILE).write_bytes(new.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    ledger.path.unlink()
+    ledger.head.unlink()
+    for record in kept:  # re-signed with the new key: one round instead of three
+        ledger.append(record)
+
+    assert PrivacyLedger(site.state_dir, ledger.dataset).records() == kept  # verifies: not detected here
+    result = verify(site.state_dir)  # but the egress ledger signed by the old key no longer does
+    assert not result.ok and result.first_broken_line == 1
+
+
+def _resave_reordered_crlf(site_dir: Path) -> None:
+    path = site_dir / "clinical.csv"
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = table[list(reversed(table.columns))].iloc[::-1]
+    before = path.read_bytes()
+    table.to_csv(path, index=False, lineterminator="\r\n")
+    assert path.read_bytes() != before and b"\r\n" in path.read_bytes()
+
+
+def test_re_saving_the_patient_table_keeps_the_dataset_and_its_spending(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "a")
+    fresh = make_site(tmp_path / "b")  # the same synthetic patients, a state folder with nothing spent
+    original = dataset_id(site.data_dir)
+    _ledger_of(site)
+    _resave_reordered_crlf(site.data_dir)
+    assert dataset_id(site.data_dir) == original
+
+    run = run_settings()
+    after = assess_round(site, run, RUN, 4, n_train=128).epsilon_lifetime_after
+    assert after > assess_round(fresh, run, RUN, 4, n_train=128).epsilon_lifetime_after  # spending counts
+
+    table = pd.read_csv(site.data_dir / "clinical.csv", dtype=str, keep_default_na=False)
+    edited = table.assign(extra_column="x")  # an added column, changed values: the same patients
+    edited[edited.columns[1]] = edited[edited.columns[1]].iloc[::-1].to_numpy()
+    edited.to_csv(site.data_dir / "clinical.csv", index=False)
+    assert dataset_id(site.data_dir) == original
+    renamed = table.copy()
+    renamed.loc[0, "patient_id"] = renamed.loc[0, "patient_id"] + "x"
+    renamed.to_csv(site.data_dir / "clinical.csv", index=False)
+    assert dataset_id(site.data_dir) != original  # another patient id: another dataset
+    pd.concat([table, table.iloc[[0]].assign(patient_id="new-patient")]).to_csv(site.data_dir / "clinical.csv",
+                                                                                index=False)
+    assert dataset_id(site.data_dir) != original  # one more patient: another dataset
+
+
+def test_an_unreadable_patient_table_is_a_clear_error(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    (site.data_dir / "clinical.csv").write_text("id,age\n1,2\n")
+    with pytest.raises(PrivacyLedgerError, match="no patient_id column"):
+        dataset_id(site.data_dir)
+
+
+def test_deleting_the_privacy_ledger_after_a_dp_round_is_refused(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    reply = send(site, MessageType.TRAIN, run_settings())
+    assert not reply.has_error()
+    spent = dict(reply.content.config_records[protocol.FIT_METRICS])[protocol.EPSILON_LIFETIME]
+    egress = [line for line in ledger_lines(site.state_dir) if line["kind"] == MessageType.TRAIN]
+    assert egress[-1]["epsilon"] == pytest.approx(spent)
+
+    for path in sorted((site.state_dir / "privacy").rglob("*"), reverse=True):  # rm -r <state>/privacy
+        path.rmdir() if path.is_dir() else path.unlink()
+    (site.state_dir / "privacy").rmdir()
+
+    refusal = _refusal(site, server_round=2)
+    assert refusal["rule"] == "privacy_ledger" and refusal["site"] == site.name
+    assert refusal["epsilon_spent"] == pytest.approx(spent) and refusal["delta"] == egress[-1]["delta"]
+    assert "deleted" in refusal["message"] and f"{spent:.3f}" in refusal["message"]
+    assert "Restore" in refusal["message"] and "never delete" in refusal["message"]
+    assert not (site.state_dir / "privacy").exists()  # nothing trained on a fresh budget
+    assert verify(site.state_dir).ok  # the refusal itself is recorded before it leaves
+
+
+def test_other_patients_after_a_dp_round_get_their_own_budget(tmp_path: Path) -> None:
+    """New patients are a new dataset: the egress ledger's spending is accounted for by the old
+    dataset's privacy ledger, so this is not mistaken for a deletion."""
+    site = make_site(tmp_path)
+    assert not send(site, MessageType.TRAIN, run_settings()).has_error()
+    table = pd.read_csv(site.data_dir / "clinical.csv", dtype=str, keep_default_na=False)
+    pd.concat([table, table.iloc[[0]].assign(patient_id="new-patient")]).to_csv(site.data_dir / "clinical.csv",
+                                                                                index=False)
+    assessed = assess_round(site, run_settings(), RUN, 1, n_train=129)
+    assert assessed.epsilon_lifetime_after == assessed.epsilon_run_after  # a fresh budget for other patients
+    records = [json.loads(x) for x in next((site.state_dir / "privacy").glob("*.jsonl")).read_text().splitlines()]
+    assert {"seq", "prev_sha256", "signature"} <= set(records[0])  # the old dataset's signed ledger remains
