@@ -8,6 +8,7 @@ the same held-out splits -> metrics.json and plots in the output folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -62,6 +63,17 @@ def virtual_sites(scenario: Scenario, site_dirs: list[Path], out_dir: Path) -> l
             for p in site_dirs]
 
 
+class _RunSimulationNotice(logging.Filter):
+    """spine-fl calls `run_simulation` on purpose (`flwr run` would start a detached SuperLink that
+    outlives the command); Flower's deprecation notice about it is nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+RUN_SIMULATION_NOTICE = _RunSimulationNotice()  # one instance: adding it again is a no-op
+
+
 def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
                    on_round: Callable[[dict[str, Any]], None] | None = None, outer_mods: Sequence[Mod] = ()) -> None:
     from flwr.simulation import run_simulation
@@ -69,6 +81,7 @@ def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
     from spine_fl.client.app import build_client_app
 
     gpus = 1.0 / len(sites) if torch.cuda.is_available() else 0.0
+    logging.getLogger("flwr").addFilter(RUN_SIMULATION_NOTICE)
     run_simulation(
         server_app=build_server_app(scenario.run, [s.name for s in sites], out_dir, on_round),
         client_app=build_client_app(sites, outer_mods),

@@ -11,6 +11,9 @@ QUIET_FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's future default (leave the GPU list alone for an actor that asks for no GPU), taken now:
+    # without it every simulation prints a FutureWarning before its first round.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 for _name, _value in QUIET_FLOWER_ENV.items():
     os.environ.setdefault(_name, _value)

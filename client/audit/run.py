@@ -21,8 +21,7 @@ from spine_fl.client.audit.report import write_report
 from spine_fl.client.audit.verdict import verdict
 from spine_fl.client.site_config import Site
 
-HEADER = ("site", "generated_at", "inputs")  # the sections run_audit writes itself, before the checks'
-VERDICT = "verdict"  # ... and after them
+VERDICT = "verdict"  # the section run_audit writes after the checks
 
 
 def run_audit(site: Site, out_dir: Path, *, policy_found: bool = True, policy_source: str = "site config",

@@ -20,7 +20,7 @@ Relative paths are resolved against the file's folder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from spine_fl.shared.config import ConfigError, RunSettings, read_toml, typed_from_table
@@ -69,8 +69,6 @@ class EnrolledSite:
 
     public_key: str
 
-
-FEDERATION_KEYS = {f.name for f in fields(FederationTable)}
 
 
 def load_federation(path: Path) -> FederationConfig:
