@@ -18,7 +18,7 @@ from flwr.common import Scalar
 
 from spine_fl.client.privacy.evaluation_budget import withhold_reason
 from spine_fl.client.privacy.mods import site_mods
-from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, SpendRecord, dataset_id
+from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, SpendRecord
 from spine_fl.client.privacy.received_models import save_received
 from spine_fl.client.privacy.round_privacy import assess_round, take
 from spine_fl.client.site_config import Site
@@ -73,7 +73,7 @@ class SiteClient(NumPyClient):
                                 DpSettings(plan.noise_multiplier, plan.max_grad_norm))
             if spend != plan.round_spend:  # the figures assessed would not be what was spent
                 raise RuntimeError(f"DP-SGD spent {spend}, not the planned {plan.round_spend}; nothing is sent")
-            PrivacyLedger(self.site.state_dir, dataset_id(self.site.data_dir)).append(
+            PrivacyLedger(self.site.state_dir, assessed.dataset).append(
                 SpendRecord(run_key, server_round, spend.noise_multiplier, spend.sample_rate, spend.steps,
                             plan.max_grad_norm, plan.delta, settings.accountant))
             metrics.update({

@@ -31,7 +31,7 @@ from spine_fl.client.audit.inputs import AuditInputs, Reason, reason
 from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.privacy.privacy_ledger import SpendRecord
 from spine_fl.shared import protocol
-from spine_fl.shared.training.accounting import PLAIN_WORDS_FPR, History, dp_tpr_ceiling, epsilon
+from spine_fl.shared.training.accounting import PLAIN_WORDS_FPR, History, dp_tpr_ceiling, epsilon, merge_history
 
 SECTIONS = ("privacy_budget",)
 INDEPENDENT = "dp-accounting PLD"
@@ -85,14 +85,6 @@ def _one_step(sigma: float, rate: float, grid: float) -> privacy_loss_distributi
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
 
 
-def _merged(history: Iterable[tuple[float, float, int]]) -> dict[tuple[float, float], int]:
-    merged: dict[tuple[float, float], int] = {}
-    for sigma, rate, steps in history:
-        if steps > 0:
-            merged[(float(sigma), float(rate))] = merged.get((float(sigma), float(rate)), 0) + int(steps)
-    return merged
-
-
 def independent_epsilon(history: Iterable[tuple[float, float, int]], delta: float,
                         scale: float | None = None) -> float:
     """Google's dp-accounting PLD on the composed history: what PLDAccountant reports for the
@@ -101,7 +93,7 @@ def independent_epsilon(history: Iterable[tuple[float, float, int]], delta: floa
     audit's per-round series costs one self-composition per round. `scale`, an epsilon of about the
     right size, only picks the grid (pld_grid); without it, a first pass on the coarsest grid does.
     The grid is pessimistic, so a wrong scale can make this figure slower or looser, never below the exact one."""
-    merged = _merged(history)
+    merged = merge_history(history)
     if not merged:
         return 0.0
     if any(sigma <= 0 for sigma, rate in merged if rate > 0):
@@ -151,7 +143,7 @@ class _Figures:
         self._seen: dict[tuple[Any, ...], tuple[float, float]] = {}
 
     def __call__(self, history: History, delta: float, accountant: str) -> tuple[float, float]:
-        key = (tuple(sorted(_merged(history).items())), delta, accountant)
+        key = (tuple(sorted(merge_history(history).items())), delta, accountant)
         if key not in self._seen:
             accounted = epsilon(history, delta, accountant)
             self._seen[key] = (accounted, independent_epsilon(history, delta, scale=accounted))

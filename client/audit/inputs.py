@@ -11,13 +11,12 @@ from best to worst.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, TypedDict
 
-from spine_fl.client.privacy.egress_ledger import LEDGER_FILE
+from spine_fl.client.privacy.egress_ledger import EgressLedger
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, PrivacyLedgerError, SpendRecord, dataset_id
 from spine_fl.client.privacy.received_models import ReceivedModel, load_received
 from spine_fl.client.site_config import Site
@@ -46,14 +45,9 @@ def read_lines(state_dir: Path, run_keys: Mapping[str, str] | None = None) -> li
     """The egress ledger's lines as dicts with their 1-based `line` number and `run` (the run key where
     known, else Flower's run id); unreadable lines are kept as such. Nothing is verified here: that is
     the ledger-integrity check's job."""
-    path = Path(state_dir) / LEDGER_FILE
     out = []
-    for number, raw in enumerate(path.read_bytes().splitlines() if path.exists() else [], start=1):
-        try:
-            entry = json.loads(raw)
-        except json.JSONDecodeError:
-            entry = {"unreadable": True}
-        if not isinstance(entry, dict):
+    for number, entry in enumerate(EgressLedger(state_dir).log.readable_lines(), start=1):
+        if entry is None:
             entry = {"unreadable": True}
         flower_run = str(entry.get("run_id", "?"))
         out.append({**{k: v for k, v in entry.items() if k not in UNSIGNED_FIELDS}, "line": number,

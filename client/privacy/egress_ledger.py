@@ -1,15 +1,12 @@
 """The site's signed, hash-chained egress ledger: one JSON line per message that leaves the site.
 
-Each line carries the SHA-256 of the previous line and an Ed25519 signature (the site's key,
-created on first use with 0600 permissions) over its canonical JSON. A signed head file holds the
-last line's number and hash, so truncating the ledger is caught too. Verification therefore
-detects an edited, deleted, inserted or reordered line, and names the first one that breaks.
-The chain, signatures, head and key are client/privacy/signed_log.py's, shared with the privacy ledger.
+A SignedLog (client/privacy/signed_log.py: hash chain, Ed25519 signatures by the site's key, a
+signed head against truncation), shared with the privacy ledger; verification names the first
+edited, deleted, inserted or reordered line.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +45,9 @@ class EgressLedger:
 def sites_named(state_dir: Path) -> set[str]:
     """The site names the ledger's lines carry: each line's `site` (recorded since issue 10) and the
     site inside any refusal it records. Unreadable lines are skipped (`verify` names them)."""
-    path = Path(state_dir) / LEDGER_FILE
     names: set[str] = set()
-    for raw in path.read_bytes().splitlines() if path.exists() else []:
-        try:
-            line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if not isinstance(line, dict):
+    for line in EgressLedger(state_dir).log.readable_lines():
+        if line is None:
             continue
         if isinstance(line.get("site"), str):
             names.add(line["site"])
@@ -73,14 +65,7 @@ def dp_train_spending(state_dir: Path) -> tuple[list[dict[str, Any]], Verificati
     ledger = EgressLedger(state_dir)
     result, entries = ledger.log.entries()
     if not result.ok:
-        entries = []
-        for raw in ledger.log.raw_lines():
-            try:
-                entry = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(entry, dict):
-                entries.append(entry)
+        entries = [entry for entry in ledger.log.readable_lines() if entry is not None]
     spent = []
     for entry in entries:
         metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}

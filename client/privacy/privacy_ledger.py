@@ -117,6 +117,11 @@ def dataset_id(site_dir: Path) -> str:
     return hashlib.sha256(canonical(identity)).hexdigest()[:32]
 
 
+def as_history(records: list[SpendRecord], run_id: str | None = None) -> History:
+    """The (noise, sample rate, steps) entries the accountants compose: every run's, or one run's."""
+    return [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if run_id is None or r.run_id == run_id]
+
+
 class PrivacyLedger:
     def __init__(self, state_dir: Path, dataset: str):
         self.state_dir = Path(state_dir)
@@ -145,8 +150,7 @@ class PrivacyLedger:
         return out
 
     def history(self, run_id: str | None = None) -> History:
-        return [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.records()
-                if run_id is None or r.run_id == run_id]
+        return as_history(self.records(), run_id)
 
     def epsilon(self, delta: float, accountant: str, run_id: str | None = None) -> float:
         return epsilon(self.history(run_id), delta, accountant)

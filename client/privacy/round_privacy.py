@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Context
 
 from spine_fl.client.privacy.egress_ledger import dp_train_spending
 from spine_fl.client.privacy.plan import DpPlan, plan_round
-from spine_fl.client.privacy.privacy_ledger import RESTORE, PrivacyLedger, PrivacyLedgerError, dataset_id
+from spine_fl.client.privacy.privacy_ledger import RESTORE, PrivacyLedger, PrivacyLedgerError, as_history, dataset_id
 from spine_fl.client.site_config import Site
 from spine_fl.shared.config import RunSettings
 from spine_fl.shared.training.accounting import epsilon
@@ -37,6 +37,7 @@ class RoundPrivacy:
 
     run_key: str
     round: int
+    dataset: str  # the privacy ledger's dataset id, computed once for the round
     plan: DpPlan
     epsilon_run_after: float
     epsilon_lifetime_after: float
@@ -44,9 +45,8 @@ class RoundPrivacy:
 
     def epsilon_spent(self, accountant: str, site: Site, per_run: bool) -> float:
         """Spent before this round; only needed to explain a refusal, so computed only then."""
-        ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
-        history = ledger.history(self.run_key) if per_run else ledger.history()
-        return epsilon(history, self.plan.delta, accountant)
+        ledger = PrivacyLedger(site.state_dir, self.dataset)
+        return epsilon(ledger.history(self.run_key if per_run else None), self.plan.delta, accountant)
 
 
 def assess_round(site: Site, run: RunSettings, run_key: str, server_round: int, n_train: int) -> RoundPrivacy:
@@ -56,10 +56,9 @@ def assess_round(site: Site, run: RunSettings, run_key: str, server_round: int, 
     if not records:
         check_ledger_not_deleted(ledger)
     step = plan.round_spend
-    lifetime = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records]
-    this_run = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.run_id == run_key]
+    lifetime, this_run = as_history(records), as_history(records, run_key)
     nxt = [(step.noise_multiplier, step.sample_rate, step.steps)]
-    return RoundPrivacy(run_key, server_round, plan,
+    return RoundPrivacy(run_key, server_round, ledger.dataset, plan,
                         epsilon_run_after=epsilon([*this_run, *nxt], plan.delta, run.accountant),
                         epsilon_lifetime_after=epsilon([*lifetime, *nxt], plan.delta, run.accountant),
                         steps_run_after=sum(n for _, _, n in this_run) + step.steps)

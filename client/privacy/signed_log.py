@@ -115,13 +115,21 @@ class SignedLog:
     def raw_lines(self) -> list[bytes]:
         return self.path.read_bytes().splitlines() if self.path.exists() else []
 
+    def readable_lines(self) -> list[dict[str, Any] | None]:
+        """Every line parsed as it stands, unverified (None where a line is not a JSON object): for
+        readers that must see what a broken log still shows, line numbers kept."""
+        out: list[dict[str, Any] | None] = []
+        for raw in self.raw_lines():
+            try:
+                entry = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                entry = None
+            out.append(entry if isinstance(entry, dict) else None)
+        return out
+
     def verify(self, public_key: Ed25519PublicKey | None = None) -> Verification:
         """Check every signature and link; line numbers are 1-based lines of the log file."""
-        if public_key is None:
-            public_key = load_public_key(self.key_dir)
-            if public_key is None:
-                return Verification(False, 0, None, f"{self.key_dir / PUBLIC_KEY_FILE} missing: cannot check signatures")
-        return _verify_lines(self.raw_lines(), self.head, public_key)[0]
+        return self.entries(public_key)[0]
 
     def entries(self, public_key: Ed25519PublicKey | None = None) -> tuple[Verification, list[dict[str, Any]]]:
         """The verification and, when it passes, every line's entry without the chain fields."""

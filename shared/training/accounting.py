@@ -40,14 +40,19 @@ def _rdp_epsilon(merged: dict[tuple[float, float], int], delta: float) -> float:
     return float(eps)
 
 
-def epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
-    # Rounds with the same mechanism compose exactly into one entry with their steps summed;
-    # the accountants' cost grows with the number of entries (seconds for a long history).
+def merge_history(history: Iterable[tuple[float, float, int]]) -> dict[tuple[float, float], int]:
+    """Rounds with the same mechanism (noise, sample rate) compose exactly into one entry with their
+    steps summed; an accountant's cost grows with the number of entries (seconds for a long history)."""
     merged: dict[tuple[float, float], int] = {}
     for sigma, rate, steps in history:
         if steps > 0:
             key = (float(sigma), float(rate))
             merged[key] = merged.get(key, 0) + int(steps)
+    return merged
+
+
+def epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    merged = merge_history(history)
     if not merged:
         return 0.0
     if accountant == "rdp":
