@@ -188,3 +188,25 @@ def test_other_patients_after_a_dp_round_get_their_own_budget(tmp_path: Path) ->
     assert assessed.epsilon_lifetime_after == assessed.epsilon_run_after  # a fresh budget for other patients
     records = [json.loads(x) for x in next((site.state_dir / "privacy").glob("*.jsonl")).read_text().splitlines()]
     assert {"seq", "prev_sha256", "signature"} <= set(records[0])  # the old dataset's signed ledger remains
+
+
+def test_a_kill_between_a_line_and_its_head_is_recovered_but_truncation_is_not(tmp_path: Path) -> None:
+    """SIGKILL after a line's fsync but before the head is replaced leaves the head one line behind
+    a signed, chained line: the spending counts. Dropping lines from the end is still caught."""
+    ledger = PrivacyLedger(tmp_path, "d" * 32)
+    ledger.append(SpendRecord("r" * 32, 1, 1.0, 0.2, 5, 1.0, 1e-3, "rdp"))
+    head_after_one = ledger.head.read_bytes()
+    ledger.append(SpendRecord("r" * 32, 2, 1.0, 0.2, 5, 1.0, 1e-3, "rdp"))
+    full = ledger.path.read_bytes()
+    ledger.head.write_bytes(head_after_one)  # the kill: line 2 written, head still at line 1
+    assert [r.round for r in ledger.records()] == [1, 2]
+    ledger.append(SpendRecord("r" * 32, 3, 1.0, 0.2, 5, 1.0, 1e-3, "rdp"))  # the next append repairs the head
+    assert [r.round for r in ledger.records()] == [1, 2, 3]
+    ledger.head.write_bytes(head_after_one)  # two lines behind: not a crash
+    with pytest.raises(PrivacyLedgerError, match="signed head records line 1"):
+        ledger.records()
+    ledger.path.write_bytes(full.splitlines(keepends=True)[0])  # truncated to line 1 while the head...
+    ledger.append(SpendRecord("r" * 32, 2, 1.0, 0.2, 5, 1.0, 1e-3, "rdp"))
+    ledger.path.write_bytes(ledger.path.read_bytes().splitlines(keepends=True)[0])  # ...says line 2
+    with pytest.raises(PrivacyLedgerError, match="deleted from the end"):
+        ledger.records()

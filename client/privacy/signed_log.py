@@ -148,7 +148,7 @@ def _verify_lines(raw_lines: list[bytes], head_path: Path,
                   public_key: Ed25519PublicKey) -> tuple[Verification, list[dict[str, Any]]]:
     n = len(raw_lines)
     payloads: list[dict[str, Any]] = []
-    prev = GENESIS
+    before_last, prev = GENESIS, GENESIS
     for number, raw in enumerate(raw_lines, start=1):
         try:
             payload = json.loads(raw)
@@ -162,7 +162,7 @@ def _verify_lines(raw_lines: list[bytes], head_path: Path,
         if payload.get("seq") != number - 1 or payload.get("prev_sha256") != prev:
             return Verification(False, n, number, "chain broken: a line before it was removed, "
                                 "inserted or reordered"), []
-        prev = hashlib.sha256(raw).hexdigest()
+        before_last, prev = prev, hashlib.sha256(raw).hexdigest()
         payloads.append(payload)
     if head_path.exists():
         try:
@@ -175,7 +175,11 @@ def _verify_lines(raw_lines: list[bytes], head_path: Path,
             public_key.verify(signature, canonical(head))
         except InvalidSignature:
             return Verification(False, n, None, "head file signature invalid"), []
-        if seq != n - 1 or sha != prev:
+        # A process killed between a line's fsync and the head's replacement leaves the head one
+        # line behind a signed, chained last line: that is a crash, not a truncation, and the line's
+        # spending counts. Anything else that disagrees with the head is refused.
+        crashed_before_head = n >= 2 and seq == n - 2 and sha == before_last
+        if (seq != n - 1 or sha != prev) and not crashed_before_head:
             return Verification(False, n, min(n, seq + 1) + 1,
                                 f"ledger ends at line {n} but the signed head records line "
                                 f"{seq + 1}: lines were deleted from the end or the ledger was replaced"), []
