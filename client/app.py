@@ -16,11 +16,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import Scalar
 
+from spine_fl.client.privacy.charged_rounds import ChargedReply, keep_reply, model_sha256, replay
 from spine_fl.client.privacy.evaluation_budget import withhold_reason
 from spine_fl.client.privacy.mods import site_mods
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, SpendRecord
 from spine_fl.client.privacy.received_models import save_received
 from spine_fl.client.privacy.round_privacy import assess_round, take
+from spine_fl.client.privacy.signed_log import site_key_fingerprint
 from spine_fl.client.site_config import Site
 from spine_fl.client.site_data import resolve_site, site_data
 from spine_fl.shared import protocol
@@ -62,32 +64,45 @@ class SiteClient(NumPyClient):
             proximal_mu=float(config.get(protocol.PROXIMAL_MU, settings.proximal_mu)),
             seed=settings.seed * 100_003 + server_round,
         )
-        metrics: dict[str, Scalar] = {protocol.SITE_INDEX: self._site_index(config), protocol.DP: int(settings.dp)}
+        metrics: dict[str, Scalar] = {protocol.SITE_INDEX: self._site_index(config), protocol.DP: int(settings.dp),
+                                      protocol.LEDGER_KEY: site_key_fingerprint(self.site.state_dir)}
         if settings.dp:
             run_key = run_key_of(config, self.run_id)  # the same run across coordinator restarts
             # assessed by the site-policy mod before this round; assessed here only without that mod
             assessed = (take(self.context, run_key, server_round)
                         or assess_round(self.site, settings, run_key, server_round, len(train_split)))
+            if assessed.replay:  # a restarted coordinator asks again: re-send what was charged, or refuse
+                kept = replay(self.site.state_dir, run_key, server_round, parameters)
+                log.warning("spine-fl: %s round %s was already charged; re-sending the reply kept for it",
+                            self.site.name, server_round)
+                return kept.weights, kept.num_examples, kept.metrics | {protocol.SITE_INDEX: metrics[protocol.SITE_INDEX]}
             plan = assessed.plan
             loss, spend = train(model, train_split, local, self.device,
                                 DpSettings(plan.noise_multiplier, plan.max_grad_norm))
             if spend != plan.round_spend:  # the figures assessed would not be what was spent
                 raise RuntimeError(f"DP-SGD spent {spend}, not the planned {plan.round_spend}; nothing is sent")
-            PrivacyLedger(self.site.state_dir, assessed.dataset).append(
-                SpendRecord(run_key, server_round, spend.noise_multiplier, spend.sample_rate, spend.steps,
-                            plan.max_grad_norm, plan.delta, settings.accountant))
+            weights = get_weights(model)
+            _check_secagg_range(weights, settings)  # before the charge: nothing leaves when this fails
+            ledger = PrivacyLedger(self.site.state_dir, assessed.dataset)
+            ledger.append(SpendRecord(run_key, server_round, spend.noise_multiplier, spend.sample_rate, spend.steps,
+                                      plan.max_grad_norm, plan.delta, settings.accountant))
+            lines, head_sha = ledger.log.last()
             metrics.update({
                 protocol.EPSILON_RUN: assessed.epsilon_run_after,
                 protocol.EPSILON_LIFETIME: assessed.epsilon_lifetime_after,
                 protocol.DELTA: plan.delta, protocol.NOISE_MULTIPLIER: spend.noise_multiplier,
                 protocol.MAX_GRAD_NORM: plan.max_grad_norm, protocol.SAMPLE_RATE: spend.sample_rate,
                 protocol.STEPS_RUN: assessed.steps_run_after,
+                protocol.LEDGER_DATASET: assessed.dataset, protocol.LEDGER_LINES: lines,
+                protocol.LEDGER_SHA256: head_sha,
             })
+            keep_reply(self.site.state_dir, run_key, ChargedReply(server_round, model_sha256(parameters), weights,
+                                                                  len(train_split), metrics))
         else:
             loss, _ = train(model, train_split, local, self.device)
+            weights = get_weights(model)
+            _check_secagg_range(weights, settings)
         log.debug("%s round %s: training loss %.4f (kept at the site)", self.site.name, server_round, loss)
-        weights = get_weights(model)
-        _check_secagg_range(weights, settings)
         return weights, len(train_split), metrics
 
     def evaluate(self, parameters, config):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from flwr.app import Context
 from flwr.common import parameters_to_ndarrays
@@ -20,6 +20,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
 from spine_fl.server.checkpoint import Checkpoint, load_checkpoint, retire_checkpoint, save_checkpoint
+from spine_fl.server.coordinator_record import RECORD_FILE, CoordinatorRecord
 from spine_fl.server.grid_watch import WatchingGrid
 from spine_fl.server.reporting.federation_record import write_federation_results
 from spine_fl.server.rounds import run_rounds
@@ -40,11 +41,15 @@ def build_server_app(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     node_sites: dict[int, str] | None = None,
     checkpoint_dir: Path | None = None,
+    record_path: Path | None = None,
+    enrolled_keys: Mapping[str, str] | None = None,
 ) -> ServerApp:
     """Settings given here win; otherwise they come from Flower's run config (`flwr run`).
 
-    Deployment (`spine-fl server`) also gives `node_sites` (enrolled SuperNode id -> site; no other
-    node is sent anything) and `checkpoint_dir` (resume after the last completed round)."""
+    `record_path`: the coordinator's record of the sites' pinned keys and ledger heads, kept across
+    runs (default: in the results folder). Deployment (`spine-fl server`) also gives `node_sites`
+    (enrolled SuperNode id -> site; no other node is sent anything), `checkpoint_dir` (resume after
+    the last completed round) and `enrolled_keys` (site -> ledger-key fingerprint pinned at enrolment)."""
     app = ServerApp()
 
     @app.main()
@@ -53,6 +58,7 @@ def build_server_app(
         site_names = sites or str(context.run_config.get(protocol.RUN_CONFIG_SITES, "")).split(",")
         results_dir = out_dir or Path(str(context.run_config.get(protocol.RUN_CONFIG_OUT_DIR, "spine-fl-results")))
         log = RoundLog(site_names, run.min_sites, on_round=on_round)
+        record = CoordinatorRecord.load(record_path or results_dir / RECORD_FILE, enrolled_keys)
         resumed = load_checkpoint(checkpoint_dir, run) if checkpoint_dir else None
         done, run_key = (resumed.round, resumed.run_key) if resumed else (0, uuid.uuid4().hex)
         if resumed:
@@ -66,7 +72,7 @@ def build_server_app(
                                                                 log.state(), run_key))
 
         if len(log.trained_rounds) < run.rounds and not log.stopped:
-            strategy = RecordingStrategy(build_strategy(run, final, site_names, done, run_key), log, done,
+            strategy = RecordingStrategy(build_strategy(run, final, site_names, done, run_key), log, record, done,
                                          on_round_done)
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=run.rounds), strategy=strategy)
             watched = WatchingGrid(grid, log, node_sites, done)
@@ -75,7 +81,8 @@ def build_server_app(
                 compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         if len(log.trained_rounds) < run.rounds:
             log.stop(f"only {len(log.trained_rounds)} of {run.rounds} rounds trained")
-        write_federation_results(results_dir, run, site_names, final, log, resumed_after=done)
+        write_federation_results(results_dir, run, site_names, final, log, record.summary(site_names),
+                                 resumed_after=done)
         if checkpoint_dir and not log.stopped:
             retire_checkpoint(checkpoint_dir, run_key)
 

@@ -47,6 +47,8 @@ def run_rounds(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | No
             if attempt + offset in log.trained_rounds:
                 default_evaluate_workflow(grid, legacy)
                 continue
+            if log.stopped:  # the pre-flight ended the run before anyone trained
+                break
             failed += 1
             log.record_failed_round(attempt + offset)
             if not log.stopped and failed > retries:

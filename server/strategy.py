@@ -12,6 +12,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from spine_fl.server.coordinator_record import CoordinatorRecord
+from spine_fl.server.preflight import preflight
 from spine_fl.shared import protocol
 from spine_fl.shared.config import RunSettings
 
@@ -33,11 +35,15 @@ def weighted_mean(reports: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Sca
     that withheld its metrics (protocol.WITHHELD, 0 examples, no metrics) takes no part."""
     reports = [(n, m) for n, m in reports if n > 0 and not m.get(protocol.WITHHELD)]
     out: dict[str, Scalar] = {}
-    for key in sorted({k for _, m in reports for k in m if k != protocol.SITE_INDEX}):
-        pairs = [(n, float(m[key])) for n, m in reports if key in m]
+    for key in sorted({k for _, m in reports for k in m if k != protocol.SITE_INDEX and _numeric(m[k])}):
+        pairs = [(n, float(m[key])) for n, m in reports if key in m and _numeric(m[key])]
         total = sum(n for n, _ in pairs)
         out[key] = sum(n * v for n, v in pairs) / total if total else float("nan")
     return out
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def build_strategy(settings: RunSettings, initial: list, sites: list[str], offset: int = 0,
@@ -108,7 +114,7 @@ class RoundLog:
         for examples, metrics in reports:
             self.train_examples[_site_name(self.sites, metrics)] = int(examples)
             self.privacy[_site_name(self.sites, metrics)] = {k: float(v) for k, v in metrics.items()
-                                                              if k != protocol.SITE_INDEX}
+                                                              if k != protocol.SITE_INDEX and _numeric(v)}
         if len(reports) < self.min_sites:
             self.stop(f"round {server_round}: only {len(reports)} site(s) trained, fewer than min_sites = "
                       f"{self.min_sites}; the run ends here")
@@ -152,14 +158,19 @@ class RecordingStrategy(Strategy):
     """Delegates every step to Flower's strategy; keeps the sites' reports and refusals, and ends
     the run (by selecting no more sites) once fewer than min_sites train in a round.
 
+    Before each round's training it runs the pre-flight (server/preflight.py): only the sites that
+    will take part, with their pinned ledger key, are sent the round. Each train reply's ledger key
+    is checked again and its privacy-ledger head kept in the coordinator's record.
+
     `offset` is the number of rounds completed before a coordinator restart (Flower counts this
     run's rounds from 1); `on_round_done(round, parameters)` is called after each evaluated round."""
 
-    def __init__(self, inner: Strategy, log: RoundLog, offset: int = 0,
+    def __init__(self, inner: Strategy, log: RoundLog, record: CoordinatorRecord, offset: int = 0,
                  on_round_done: Callable[[int, Parameters], None] | None = None):
         super().__init__()
         self.inner = inner
         self.log = log
+        self.record = record
         self.offset = offset
         self.on_round_done = on_round_done
         self._latest: Parameters | None = None
@@ -170,10 +181,25 @@ class RecordingStrategy(Strategy):
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
         if self.log.stopped:
             return []
-        return self.inner.configure_fit(server_round, parameters, client_manager)
+        instructions = self.inner.configure_fit(server_round, parameters, client_manager)
+        return preflight(instructions, server_round, server_round + self.offset, self.record, self.log) \
+            if instructions else instructions
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[override]
-        self.log.record_fit(server_round + self.offset, [(r.num_examples, r.metrics) for _, r in results])
+        absolute = server_round + self.offset
+        signed_by_others = []
+        for _, res in results:
+            site = _site_name(self.log.sites, res.metrics)
+            problem = self.record.key_problem(site, str(res.metrics.get(protocol.LEDGER_KEY, "")))
+            if problem:
+                signed_by_others.append(site)
+                self.log.record_refusal(absolute, {"site": site, "rule": "ledger_key", "message": problem,
+                                                   "by": "coordinator"})
+            else:
+                self.record.record_reply(site, res.metrics)
+        if signed_by_others:  # under SecAgg+ their updates are inside the sum: the round fails (retried
+            return None, {}  # without them: the next pre-flight leaves them out)
+        self.log.record_fit(absolute, [(r.num_examples, r.metrics) for _, r in results])
         aggregated = self.inner.aggregate_fit(server_round, results, failures)
         self._latest = aggregated[0]
         return aggregated

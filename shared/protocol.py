@@ -19,8 +19,10 @@ Train reply, site -> coordinator (metric record FIT_METRICS; example count in FI
     run and over the site's lifetime, the DELTA they are at (the site's own: at most 1 / (10 n)
     for its n training patients, or the run's when the run asks for a smaller one), and the
     DP-SGD settings used. The weights travel in Flower's parameters record (SecAgg+-masked on
-    SecAgg+ rounds). No loss on the training patients: it would leave in the clear even under
-    SecAgg+, so it is not sent ("train_loss" is undeclared: the audit's egress scan flags it).
+    SecAgg+ rounds). Every train reply carries LEDGER_KEY (the fingerprint of the key that signs
+    the site's ledgers: the coordinator pins it), and a DP one the privacy ledger's head after the
+    round (LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256): the coordinator keeps the last one. No
+    loss on the training patients: it would leave in the clear even under SecAgg+, so it is not sent ("train_loss" is undeclared: the audit's egress scan flags it).
 
 Evaluate reply, site -> coordinator (metric record EVALUATE_METRICS, loss = log loss):
     EVALUATION_METRICS on the site's held-out split, and SITE_INDEX. A site whose held-out split
@@ -28,6 +30,16 @@ Evaluate reply, site -> coordinator (metric record EVALUATE_METRICS, loss = log 
     the dataset is spent (policy max_evaluations) sends only SITE_INDEX and WITHHELD = 1, with
     loss 0.0 and 0 examples: no figure computed on its held-out patients leaves.
     EVALUATE_REPLY_METRICS lists every key an evaluate reply may carry.
+
+Pre-flight, coordinator -> site, before every round's training (message type "query", config
+    record PREFLIGHT): the round's train instruction as above plus LEDGER_HEADS, JSON of
+    {site: {LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256}} as the coordinator last recorded them (a
+    site reads its own; the others' hash and line count say nothing about anyone's data). The site
+    answers with the same checks it makes before training — policy, delta, budget, its ledger
+    intact and holding the coordinator's head — either a refusal or the config record
+    PREFLIGHT_REPLY: SITE, READY = 1, LEDGER_KEY and, with DP, its current privacy-ledger head.
+    Only sites that answered ready, with the pinned key, are sent the round: nobody trains (or
+    spends epsilon) in a round that cannot reach min_sites.
 
 Refusal, site -> coordinator: an Error reply with code REFUSAL_CODE whose reason is
     REFUSAL_PREFIX + JSON of `shared.refusal.Refusal` (rule, message, epsilon figures).
@@ -71,7 +83,21 @@ SAMPLE_RATE: Final = "sample_rate"
 STEPS_RUN: Final = "steps_run"
 PRIVACY_METRICS: Final = (EPSILON_RUN, EPSILON_LIFETIME, DELTA, NOISE_MULTIPLIER, MAX_GRAD_NORM, SAMPLE_RATE,
                           STEPS_RUN)
-TRAIN_METRICS: Final = (SITE_INDEX, DP, *PRIVACY_METRICS)
+# Ledger evidence: hex text, the only text a reply carries.
+LEDGER_KEY: Final = "ledger_key"  # "sha256:<hex>" of the site's raw Ed25519 ledger-signing public key
+LEDGER_DATASET: Final = "ledger_dataset"  # the privacy ledger's dataset id (32 hex digits)
+LEDGER_LINES: Final = "ledger_lines"  # its number of lines
+LEDGER_SHA256: Final = "ledger_sha256"  # SHA-256 of its last line (64 hex digits)
+LEDGER_HEAD: Final = (LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256)
+LEDGER_TEXT: Final = (LEDGER_KEY, LEDGER_DATASET, LEDGER_SHA256)
+TRAIN_METRICS: Final = (SITE_INDEX, DP, *PRIVACY_METRICS, *LEDGER_HEAD, LEDGER_KEY)
+
+# Pre-flight.
+PREFLIGHT: Final = "spine-fl.preflight"
+PREFLIGHT_REPLY: Final = "spine-fl.preflight-reply"
+LEDGER_HEADS: Final = "ledger_heads"
+SITE: Final = "site"
+READY: Final = "ready"
 
 # Evaluate reply metrics (shared.metrics.binary_metrics without its count), averaged per round by
 # the coordinator, example-weighted.

@@ -8,6 +8,7 @@ one folder, generated at run time.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import tomlkit
 
+from spine_fl.client.privacy.signed_log import PUBLIC_KEY_FILE, load_or_create_key
 from spine_fl.shared.runtime.bundle import build_bundle
 from spine_fl.shared.runtime.credentials import create_server_credentials, create_site_keys
 from spine_fl.shared.runtime.flower import flower_env
@@ -126,13 +128,16 @@ def build_loopback(root: Path, run: dict[str, Any], n_sites: int = 3, policy: di
     bundle = build_bundle()
     for d in data_dirs:
         create_site_keys(root / "credentials", d.name)
+        load_or_create_key(root / "state" / d.name)  # the ledger key, pinned in the federation file
+        shutil.copy(root / "state" / d.name / PUBLIC_KEY_FILE, root / "credentials" / f"{d.name}_ledger_key.pub")
         loop.write_site(d.name, d, [bundle.sha256])
     loop.federation_file.write_text(tomlkit.dumps({
         "federation": {"address": f"127.0.0.1:{loop.port}", "state_dir": "coordinator-state", "out_dir": "results",
                        "ca_certificate": "credentials/ca.crt", "certificate": "credentials/server.crt",
                        "private_key": "credentials/server.key"},
         "run": run,
-        "sites": {s: {"public_key": f"credentials/{s}_supernode_key.pub"} for s in loop.sites}}))
+        "sites": {s: {"public_key": f"credentials/{s}_supernode_key.pub",
+                      "ledger_key": f"credentials/{s}_ledger_key.pub"} for s in loop.sites}}))
     return loop
 
 

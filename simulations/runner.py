@@ -22,21 +22,23 @@ from flwr.clientapp.typing import Mod
 
 from spine_fl.client.site_config import Site, policy_from_table
 from spine_fl.server.app import build_server_app
+from spine_fl.server.coordinator_record import RECORD_FILE
 from spine_fl.server.reporting import plots
 from spine_fl.server.reporting.federation_record import FEDERATION_FILE, MODEL_FILE, load_model
 from spine_fl.server.reporting.model_card import save_predictions, write_model_card
 from spine_fl.server.reporting.run_result import RunResult, write_run_result
-from spine_fl.shared.config import Scenario, load_scenario
+from spine_fl.shared.config import ConfigError, ConsortiumSettings, Scenario, load_scenario
 from spine_fl.shared.contract.data_contract import load_site
 from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.files import atomic_write_bytes
 from spine_fl.shared.models.registry import pick_device
 from spine_fl.shared.training.evaluation import score_sites
 from spine_fl.simulations import baselines
-from spine_fl.simulations.synthetic.consortium import synthesize_consortium
+from spine_fl.simulations.synthetic.consortium import site_profiles, synthesize_consortium
 from spine_fl.simulations.synthetic.vertebral_column import ATTRIBUTION, write_sites
 
 SCENARIO_FILE = "scenario.toml"
+VERTEBRAL_SITE = "vc_site{}"  # as write_sites names its folders (a test keeps them in step)
 
 
 def packaged_scenario(name: str) -> Path:
@@ -55,10 +57,14 @@ def build_consortium(scenario: Scenario, data_dir: Path) -> list[Path]:
     return synthesize_consortium(data_dir, c.sites, c.seed, modalities)
 
 
+def state_root(scenario: Scenario, out_dir: Path) -> Path:
+    """Where the virtual sites' state folders live, and beside them the coordinator's record."""
+    return Path(scenario.state_dir) if scenario.state_dir else out_dir / "site-state"
+
+
 def virtual_sites(scenario: Scenario, site_dirs: list[Path], out_dir: Path) -> list[Site]:
     """Each virtual site with its own policy and its own state folder (ledgers and signing key)."""
-    state_root = Path(scenario.state_dir) if scenario.state_dir else out_dir / "site-state"
-    return [Site(p.name, p, state_root / p.name,
+    return [Site(p.name, p, state_root(scenario, out_dir) / p.name,
                  policy_from_table(scenario.site_policy(p.name), f"scenario {scenario.name} [policy]"))
             for p in site_dirs]
 
@@ -83,7 +89,8 @@ def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
     gpus = 1.0 / len(sites) if torch.cuda.is_available() else 0.0
     logging.getLogger("flwr").addFilter(RUN_SIMULATION_NOTICE)
     run_simulation(
-        server_app=build_server_app(scenario.run, [s.name for s in sites], out_dir, on_round),
+        server_app=build_server_app(scenario.run, [s.name for s in sites], out_dir, on_round,
+                                    record_path=state_root(scenario, out_dir) / RECORD_FILE),
         client_app=build_client_app(sites, outer_mods),
         num_supernodes=len(sites),
         backend_config={
@@ -138,6 +145,7 @@ def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, An
         dropouts=federation["dropouts"],
         failed_rounds=federation["failed_rounds"],
         privacy=federation["privacy"],
+        ledgers=federation["ledgers"],
         config={"run": run.to_run_config(), "consortium": asdict(scenario.consortium),
                 "cpus_per_site": scenario.cpus_per_site},
         timing={"federated_seconds": round(fed_seconds, 1),
@@ -157,10 +165,43 @@ def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, An
     return metrics
 
 
+def consortium_site_names(consortium: ConsortiumSettings) -> list[str]:
+    """The site names a consortium will have, without writing it (for [policy.<site>] tables)."""
+    if consortium.source == "vertebral_column":
+        return [VERTEBRAL_SITE.format(i + 1) for i in range(consortium.sites)]
+    return [profile.name for profile in site_profiles(consortium.sites)]
+
+
+def shipped_scenarios() -> list[str]:
+    """The names of the scenarios shipped in simulations/scenarios/."""
+    folder = resources.files("spine_fl.simulations") / "scenarios"
+    return sorted(entry.name[:-len(".toml")] for entry in folder.iterdir() if entry.name.endswith(".toml"))
+
+
 def load(scenario: str | Path | None) -> Scenario:
-    if scenario is None:
-        return load_scenario(packaged_scenario("default"))
-    path = Path(scenario)
+    """A scenario file or shipped name, every problem in it (policies too) found before any work."""
+    path = packaged_scenario("default") if scenario is None else Path(scenario)
     if not path.exists() and not path.suffix:
+        if str(scenario) not in shipped_scenarios():
+            raise ConfigError(f"{scenario}: no such file and no shipped scenario of that name; give a scenario "
+                              f".toml file or one of {', '.join(shipped_scenarios())} (spine-fl simulate --list)")
         path = packaged_scenario(str(scenario))
-    return load_scenario(path)
+    return load_scenario(path, site_names=consortium_site_names, check_policy=policy_from_table)
+
+
+def describe(path: Path) -> str:
+    """A scenario's description: its first line when that is a comment (the shipped files have one)."""
+    first = (path.read_text(encoding="utf-8").splitlines() or [""])[0]
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
+def scenario_line(name: str) -> str:
+    """One shipped scenario in a line: name, task, sites, rounds, DP and SecAgg+, description."""
+    path = packaged_scenario(name)
+    try:
+        s = load(path)
+    except ConfigError as exc:
+        return f"{name}: INVALID ({exc.problems[0] if exc.problems else exc})"
+    on = {True: "on", False: "off"}
+    return (f"{name}: task {s.run.task}, {s.consortium.sites} {s.consortium.source} site(s), {s.run.rounds} rounds, "
+            f"DP {on[s.run.dp]}, SecAgg+ {on[s.run.secagg]}" + (f" - {d}" if (d := describe(path)) else ""))

@@ -61,10 +61,10 @@ def validate(
     else:
         for problem in report.problems:
             colour = "red" if problem.severity == "error" else "yellow"
-            console.print(f"[{colour}]{problem.severity.upper()}[/] {problem.where}\n    {problem.what}\n    -> {problem.action}",
-                          highlight=False)
+            console.print(f"[{colour}]{problem.severity.upper()}[/] {escape(problem.where)}\n    "
+                          f"{escape(problem.what)}\n    -> {escape(problem.action)}", highlight=False)
         verdict = "[green]usable[/]" if report.usable else "[red]NOT usable[/]"
-        console.print(f"{site_dir}: {verdict} for {task} - {len(report.errors)} error(s), "
+        console.print(f"{escape(str(site_dir))}: {verdict} for {task} - {len(report.errors)} error(s), "
                       f"{len(report.warnings)} warning(s); counts {report.counts}", highlight=False)
     raise typer.Exit(0 if report.usable else 1)
 
@@ -74,24 +74,57 @@ def _round_line(entry: dict) -> None:
     console.print(f"round {entry['round']:>3}  held-out AUROC {entry['auroc']:.3f}  ({sites})", highlight=False)
 
 
+SIMULATE_STOPPED = 3  # the federation stopped before its last round: its metrics are no result
+
+
 @app.command()
 def simulate(
-    scenario: Optional[str] = typer.Option(None, help="scenario TOML file or packaged name (default, vertebral)"),
+    scenario: Optional[str] = typer.Option(None, help="scenario TOML file or shipped name (see --list)"),
     out: Path = typer.Option(Path("results/default"), help="results folder"),
+    list_scenarios: bool = typer.Option(False, "--list", help="list the shipped scenarios, one line each, and exit"),
 ) -> None:
-    """Run a scenario on Flower's simulation engine, with pooled and local-only baselines."""
+    """Run a scenario on Flower's simulation engine, with pooled and local-only baselines.
+
+    Exit 0: the run completed.
+
+    Exit 2: the scenario is invalid; every problem is listed and nothing is run.
+
+    Exit 3: the federation stopped early (too few sites, sites refused); the reason is printed, and the
+    metrics are those of an unfinished model, not a result."""
     from spine_fl.shared.config import ConfigError
     from spine_fl.simulations.runner import load
     from spine_fl.simulations.runner import simulate as run_scenario
 
+    if list_scenarios:
+        _list_scenarios()
+        return
     try:
         chosen = load(scenario)
     except ConfigError as exc:
-        console.print(f"[red]configuration error:[/] {escape(str(exc))}")
+        console.print(f"[red]configuration error[/] (nothing was run):\n{escape(str(exc))}", highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(2) from None
     console.print(f"scenario {chosen.name}: task {chosen.run.task}, {chosen.consortium.sites} sites, "
                   f"{chosen.run.rounds} rounds of {chosen.run.strategy} -> {out}")
     metrics = run_scenario(chosen, out, on_round=_round_line)
+    _metrics_table(metrics)
+    console.print(f"results in {out} ({metrics['timing']['total_seconds']} s)")
+    if metrics.get("status") == "stopped":
+        console.print(f"[red]run stopped: {escape(str(metrics.get('stop_reason')))}[/]\nthe metrics above are "
+                      "those of an unfinished model, not a result", highlight=False, soft_wrap=True)
+        raise typer.Exit(SIMULATE_STOPPED)
+
+
+def _list_scenarios() -> None:
+    """`simulate --list`: one line per shipped scenario (simulations/scenarios/*.toml)."""
+    from spine_fl.simulations.runner import scenario_line, shipped_scenarios
+
+    for name in shipped_scenarios():
+        console.print(escape(scenario_line(name)), highlight=False, soft_wrap=True)
+
+
+def _metrics_table(metrics: dict) -> None:
+    """The held-out metrics of the federated model and both baselines."""
     table = Table(title=f"{metrics['task']} - held-out patients")
     for col in ("", "AUROC", "accuracy", "sensitivity", "specificity", "Brier"):
         table.add_column(col)
@@ -99,7 +132,6 @@ def simulate(
         m = metrics[name]
         table.add_row(name, *(f"{m[k]:.3f}" for k in ("auroc", "accuracy", "sensitivity", "specificity", "brier")))
     console.print(table)
-    console.print(f"results in {out} ({metrics['timing']['total_seconds']} s)")
 
 
 app.command("report")(report_command)
@@ -279,24 +311,40 @@ def enroll(
     keys_dir: Path = typer.Option(Path("credentials"), help="where the site's key pair is written (at the site)"),
     federation: Optional[Path] = typer.Option(None, help="coordinator: add this site's public key to the "
                                               "federation file's enrolled sites"),
-    public_key: Optional[Path] = typer.Option(None, help="coordinator: the .pub file the site sent"),
-    replace: bool = typer.Option(False, help="coordinator: replace an enrolled site's key (the site sent a new one)"),
+    public_key: Optional[Path] = typer.Option(None, help="coordinator: the SuperNode .pub file the site sent"),
+    state_dir: Optional[Path] = typer.Option(None, help="site: its state folder; its ledger-signing key is created "
+                                             "there and the public half copied to --keys-dir"),
+    ledger_key: Optional[Path] = typer.Option(None, help="coordinator: the site's <site>_ledger_key.pub (pins "
+                                              "the key that signs its ledgers; default: beside --public-key)"),
+    replace: bool = typer.Option(False, help="coordinator: replace an enrolled site's keys (the site sent new ones)"),
 ) -> None:
-    """Site: create the SuperNode key pair. Coordinator: enrol a site's public key (--federation)."""
+    """Site: create the SuperNode key pair (and, with --state-dir, the ledger key). Coordinator: enrol
+    a site's public keys (--federation)."""
+    from spine_fl.client.privacy.signed_log import PUBLIC_KEY_FILE, load_or_create_key
     from spine_fl.server.deployment.enrolment import enrol_public_key
     from spine_fl.shared.config import ConfigError
     from spine_fl.shared.runtime.credentials import CredentialsError, create_site_keys
 
+    ledger_name = f"{site}_ledger_key.pub"
     try:
         if federation is None:
             keys = create_site_keys(keys_dir, site)
-            console.print(f"wrote {keys.private_key} (stays at the site, mode 0600) and {keys.public_key} "
-                          "(send to the coordinator)", highlight=False)
+            sent = f"{keys.public_key}"
+            if state_dir is not None:
+                load_or_create_key(state_dir)
+                (keys_dir / ledger_name).write_bytes((state_dir / PUBLIC_KEY_FILE).read_bytes())
+                sent += f" and {keys_dir / ledger_name}"
+            console.print(f"wrote {keys.private_key} (stays at the site, mode 0600) and {sent} (send to the "
+                          "coordinator)", highlight=False)
             return
         key_file = public_key or keys_dir / f"{site}_supernode_key.pub"
-        replaced = enrol_public_key(federation, site, key_file, replace)
-        console.print(f"{'replaced the key of' if replaced else 'enrolled'} {site} ({key_file}) in {federation}",
-                      highlight=False)
+        ledger = ledger_key or key_file.with_name(ledger_name)
+        replaced = enrol_public_key(federation, site, key_file, replace,
+                                    ledger if ledger_key is not None or ledger.exists() else None)
+        pinned = f" and its ledger key ({ledger})" if ledger_key is not None or ledger.exists() else \
+            " (no ledger key: it is pinned on the site's first reply)"
+        console.print(f"{'replaced the keys of' if replaced else 'enrolled'} {site} ({key_file}){pinned} in "
+                      f"{federation}", highlight=False)
     except (CredentialsError, ConfigError) as exc:
         console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(1) from None

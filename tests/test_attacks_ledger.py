@@ -9,9 +9,9 @@ allows. With write access to `<state_dir>` and the site folder they can:
   comes from the patients, not the bytes, so the earlier spending still counts;
 - delete `<state_dir>/privacy/`: the egress ledger still shows the DP replies that spent epsilon, so
   the next DP round is refused (rule privacy_ledger), with the epsilon the egress ledger shows.
-Not stopped here: replacing the site key and re-signing everything (needs key pinning: the
-coordinator or an officer must know the site's public key), and deleting both ledgers (needs the
-coordinator's record of the site's past spending). Both are later parts of issue 10.
+Not stopped by the site's own files: replacing the site key and re-signing everything, and deleting
+both ledgers. The coordinator's record (pinned key, last ledger head) stops those:
+tests/test_attacks_coordinator.py.
 """
 
 from __future__ import annotations
@@ -84,11 +84,11 @@ def test_a_tampered_privacy_ledger_is_named_and_the_site_refuses(tmp_path: Path,
     assert verify(site.state_dir).ok and "privacy_ledger" in ledger_lines(site.state_dir)[-1]["error"]["reason"]
 
 
-def test_a_replaced_key_that_re_signs_everything_verifies(tmp_path: Path) -> None:
-    """Without key pinning a new key is indistinguishable from the site's own: the insider who
-    replaces site_ed25519.pem and re-signs a smaller ledger gets one that verifies. Catching this
-    needs the site's public key pinned elsewhere (the coordinator, the privacy officer): a later part
-    of issue 10. What the swap does break is every line the old key signed, e.g. the egress ledger."""
+def test_a_replaced_key_that_re_signs_everything_verifies_on_its_own(tmp_path: Path) -> None:
+    """At the site alone a new key is indistinguishable from the site's own: the insider who replaces
+    site_ed25519.pem and re-signs a smaller ledger gets one that verifies. The key pinned by the
+    coordinator catches it (tests/test_attacks_coordinator.py). What the swap breaks here is every
+    line the old key signed, e.g. the egress ledger."""
     site = make_site(tmp_path)
     ledger = _ledger_of(site)
     send(site, MessageType.EVALUATE, run_settings())  # one egress line signed by the original key

@@ -250,10 +250,11 @@ def test_a_round_where_every_site_withheld_does_not_stop_flowers_strategy() -> N
     from flwr.common import Code, EvaluateRes, Status
     from flwr.server.strategy import FedAvg
 
+    from spine_fl.server.coordinator_record import CoordinatorRecord
     from spine_fl.server.strategy import RecordingStrategy
 
     log = RoundLog(sites=["leiden", "seoul"], min_sites=2)
-    strategy = RecordingStrategy(FedAvg(), log)
+    strategy = RecordingStrategy(FedAvg(), log, CoordinatorRecord(None))
     withheld = [(None, EvaluateRes(Status(Code.OK, ""), 0.0, 0, {protocol.SITE_INDEX: i, protocol.WITHHELD: 1}))
                 for i in range(2)]
     loss, _ = strategy.aggregate_evaluate(1, withheld, [])

@@ -105,7 +105,11 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
     assert [r["epsilon_run"] for r in budget["rounds"]] == sorted(r["epsilon_run"] for r in budget["rounds"])
 
     assert report["payload_scan"]["clean"]
-    assert report["integrity"]["ok"] and report["integrity"]["lines"] == 15  # 3 rounds x (4 SecAgg+ stages + evaluate)
+    record = report["coordinator_record"]  # --run-dir: compared with the run's metrics.json
+    assert record["compared"] and record["key_matches"] and record["head"]["held"], record
+    assert record["pinned_key"] == metrics["ledgers"]["leiden"]["ledger_key"] == record["site_key"]
+    # 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate)
+    assert report["integrity"]["ok"] and report["integrity"]["lines"] == 18
     assert report["policy"]["runs"][0]["status"] == "complied"
     mia = report["membership_inference"]
     assert mia["members"] + mia["non_members"] == sum(metrics["patients"]["leiden"].values())
@@ -126,7 +130,8 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
         assert np.allclose(received, saved.numpy(), rtol=0, atol=1e-6)
 
     for site in SITES[1:]:  # every site passes (loss attack only, to keep the test short)
-        site_report = run_audit(_site(run_dir, site), tmp_path / site, shadow_models=0, bootstrap=200)
+        site_report = run_audit(_site(run_dir, site), tmp_path / site, shadow_models=0, bootstrap=200,
+                                coordinator_record=metrics["ledgers"][site], coordinator_record_source="metrics.json")
         assert site_report["verdict"]["verdict"] == "pass", site_report["verdict"]
         assert site_report["privacy_budget"]["runs"][0]["epsilon"] == pytest.approx(
             metrics["privacy"]["per_site"][site]["epsilon"], rel=0.02)
@@ -221,10 +226,11 @@ def test_planted_identifier_in_an_outgoing_metric_is_flagged(dp_run, tmp_path: P
 
     report = run_audit(_site(run_dir, "zurich", state), tmp_path / "report", shadow_models=0, bootstrap=200)
     findings = report["payload_scan"]["findings"]
-    assert len(findings) == 1 and findings[0]["line"] == 16 and findings[0]["severity"] == "fail"
+    planted = 3 * 6 + 1  # after 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate)
+    assert len(findings) == 1 and findings[0]["line"] == planted and findings[0]["severity"] == "fail"
     assert patient in findings[0]["what"] and "patient_id" in findings[0]["what"]
     assert report["verdict"]["verdict"] == "fail"
-    assert any(r["topic"] == "payload" and "line 16" in r["text"] for r in report["verdict"]["reasons"])
+    assert any(r["topic"] == "payload" and f"line {planted}" in r["text"] for r in report["verdict"]["reasons"])
 
 
 @pytest.mark.slow

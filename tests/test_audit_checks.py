@@ -44,13 +44,14 @@ from spine_fl.shared.training.accounting import dp_tpr_ceiling, epsilon, epsilon
 # the numbers of epsilon_in_plain_words' sentence, as a reader finds them
 PLAIN = re.compile(r"\u03b5 = (?P<eps>[\d.]+), \u03b4 = (?P<delta>[\d.e-]+) means: .*? e\^\u03b5 \u2248 "
                    r"(?P<odds>[\d,.^]+) .*? identify at most (?P<tpr>[\d.]+)% of patients")
-REPORT_KEYS = ["site", "generated_at", "inputs", "integrity", "egress", "payload_scan", "privacy_budget", "policy",
-               "membership_inference", "verdict"]
+REPORT_KEYS = ["site", "generated_at", "inputs", "integrity", "egress", "coordinator_record", "payload_scan",
+               "privacy_budget", "policy", "membership_inference", "verdict"]
 
 
 def test_every_listed_check_keeps_the_interface() -> None:
     assert [m.__name__.rsplit(".", 1)[-1] for m in checks.CHECKS] == [
-        "ledger_integrity", "egress_scan", "budget", "policy_compliance", "membership_inference"]
+        "ledger_integrity", "coordinator_record", "egress_scan", "budget", "policy_compliance",
+        "membership_inference"]
     sections: list[str] = []
     for check in checks.CHECKS:
         assert isinstance(check, checks.AuditCheck), check.__name__
@@ -398,3 +399,18 @@ def test_epsilon_in_plain_words_states_the_hypothesis_testing_bound(eps: float, 
     if ceiling < 1:
         assert float(shown["tpr"]) < 100  # a bound just below 100% never reads as 100%
     assert "wrongly accuses 1% of non-patients" in sentence
+
+
+def test_a_delta_above_what_the_site_allows_is_a_policy_breach() -> None:
+    """The audit holds each run's δ to the site's max_delta and to 1 / (10 n) for its training patients."""
+    from spine_fl.client.audit.policy_compliance import _delta_check
+    from spine_fl.shared.config import RunSettings
+
+    settings = RunSettings(task="rbp_tabular", batch_size=16)
+    run = {"delta": 5e-4, "sample_rate": [1 / 8]}  # 8 batches of 16: 113 to 128 training patients
+    assert _delta_check(SitePolicy(), settings, run)["ok"] is True  # 5e-4 < 1 / (10 * 113)
+    assert _delta_check(SitePolicy(max_delta=1e-4), settings, run) == {
+        "rule": "max_delta", "run": 5e-4, "policy": 1e-4, "ok": False}
+    over = _delta_check(SitePolicy(), settings, {**run, "delta": 0.5})  # a coordinator's δ = 0.5
+    assert over["ok"] is False and over["policy"] == pytest.approx(1 / (10 * 113))
+    assert _delta_check(SitePolicy(), None, run)["ok"] is None  # settings unknown, no max_delta: not judged

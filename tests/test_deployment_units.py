@@ -277,3 +277,27 @@ def test_the_front_forwards_exactly_the_fleet_api_the_supernode_uses(tmp_path: P
     checked = subprocess.run([nginx, "-t", "-p", str(cfg.folder), "-c", str(cfg.conf_path), "-e",
                               str(cfg.log_path)], capture_output=True, text=True, timeout=30, check=False)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_enrolment_pins_the_sites_ledger_key_and_refuses_a_wrong_file(tmp_path: Path) -> None:
+    """Site: `enroll --state-dir` creates its ledger key and copies the public half beside the SuperNode
+    key; coordinator: `enroll --federation` pins it beside the SuperNode key."""
+    from typer.testing import CliRunner
+
+    from spine_fl.cli import app
+    from spine_fl.client.privacy.signed_log import site_key_fingerprint
+    from spine_fl.shared.runtime.credentials import ledger_key_fingerprint
+
+    fed = _federation(tmp_path, "[run]\nmin_sites = 1\n")
+    keys, state = tmp_path / "keys", tmp_path / "state"
+    runner = CliRunner()
+    made = runner.invoke(app, ["enroll", "--site", "leiden", "--keys-dir", str(keys), "--state-dir", str(state)])
+    assert made.exit_code == 0, made.output
+    assert ledger_key_fingerprint(keys / "leiden_ledger_key.pub") == site_key_fingerprint(state)
+    enrolled = runner.invoke(app, ["enroll", "--site", "leiden", "--keys-dir", str(keys), "--federation", str(fed)])
+    assert enrolled.exit_code == 0 and "ledger key" in enrolled.output, enrolled.output
+    assert load_federation(fed).ledger_keys["leiden"].resolve() == (keys / "leiden_ledger_key.pub").resolve()
+    wrong = runner.invoke(app, ["enroll", "--site", "seoul", "--public-key", str(keys / "leiden_supernode_key.pub"),
+                                "--ledger-key", str(keys / "leiden_supernode_key.pub"), "--federation", str(fed)])
+    assert wrong.exit_code == 1 and "not a PEM public key" in wrong.output, wrong.output
+    assert "seoul" not in tomllib.loads(fed.read_text())["sites"]

@@ -43,7 +43,8 @@ def test_every_real_dicom_becomes_a_tensor_or_a_clear_refusal(path: Path) -> Non
     except DicomError as exc:
         message = str(exc)
         assert str(path) in message  # names the file
-        assert any(w in message for w in ("not grayscale", "cannot decode", "no image pixels", "not a DICOM", "corrupt", "2-D"))
+        assert any(w in message for w in ("not grayscale", "cannot decode", "no image pixels", "not a DICOM", "corrupt", "2-D",
+                                          "truncated", "too small", "exceeds", "missing"))
         return
     assert image.pixels.shape == (32, 32)
     assert image.pixels.dtype == np.float32

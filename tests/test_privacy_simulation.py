@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from privacy_reference import independent_epsilon
 from spine_fl.client.privacy.egress_ledger import verify
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedger
 from spine_fl.server.secure_aggregation import quantization_error_bound
+from spine_fl.shared import protocol
 from spine_fl.shared.config import load_scenario
 from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.models.registry import build_model
@@ -155,7 +157,8 @@ def test_only_parameters_and_numeric_metrics_leave_a_site(tmp_path: Path) -> Non
             ds = pydicom.dcmread(site / rel)
             secrets |= {str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.StudyDate, ds.AccessionNumber}
     replies = [pickle.loads(p.read_bytes()) for p in capture.iterdir()]
-    assert len(replies) >= 3 * 2 * 5  # 3 sites x 2 rounds x (4 SecAgg+ stages + evaluate)
+    assert len(replies) >= 3 * 2 * 6  # 3 sites x 2 rounds x (pre-flight + 4 SecAgg+ stages + evaluate)
+    site_names = {p.name for p in (out / "sites").iterdir()}
     for reply in replies:
         assert reply["error"] is None
         for record, arrays in reply["arrays"].items():
@@ -164,6 +167,10 @@ def test_only_parameters_and_numeric_metrics_leave_a_site(tmp_path: Path) -> Non
         for key, value in reply["values"].items():
             if isinstance(value, bool | int | float):
                 assert np.isfinite(value), key
+            elif isinstance(value, str) and key.rsplit("/", 1)[1] in protocol.LEDGER_TEXT:  # hex digests only
+                assert re.fullmatch(r"(sha256:)?[0-9a-f]{32,64}", value), (key, value)
+            elif isinstance(value, str) and key == f"{protocol.PREFLIGHT_REPLY}/{protocol.SITE}":
+                assert value in site_names, value  # the replying site's own name
             elif isinstance(value, str):
                 assert key.endswith("res.status/message") and value in ("", "Success"), (key, value)
             else:  # SecAgg+ keys, key shares and masked vectors: bytes, never readable text

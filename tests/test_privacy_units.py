@@ -119,8 +119,8 @@ def test_a_round_is_assessed_once_and_agrees_with_a_full_recomputation(tmp_path:
     from the whole ledger after the round; and it is handed to this round only, once."""
     from flwr.app import Context, RecordDict
 
-    from spine_fl.client.privacy.mods import budget_refusal
     from spine_fl.client.privacy.privacy_ledger import dataset_id
+    from spine_fl.client.privacy.round_checks import budget_refusal
     from spine_fl.client.privacy.round_privacy import assess_round, hand_over, take
     from spine_fl.client.site_config import Site
 

@@ -17,9 +17,9 @@ METRIC_KEYS = {"auroc", "accuracy", "sensitivity", "specificity", "f1", "brier"}
 SUMMARY_KEYS = {*METRIC_KEYS, "log_loss", "n", "prevalence", "per_site"}
 # metrics.json of the default scenario, key by key, as it was before the run result became one record
 # (schema_version 1 added engine, dropouts, failed_rounds, resumed_after_round, bundle_sha256 and
-# data_attribution, which a simulation of synthetic data leaves empty)
+# data_attribution, which a simulation of synthetic data leaves empty; schema_version 2 added ledgers)
 DEFAULT_RUN_SHAPE = {
-    "schema_version": 1, "engine": "simulation", "task": "tfesi_radiograph", "scenario": "default",
+    "schema_version": 2, "engine": "simulation", "task": "tfesi_radiograph", "scenario": "default",
     "bundle_sha256": None, "data_attribution": None, "resumed_after_round": None,
 }
 
@@ -51,6 +51,11 @@ def test_default_scenario_writes_results_of_the_documented_shape(default_run: tu
     assert set(metrics["timing"]) == {"federated_seconds", "total_seconds", "device"}
     assert metrics["task"] == "tfesi_radiograph"
     assert metrics["sites"] == ["leiden", "seoul", "zurich"]
+    for site, ledger in metrics["ledgers"].items():  # pinned on first reply; the last head of a DP run
+        state = out / "site-state" / site
+        assert ledger["key_pinned_by"] == "first reply" and ledger["ledger_key"].startswith("sha256:")
+        ledger_file = state / "privacy" / f"{ledger['ledger_dataset']}.jsonl"
+        assert ledger["ledger_lines"] == len(ledger_file.read_bytes().splitlines()) == metrics["config"]["run"]["rounds"]
     for section in ("federated", "pooled", "local_only"):
         assert METRIC_KEYS <= set(metrics[section])
         assert set(metrics[section]["per_site"]) == set(metrics["sites"])

@@ -24,7 +24,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-from spine_fl.client.audit import budget, egress_scan, ledger_integrity, membership_inference, policy_compliance
+from spine_fl.client.audit import (
+    budget,
+    coordinator_record,
+    egress_scan,
+    ledger_integrity,
+    membership_inference,
+    policy_compliance,
+)
 from spine_fl.client.audit.inputs import AuditInputs, Reason
 
 
@@ -45,6 +52,7 @@ class AuditCheck(Protocol):
 
 CHECKS: tuple[AuditCheck, ...] = (
     ledger_integrity,  # "integrity", "egress": is the egress ledger intact, and what left per run and round
+    coordinator_record,  # "coordinator_record": the pinned key and last ledger head vs the site's files
     egress_scan,  # "payload_scan": identifiers, raw images or undeclared data in what left
     budget,  # "privacy_budget": epsilon per round, run and lifetime, three ways
     policy_compliance,  # "policy": each run against the site's policy, every refusal (reads the budget)

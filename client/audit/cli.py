@@ -9,8 +9,9 @@ policy and says so (verdict at least 'attention').
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -65,6 +66,23 @@ def locate_site(site: str, config: Path | None, run_dir: Path | None, state_dir:
     return Site(site, Path(data_dir), Path(state_dir), policy or SitePolicy()), policy is not None, source
 
 
+def coordinator_record_of(site: str, run_result: Path | None,
+                          run_dir: Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The coordinator's record of `site` (metrics.json "ledgers"), read as plain JSON: the audit is the
+    site's own check and takes nothing else from the coordinator's file."""
+    path = run_result or (run_dir / "metrics.json" if run_dir is not None else None)
+    if path is None or (run_result is None and not path.exists()):
+        return None, None
+    try:
+        ledgers = json.loads(Path(path).read_text()).get("ledgers")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: not a readable run result ({exc})") from None
+    if not isinstance(ledgers, dict) or not isinstance(ledgers.get(site), dict):
+        raise ConfigError(f"{path} holds no coordinator record for site {site} (no ledgers.{site}); pass the "
+                          "metrics.json of a run this site took part in, made by this spine-fl version")
+    return ledgers[site], str(path)
+
+
 def audit(
     site: str = typer.Option(..., help="site name; its config is configs/sites/<site>.toml unless --config"),
     config: Optional[Path] = typer.Option(None, help="the site's TOML config (data_dir, state_dir, policy)"),
@@ -78,6 +96,9 @@ def audit(
     shadow_models: int = typer.Option(8, min=0, help="shadow models for the LiRA attack, trained at the site "
                                       "(0: loss-threshold attack only)"),
     bootstrap: int = typer.Option(1000, min=100, help="bootstrap resamples for the confidence intervals"),
+    run_result: Optional[Path] = typer.Option(None, help="the run's metrics.json from the coordinator (default: "
+                                              "<run-dir>/metrics.json): its pinned ledger key and last ledger head "
+                                              "for this site are compared with the site's files"),
 ) -> None:
     """Privacy audit of one site from its own files: ledger integrity, what left the site, privacy
     budget, policy compliance, membership inference; writes audit.json and audit.html. Exit 1 on 'fail'."""
@@ -89,11 +110,16 @@ def audit(
     except ConfigError as exc:
         console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
+    try:
+        record, record_source = coordinator_record_of(site, run_result, run_dir)
+    except ConfigError as exc:
+        console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
     out_dir = out or located.state_dir / "audit"
     with console.status(f"auditing site {site}...") as status:
         report = run_audit(located, out_dir, policy_found=policy_found, policy_source=source,
-                           shadow_models=shadow_models, bootstrap=bootstrap,
-                           progress=lambda text: status.update(f"auditing site {site}: {text}"))
+                           shadow_models=shadow_models, bootstrap=bootstrap, coordinator_record=record,
+                           coordinator_record_source=record_source, progress=lambda text: status.update(f"auditing site {site}: {text}"))
     colour = {"pass": "green", "attention": "yellow", "fail": "red"}[report["verdict"]["verdict"]]
     console.print(f"[{colour}]verdict: {report['verdict']['verdict'].upper()}[/]")
     for text in headline(report["verdict"]):

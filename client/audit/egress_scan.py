@@ -44,6 +44,12 @@ DECLARED_NUMBERS = {
     "evaluateres.loss/loss", protocol.EVALUATE_NUM_EXAMPLES, "evaluateres.status/code",
 }
 DECLARED_TEXT = {"fitres.status/message": ("", "Success"), "evaluateres.status/message": ("", "Success")}
+# ledger evidence (key fingerprint, dataset id, line hash): hex digests, nothing else
+PREFLIGHT_KEY = f"{protocol.PREFLIGHT_REPLY}/{{}}".format
+DECLARED_HEX = {*(protocol.fit_metric(k) for k in protocol.LEDGER_TEXT), *(PREFLIGHT_KEY(k) for k in protocol.LEDGER_TEXT)}
+HEX_DIGEST = re.compile(r"^(sha256:)?[0-9a-f]{32,64}$")
+DECLARED_NUMBERS |= {PREFLIGHT_KEY(k) for k in (protocol.READY, protocol.LEDGER_LINES)}
+PREFLIGHT_SITE = PREFLIGHT_KEY(protocol.SITE)  # the replying site's own name
 # SecAgg+ replies (flwr secaggplus_mod): upper bounds on each opaque payload's recorded size
 SECAGG_PREFIX = f"{protocol.SECAGG_CONFIGS}/"
 SECAGG_BYTES_PER_ITEM = {"pk1": 512, "pk2": 512, "ctxts": 2048, "shares": 512}
@@ -210,6 +216,10 @@ def _scan_values(entry: dict[str, Any], ids: Identifiers, model: DeclaredModel) 
             source = ids.match(value) if value.strip() else None
             if source:
                 yield Finding(line, "fail", key, f"text {value!r} is an identifier from the site's data ({source})")
+            elif key in DECLARED_HEX and HEX_DIGEST.match(value):
+                continue
+            elif key == PREFLIGHT_SITE and value == entry.get("site"):
+                continue
             elif value not in DECLARED_TEXT.get(key, ()):
                 yield Finding(line, "attention", key, f"undeclared text value {value!r} left the site")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -79,6 +79,9 @@ class AuditInputs:
     bootstrap: int = 1000
     seed: int = 0
     progress: Callable[[str], None] = field(default=lambda _: None, repr=False)
+    # the coordinator's record of this site from a run result (metrics.json "ledgers"), and its file
+    coordinator_record: dict[str, Any] | None = None
+    coordinator_record_source: str | None = None
 
     @cached_property
     def dataset_id(self) -> str:

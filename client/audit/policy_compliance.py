@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from spine_fl.client.audit.inputs import AuditInputs, Reason, reason
+from spine_fl.client.privacy.plan import allowed_delta
 from spine_fl.client.privacy.policy import SitePolicy, rule_violations
 from spine_fl.shared import protocol
 from spine_fl.shared.config import RunSettings
@@ -67,6 +68,7 @@ def _checks(policy: SitePolicy, settings: RunSettings | None, evidence: dict[str
     checks += [{"rule": rule, "run": None, "policy": getattr(policy, rule, None), "ok": False}
                for rule in sorted(violated - shown)]  # rules added to the policy after this audit was written
     if budget_run is not None:
+        checks.append(_delta_check(policy, settings, budget_run))
         checks += [
             {"rule": "min_noise_multiplier", "run": budget_run["noise_multiplier_min"],
              "policy": policy.min_noise_multiplier,
@@ -77,6 +79,19 @@ def _checks(policy: SitePolicy, settings: RunSettings | None, evidence: dict[str
              "ok": lifetime_after is None or lifetime_after <= policy.epsilon_lifetime},
         ]
     return checks
+
+
+def _delta_check(policy: SitePolicy, settings: RunSettings | None, budget_run: dict[str, Any]) -> dict[str, Any]:
+    """The δ the run's ε is at, against the largest the site allows: its policy's max_delta and
+    1 / (10 n) for its n training patients. The ledger holds the sampling rate 1 / batches per epoch,
+    so n is known only to within a batch: the fewest patients that give that many batches is used,
+    which never flags a δ the site was allowed (and catches any δ above 1 / (10 n) by a batch or more)."""
+    batches = max(round(1 / r) for r in budget_run["sample_rate"]) if budget_run["sample_rate"] else 1
+    fewest = (batches - 1) * settings.batch_size + 1 if settings is not None and batches > 1 else None
+    limit = allowed_delta(fewest, policy.max_delta) if fewest else policy.max_delta
+    delta = budget_run["delta"]
+    return {"rule": "max_delta", "run": delta, "policy": limit,
+            "ok": None if delta is None or limit is None else delta <= limit * (1 + 1e-9)}
 
 
 def compliance(policy: SitePolicy, lines: list[dict[str, Any]], settings: dict[str, RunSettings],

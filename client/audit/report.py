@@ -134,11 +134,11 @@ def _budget(report: dict[str, Any]) -> dict[str, Any]:
     """The budget section; `plot` and the tables only when DP rounds were recorded."""
     budget = report["privacy_budget"]
     if "error" in budget:
-        return {"summary": budget["error"], "plot": None}
+        return {"summary": budget["error"], "plot": None, "plain": None, "measured": None}
     life = budget["lifetime"]
     if not budget["rounds"]:
         return {"summary": "No DP-SGD round is recorded for this dataset: no privacy budget was spent (a run without "
-                           "DP spends none, and guarantees none).", "plot": None}
+                           "DP spends none, and guarantees none).", "plot": None, "plain": None, "measured": None}
     summary = (f"Over its lifetime this dataset has spent epsilon {life['epsilon']:.2f} of its budget "
                f"{life['budget']:g} ({life['used_fraction']:.0%}) at delta {life['delta']:.2g}. Every figure is "
                "recomputed from the site's privacy ledger with Opacus and, independently, with Google's dp-accounting "

@@ -26,10 +26,13 @@ VERDICT = "verdict"  # the section run_audit writes after the checks
 
 def run_audit(site: Site, out_dir: Path, *, policy_found: bool = True, policy_source: str = "site config",
               shadow_models: int = 8, bootstrap: int = 1000, seed: int = 0,
+              coordinator_record: dict[str, Any] | None = None, coordinator_record_source: str | None = None,
               progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Audit one site and write audit.json and audit.html into out_dir; returns the report."""
+    """Audit one site and write audit.json and audit.html into out_dir; returns the report.
+    `coordinator_record`: the run result's entry for the site (metrics.json "ledgers"), when given."""
     audit = AuditInputs(site, policy_found=policy_found, policy_source=policy_source, shadow_models=shadow_models,
-                        bootstrap=bootstrap, seed=seed, progress=progress)
+                        bootstrap=bootstrap, seed=seed, progress=progress, coordinator_record=coordinator_record,
+                        coordinator_record_source=coordinator_record_source)
     report: dict[str, Any] = {
         "site": site.name,
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

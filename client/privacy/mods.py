@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import Callable, Sequence
 
 from flwr.app import Context, Error, Message
@@ -20,16 +19,17 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
+from spine_fl.client.privacy.charged_rounds import ReplayRefused
 from spine_fl.client.privacy.egress_ledger import EgressLedger
 from spine_fl.client.privacy.egress_record import describe
-from spine_fl.client.privacy.policy import delta_refusal, rule_violations
-from spine_fl.client.privacy.privacy_ledger import PrivacyLedgerError
-from spine_fl.client.privacy.round_privacy import RoundPrivacy, assess_round, hand_over
+from spine_fl.client.privacy.preflight import answer_preflight, is_preflight
+from spine_fl.client.privacy.round_checks import decide_round, refuse
+from spine_fl.client.privacy.round_privacy import hand_over
 from spine_fl.client.site_config import Site
-from spine_fl.client.site_data import resolve_site, site_data
+from spine_fl.client.site_data import resolve_site
 from spine_fl.shared import protocol
 from spine_fl.shared.config import ConfigError, RunSettings, run_key_of
-from spine_fl.shared.protocol import REFUSAL_CODE, SECAGG_CONFIGS
+from spine_fl.shared.protocol import SECAGG_CONFIGS
 from spine_fl.shared.refusal import Refusal
 
 SiteResolver = Callable[[Context], Site]
@@ -78,6 +78,9 @@ def make_egress_ledger_mod(resolve: SiteResolver) -> Mod:
         site = resolve(ctxt)
         try:
             reply = call_next(msg, ctxt)
+        except ReplayRefused as exc:
+            log.error("spine-fl: %s refuses: %s", site.name, exc)
+            reply = refuse(msg, site, Refusal("round_already_charged", str(exc)))
         except Exception as exc:  # noqa: BLE001 - Flower would send it as an error reply, unrecorded
             log.exception("spine-fl: %s %s failed; the error reply is recorded and sent", site.name, kind)
             reply = exception_reply(msg, exc)
@@ -87,15 +90,13 @@ def make_egress_ledger_mod(resolve: SiteResolver) -> Mod:
     return egress_ledger_mod
 
 
-def refuse(msg: Message, site: Site, refusal: Refusal) -> Message:
-    reason = replace(refusal, site=site.name).to_reason()
-    return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
-
-
 def make_site_policy_mod(resolve: SiteResolver) -> Mod:
-    """Refuse, before any computation on the data, what the site's policy or budget forbids."""
+    """Refuse, before any computation on the data, what the site's policy or budget forbids; answer
+    the coordinator's pre-flight with the same checks."""
 
     def site_policy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if is_preflight(msg):
+            return answer_preflight(msg, resolve(ctxt), str(ctxt.run_id))
         config = run_config_of(msg) if msg.has_content() else None
         if config is None:
             return call_next(msg, ctxt)  # SecAgg+ key-exchange stages carry no instruction
@@ -105,53 +106,15 @@ def make_site_policy_mod(resolve: SiteResolver) -> Mod:
         except (ConfigError, TypeError, ValueError) as exc:
             return refuse(msg, site, Refusal("run_config", f"the run's settings are invalid: {exc}"))
         training = msg.metadata.message_type == MessageType.TRAIN
-        violations = rule_violations(site.policy, run, SECAGG_CONFIGS in msg.content.config_records or not training)
-        if violations:
-            return refuse(msg, site, violations[0])
-        if training and run.dp:
-            data = site_data(site, run.task, run.image_size)
-            n_train = int((data.split == "train").sum())
-            refusal = delta_refusal(site.policy, run, n_train)
-            if refusal is not None:
-                return refuse(msg, site, refusal)
-            try:
-                assessed = assess_round(site, run, run_key_of(config, str(ctxt.run_id)),
-                                        int(config.get(protocol.ROUND, 0)), n_train)
-                refusal = budget_refusal(site, run, assessed)
-            except PrivacyLedgerError as exc:  # the spent budget cannot be established: never train
-                log.error("spine-fl: %s refuses to train: %s", site.name, exc)
-                return refuse(msg, site, ledger_refusal(exc))
-            if refusal is not None:
-                return refuse(msg, site, refusal)
-            hand_over(ctxt, assessed)
+        decision = decide_round(site, run, run_key_of(config, str(ctxt.run_id)), int(config.get(protocol.ROUND, 0)),
+                                SECAGG_CONFIGS in msg.content.config_records or not training, training)
+        if decision.refusal is not None:
+            return refuse(msg, site, decision.refusal)
+        if decision.assessed is not None:
+            hand_over(ctxt, decision.assessed)
         return call_next(msg, ctxt)
 
     return site_policy_mod
-
-
-def ledger_refusal(exc: PrivacyLedgerError) -> Refusal:
-    """Rule privacy_ledger: the ledger does not verify, cannot be read, or was deleted."""
-    return Refusal("privacy_ledger", str(exc), epsilon_spent=getattr(exc, "epsilon_spent", None),
-                   delta=getattr(exc, "delta", None))
-
-
-def budget_refusal(site: Site, run: RunSettings, assessed: RoundPrivacy) -> Refusal | None:
-    """Would this round take epsilon over the lifetime or the per-run budget?"""
-    plan = assessed.plan
-    if plan.noise_multiplier < site.policy.min_noise_multiplier:
-        return Refusal("min_noise_multiplier", f"the run's target epsilon needs noise multiplier "
-                       f"{plan.noise_multiplier:.3f}, below this site's minimum {site.policy.min_noise_multiplier:g}")
-    for rule, after, budget, per_run in (
-            ("epsilon_lifetime", assessed.epsilon_lifetime_after, site.policy.epsilon_lifetime, False),
-            ("epsilon_per_run", assessed.epsilon_run_after, site.policy.epsilon_per_run, True)):
-        if after > budget:
-            spent = assessed.epsilon_spent(run.accountant, site, per_run)
-            return Refusal(rule, f"training this round would raise epsilon to {after:.3f}, over the "
-                               f"{rule.replace('_', ' ')} budget {budget:g} (spent so far {spent:.3f}; "
-                               f"delta {plan.delta:.3g})",
-                               epsilon_spent=round(spent, 6), epsilon_after=round(after, 6), budget=budget,
-                               delta=plan.delta)
-    return None
 
 
 def secagg_if_requested_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

@@ -12,10 +12,11 @@ only from a large enough held-out split (`min_eval_patients`, `min_eval_per_clas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from spine_fl.client.privacy.plan import allowed_delta
-from spine_fl.shared.config import RunSettings
+from spine_fl.shared.config import RunSettings, problem, raise_problems, toml_value
 from spine_fl.shared.contract.tasks import TASKS
 from spine_fl.shared.refusal import Refusal
 
@@ -47,19 +48,54 @@ class SitePolicy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_tasks", tuple(self.allowed_tasks))
         object.__setattr__(self, "allowed_bundles", tuple(h.strip().lower() for h in self.allowed_bundles))
-        malformed = [h for h in self.allowed_bundles if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
-        if malformed:
-            raise ValueError(f"allowed_bundles entries must be 64-character SHA-256 hex digests; got {malformed[0]!r}")
-        unknown = sorted(set(self.allowed_tasks) - set(TASKS))
-        if unknown:
-            raise ValueError(f"allowed_tasks names unknown task(s) {', '.join(unknown)}")
-        if self.epsilon_lifetime <= 0 or self.epsilon_per_run <= 0:
-            raise ValueError("epsilon budgets must be > 0")
-        if self.max_delta is not None and not 0 < self.max_delta < 1:
-            raise ValueError(f"max_delta must be in (0, 1) when set; got {self.max_delta!r}")
-        for name in ("min_eval_patients", "min_eval_per_class", "max_evaluations"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        raise_problems(self.problems())
+
+    def problems(self) -> list[str]:
+        """Every rule that cannot work, each with what to write instead (ConfigError lines)."""
+        return [*_list_problems(self), *_budget_problems(self), *_count_problems(self)]
+
+
+def _list_problems(policy: SitePolicy) -> list[str]:
+    out = []
+    for i, digest in enumerate(policy.allowed_bundles, 1):
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            out.append(problem("allowed_bundles", list(policy.allowed_bundles),
+                               f"entry {i} ({toml_value(digest)}) is not a 64-character SHA-256 hex digest",
+                               "copy the hash `spine-fl bundle hash` prints for the released bundle"))
+    unknown = sorted(set(policy.allowed_tasks) - set(TASKS))
+    if unknown:
+        out.append(problem("allowed_tasks", list(policy.allowed_tasks), f"unknown task(s) {', '.join(unknown)}",
+                           f"list only tasks of {', '.join(sorted(TASKS))}"))
+    return out
+
+
+def _budget_problems(policy: SitePolicy) -> list[str]:
+    out = [problem(key, getattr(policy, key), "must be a finite number above 0", f"set {key} to {what}")
+           for key, what in (("epsilon_lifetime", "the privacy budget per dataset over every run, e.g. 20.0"),
+                             ("epsilon_per_run", "the privacy budget one run may spend, e.g. 12.0"))
+           if not (math.isfinite(getattr(policy, key)) and getattr(policy, key) > 0)]
+    if policy.max_delta is not None and not 0 < policy.max_delta < 1:
+        out.append(problem("max_delta", policy.max_delta, "must be above 0 and below 1",
+                           "set max_delta to the largest delta this site trains at, e.g. 1e-5, or leave it out "
+                           "to use 1 / (10 n)"))
+    if not (math.isfinite(policy.min_noise_multiplier) and policy.min_noise_multiplier >= 0):
+        out.append(problem("min_noise_multiplier", policy.min_noise_multiplier, "must be 0 or more",
+                           "set min_noise_multiplier to the least DP noise this site accepts, e.g. 0.5"))
+    return out
+
+
+_COUNTS = {
+    "max_rounds": "the most rounds a run may have, e.g. 100",
+    "max_local_epochs": "the most local epochs per round, e.g. 10",
+    "min_eval_patients": "the held-out patients needed before metrics leave, e.g. 20",
+    "min_eval_per_class": "the held-out patients of each class needed before metrics leave, e.g. 5",
+    "max_evaluations": "the releases of held-out metrics per dataset, e.g. 2000",
+}
+
+
+def _count_problems(policy: SitePolicy) -> list[str]:
+    return [problem(key, getattr(policy, key), "must be 0 or more", f"set {key} to {what}")
+            for key, what in _COUNTS.items() if getattr(policy, key) < 0]
 
 
 def delta_refusal(policy: SitePolicy, run: RunSettings, n_train: int) -> Refusal | None:

@@ -10,13 +10,21 @@ so a stale one is never used.
 Before a DP round, a missing or empty privacy ledger is checked against the egress ledger: a site
 whose egress ledger shows DP train replies that no privacy ledger at the site accounts for had its
 privacy ledger deleted, and refuses to train (`check_ledger_not_deleted`). Deleting both ledgers is
-caught only by the coordinator's record of the site's past spending (not here).
+caught by the coordinator's record: the last privacy-ledger head the site's replies carried comes
+back with every pre-flight, and a site whose ledger no longer holds it refuses
+(`check_coordinator_head`).
+
+A round already in the ledger (same run key and round: a coordinator restarted mid-round asks
+again) is a replay: it is not charged again (`RoundPrivacy.replay`), and the site may only re-send
+the reply it already paid for (client/privacy/charged_rounds.py).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
@@ -25,6 +33,7 @@ from spine_fl.client.privacy.plan import DpPlan, plan_round
 from spine_fl.client.privacy.privacy_ledger import RESTORE, PrivacyLedger, PrivacyLedgerError, as_history, dataset_id
 from spine_fl.client.site_config import Site
 from spine_fl.shared.config import RunSettings
+from spine_fl.shared.protocol import LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256
 from spine_fl.shared.training.accounting import epsilon
 from spine_fl.shared.training.local import DpSpend
 
@@ -42,6 +51,7 @@ class RoundPrivacy:
     epsilon_run_after: float
     epsilon_lifetime_after: float
     steps_run_after: int
+    replay: bool = False  # this run key and round are already in the ledger: charged once, never again
 
     def epsilon_spent(self, accountant: str, site: Site, per_run: bool) -> float:
         """Spent before this round; only needed to explain a refusal, so computed only then."""
@@ -57,11 +67,12 @@ def assess_round(site: Site, run: RunSettings, run_key: str, server_round: int, 
         check_ledger_not_deleted(ledger)
     step = plan.round_spend
     lifetime, this_run = as_history(records), as_history(records, run_key)
-    nxt = [(step.noise_multiplier, step.sample_rate, step.steps)]
+    replay = any((r.run_id, r.round) == (run_key, server_round) for r in records)
+    nxt = [] if replay else [(step.noise_multiplier, step.sample_rate, step.steps)]
     return RoundPrivacy(run_key, server_round, ledger.dataset, plan,
                         epsilon_run_after=epsilon([*this_run, *nxt], plan.delta, run.accountant),
                         epsilon_lifetime_after=epsilon([*lifetime, *nxt], plan.delta, run.accountant),
-                        steps_run_after=sum(n for _, _, n in this_run) + step.steps)
+                        steps_run_after=sum(n for _, _, n in [*this_run, *nxt]), replay=replay)
 
 
 def hand_over(context: Context, assessed: RoundPrivacy) -> None:
@@ -118,3 +129,30 @@ def check_ledger_not_deleted(ledger: PrivacyLedger) -> None:
         f"{top['epsilon']:.3f}{at}; no privacy ledger at the site accounts for {len(spent) - accounted} of them. "
         f"The site will not train on a fresh budget.{notes} {RESTORE}",
         epsilon_spent=float(top["epsilon"]), delta=delta)
+
+
+class LedgerRolledBack(PrivacyLedgerError):
+    """The site's privacy ledger no longer holds the head the coordinator recorded from its replies."""
+
+
+def check_coordinator_head(state_dir: Path, head: dict[str, Any]) -> None:
+    """Raise LedgerRolledBack unless the privacy ledger of `head`'s dataset still holds that head:
+    the line count and last-line hash the site's own earlier reply carried. Deleting both ledgers,
+    truncating one or restoring an older copy all fail here; only a longer ledger (later rounds)
+    passes."""
+    try:
+        dataset, lines, sha = str(head[LEDGER_DATASET]), int(head[LEDGER_LINES]), str(head[LEDGER_SHA256])
+    except (KeyError, TypeError, ValueError):
+        raise PrivacyLedgerError(f"the coordinator's ledger head {head!r} is malformed; the site cannot check "
+                                 "its ledger against it and will not train") from None
+    ledger = PrivacyLedger(state_dir, dataset)
+    recorded = (f"the coordinator's record of this site's earlier replies shows its privacy ledger for dataset "
+                f"{dataset} with {lines} line(s), the last with SHA-256 {sha[:16]}…")
+    if not ledger.log.exists():
+        raise LedgerRolledBack(f"{recorded}, but {ledger.path} is missing (deleted?). The site will not train on a "
+                               f"fresh budget. {RESTORE}")
+    ledger.records()  # verifies the whole ledger first (raises naming the broken line)
+    if not ledger.log.contains(lines, sha):
+        now, _ = ledger.log.last()
+        raise LedgerRolledBack(f"{recorded}, but {ledger.path} now has {now} line(s) and does not contain that "
+                               f"line: truncated, rolled back to an older copy or replaced. {RESTORE}")

@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from spine_fl.shared.runtime.credentials import key_fingerprint
+
 GENESIS = "0" * 64
 KEY_FILE = "site_ed25519.pem"
 PUBLIC_KEY_FILE = "site_ed25519.pub"
@@ -53,6 +55,11 @@ def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (Path(state_dir) / PUBLIC_KEY_FILE).write_bytes(public)
     return key
+
+
+def site_key_fingerprint(state_dir: Path) -> str:
+    """The fingerprint of the key that signs this site's ledgers (created on first use)."""
+    return key_fingerprint(load_or_create_key(state_dir).public_key())
 
 
 def load_public_key(state_dir: Path) -> Ed25519PublicKey | None:
@@ -111,6 +118,17 @@ class SignedLog:
         tmp = self.head.with_suffix(".tmp")
         tmp.write_bytes(canonical(head))
         os.replace(tmp, self.head)
+
+    def contains(self, lines: int, sha256: str) -> bool:
+        """Does line number `lines` (1-based) exist with SHA-256 `sha256`? A log that was truncated,
+        rolled back or replaced since someone noted that head does not."""
+        raw = self.raw_lines()
+        return 1 <= lines <= len(raw) and hashlib.sha256(raw[lines - 1]).hexdigest() == sha256
+
+    def last(self) -> tuple[int, str]:
+        """(number of lines, SHA-256 of the last line): the head another party can hold the log to."""
+        raw = self.raw_lines()
+        return len(raw), hashlib.sha256(raw[-1]).hexdigest() if raw else GENESIS
 
     def raw_lines(self) -> list[bytes]:
         return self.path.read_bytes().splitlines() if self.path.exists() else []

@@ -36,6 +36,7 @@ from flwr.supercore.constant import NodeStatus
 from flwr.supercore.fab import Fab
 
 from spine_fl.server.app import build_server_app
+from spine_fl.server.coordinator_record import RECORD_FILE
 from spine_fl.server.deployment.federation_config import FederationConfig
 from spine_fl.server.deployment.front import FrontConfig, find_nginx, start_front
 from spine_fl.server.deployment.run_result import write_deployment_results
@@ -43,7 +44,7 @@ from spine_fl.server.deployment.serverapp_worker import serve_run
 from spine_fl.server.reporting.run_result import RunResult
 from spine_fl.shared.config import ConfigError
 from spine_fl.shared.runtime.bundle import build_bundle, read_bundle
-from spine_fl.shared.runtime.credentials import load_site_public_key
+from spine_fl.shared.runtime.credentials import ledger_key_fingerprint, load_site_public_key
 from spine_fl.shared.runtime.flower import write_secret
 from spine_fl.shared.runtime.polling import fast_serverapp_polling
 from spine_fl.shared.runtime.processes import (
@@ -156,6 +157,10 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
                     say: Callable[[str], None] = print, bundle_file: Path | None = None) -> RunResult:
     """`bundle_file`: submit this FAB instead of the one built from the checkout (sites judge it by hash)."""
     fed.state_dir.mkdir(parents=True, exist_ok=True)
+    enrolled_keys = {site: ledger_key_fingerprint(path) for site, path in fed.ledger_keys.items()}
+    for site in sorted(set(fed.sites) - set(enrolled_keys)):
+        say(f"{site} has no ledger_key enrolled: the key that signs its ledgers is pinned on its first reply "
+            "(enrol it with `spine-fl enroll --ledger-key` to pin it before any run)")
     bundle = read_bundle(bundle_file) if bundle_file else build_bundle()
     proc, endpoint, secret = start_superlink(fed, insecure)
     front: ManagedProcess | None = None
@@ -180,7 +185,7 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
             f"{len(fed.sites)} enrolled sites ({', '.join(fed.sites)})")
         fast_serverapp_polling()
         app = build_server_app(fed.run, list(fed.sites), fed.out_dir, on_round, node_sites or None,
-                               fed.state_dir / "checkpoint")
+                               fed.state_dir / "checkpoint", fed.state_dir / RECORD_FILE, enrolled_keys)
         serve_run(endpoint.address, res.run_id, app, insecure=insecure,
                   root_certificates=endpoint.root_certificates, secret=secret)
     finally:

@@ -15,30 +15,41 @@ from tomlkit.items import InlineTable
 
 from spine_fl.shared.config import ConfigError
 from spine_fl.shared.files import atomic_write_bytes
-from spine_fl.shared.runtime.credentials import load_site_public_key
+from spine_fl.shared.runtime.credentials import ledger_key_fingerprint, load_site_public_key
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def enrol_public_key(federation: Path, site: str, key_file: Path, replace: bool = False) -> bool:
-    """Set [sites.<site>] public_key in the federation file; True if it replaced the site's earlier key.
+def _relative(path: Path, federation: Path) -> str:
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(federation.resolve().parent).as_posix()
+    except ValueError:
+        return resolved.as_posix()
 
-    An enrolled site's key is replaced only when asked (`replace`): a key swapped by mistake or by
-    someone else would let another machine train as that site."""
+
+def enrol_public_key(federation: Path, site: str, key_file: Path, replace: bool = False,
+                     ledger_key: Path | None = None) -> bool:
+    """Set [sites.<site>] public_key (and ledger_key) in the federation file; True if it replaced the
+    site's earlier entry.
+
+    An enrolled site's keys are replaced only when asked (`replace`): a SuperNode key swapped by
+    mistake or by someone else would let another machine train as that site, and a swapped ledger key
+    would let someone re-sign the site's ledgers."""
     if not SITE_NAME.match(site):
         raise ConfigError(f"site name {site!r}: use letters, digits, '-' and '_' only")
     load_site_public_key(key_file)  # refuse a key Flower could not use
+    if ledger_key is not None:
+        ledger_key_fingerprint(ledger_key)  # refuse a file that is not an Ed25519 public key
     text = federation.read_text() if federation.exists() else ""
     try:
         tomllib.loads(text)  # tomlkit's parser is more lenient; refuse what the coordinator could not read
         document = tomlkit.parse(text)
     except (tomllib.TOMLDecodeError, TOMLKitError) as exc:
         raise ConfigError(f"{federation}: not valid TOML ({exc})") from None
-    relative = Path(key_file).resolve()
-    try:
-        relative = relative.relative_to(federation.resolve().parent)
-    except ValueError:
-        pass
+    keys = {"public_key": _relative(key_file, federation)}
+    if ledger_key is not None:
+        keys["ledger_key"] = _relative(ledger_key, federation)
     sites = document.get("sites")
     if sites is None:
         sites = tomlkit.table(is_super_table=True)  # written as [sites.<name>] headers, no bare [sites]
@@ -52,10 +63,10 @@ def enrol_public_key(federation: Path, site: str, key_file: Path, replace: bool 
                           "when the site has sent a new one)")
     try:
         if isinstance(existing, dict):
-            existing["public_key"] = relative.as_posix()  # the table keeps its place and its comments
+            existing.update(keys)  # the table keeps its place and its comments
         else:
             entry = tomlkit.inline_table() if isinstance(sites, InlineTable) else tomlkit.table()
-            entry["public_key"] = relative.as_posix()
+            entry.update(keys)
             if not isinstance(entry, InlineTable) and list(document)[-1] != "sites":
                 entry.add(tomlkit.nl())  # a blank line before the table that follows
             if replaced:

@@ -14,6 +14,7 @@
 
     [sites.leiden]                       # the enrolled sites: only these keys may connect
     public_key = "../credentials/leiden_supernode_key.pub"
+    ledger_key = "../credentials/leiden_ledger_key.pub"   # pins the key that signs the site's ledgers
 
 Relative paths are resolved against the file's folder.
 """
@@ -37,6 +38,7 @@ class FederationConfig:
     private_key: Path
     run: RunSettings
     sites: dict[str, Path]  # enrolled site -> its SuperNode public key
+    ledger_keys: dict[str, Path]  # enrolled site -> its ledger public key (pinned; absent: pinned on first reply)
 
     @property
     def port(self) -> int:
@@ -65,9 +67,10 @@ class FederationTable:
 
 @dataclass(frozen=True)
 class EnrolledSite:
-    """[sites.<name>]: the site's SuperNode public key (added by `spine-fl enroll`)."""
+    """[sites.<name>]: the site's SuperNode public key and ledger public key (added by `spine-fl enroll`)."""
 
     public_key: str
+    ledger_key: str = ""
 
 
 
@@ -81,14 +84,18 @@ def load_federation(path: Path) -> FederationConfig:
     enrolled = raw.get("sites", {})
     if not isinstance(enrolled, dict):
         raise ConfigError(f"{path} sites: expected [sites.<name>] tables, each with public_key = \"<file>.pub\"")
-    sites = {}
+    sites, ledger_keys = {}, {}
     for name, table in enrolled.items():
         if not isinstance(table, dict):
-            raise ConfigError(f"{path} [sites.{name}]: expected a table with one key, public_key = \"<file>.pub\"")
-        sites[name] = base / typed_from_table(EnrolledSite, table, f"{path} [sites.{name}]").public_key
+            raise ConfigError(f"{path} [sites.{name}]: expected a table with public_key = \"<file>.pub\" (and "
+                              "ledger_key = \"<file>.pub\")")
+        entry = typed_from_table(EnrolledSite, table, f"{path} [sites.{name}]")
+        sites[name] = base / entry.public_key
+        if entry.ledger_key:
+            ledger_keys[name] = base / entry.ledger_key
     run = typed_from_table(RunSettings, raw.get("run", {}), f"{path} [run]")
     if len(sites) < run.min_sites:
         raise ConfigError(f"{path}: {len(sites)} enrolled site(s) but [run] min_sites = {run.min_sites}; "
                           "enrol more sites with `spine-fl enroll` or lower min_sites")
     return FederationConfig(Path(path), fed.address, base / fed.state_dir, base / fed.out_dir,
-                            base / fed.ca_certificate, base / fed.certificate, base / fed.private_key, run, sites)
+                            base / fed.ca_certificate, base / fed.certificate, base / fed.private_key, run, sites, ledger_keys)

@@ -44,6 +44,7 @@ def deployment_result(fed: FederationConfig, bundle_sha256: str, seconds: float)
         failed_rounds=federation["failed_rounds"],
         resumed_after_round=federation["resumed_after_round"],
         privacy=federation["privacy"],
+        ledgers=federation["ledgers"],
         config={"run": fed.run.to_run_config(), "federation_file": str(fed.path)},
         bundle_sha256=bundle_sha256,
         timing={"coordinator_seconds": round(seconds, 1), "round_seconds": [r.get("seconds") for r in rounds]},

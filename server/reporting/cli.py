@@ -20,7 +20,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run's results folder: the
         with console.status(f"writing the model card of {run_dir}..."):
             card = write_model_card(run_dir)
     except ModelCardError as exc:
-        console.print(f"[red]cannot write the model card:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[red]cannot write the model card:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     for sentence in card["findings"].values():
         console.print(f"- {sentence}", highlight=False)

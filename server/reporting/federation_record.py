@@ -62,11 +62,13 @@ def privacy_section(settings: RunSettings, sites: list[str], log: RoundLog) -> d
 
 
 def write_federation_results(out_dir: Path, settings: RunSettings, sites: list[str],
-                             weights: list[np.ndarray], log: RoundLog, resumed_after: int = 0) -> None:
+                             weights: list[np.ndarray], log: RoundLog, ledgers: dict[str, Any],
+                             resumed_after: int = 0) -> None:
+    """`ledgers`: per site, the pinned ledger key and the last privacy-ledger head (CoordinatorRecord.summary)."""
     save_model(out_dir / MODEL_FILE, settings, weights)
     atomic_write_json(out_dir / FEDERATION_FILE, {
         "task": settings.task, "sites": sites, "config": settings.to_run_config(),
         "status": "stopped" if log.stopped else "completed", "stop_reason": log.stopped or None,
-        "rounds": log.rounds, "dropouts": log.dropouts, "failed_rounds": log.failed_rounds, "resumed_after_round": resumed_after or None,
-        "train_examples": log.train_examples,
-        "privacy": privacy_section(settings, sites, log)})
+        "rounds": log.rounds, "dropouts": log.dropouts, "failed_rounds": log.failed_rounds,
+        "resumed_after_round": resumed_after or None, "train_examples": log.train_examples,
+        "privacy": privacy_section(settings, sites, log), "ledgers": ledgers})

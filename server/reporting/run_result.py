@@ -17,7 +17,7 @@ from typing import Any, Literal
 from spine_fl.shared.files import atomic_write_json
 
 METRICS_FILE = "metrics.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `ledgers` (pinned ledger keys and the last privacy-ledger heads)
 Engine = Literal["simulation", "deployment"]
 
 
@@ -43,6 +43,10 @@ class RunResult:
     privacy: dict[str, Any]
     config: dict[str, Any]
     timing: dict[str, Any]
+    # per site: the fingerprint of the key that signs its ledgers, as the coordinator pinned it
+    # ("ledger_key", "key_pinned_by": enrolment or first reply), and the last privacy-ledger head its
+    # replies carried (ledger_dataset, ledger_lines, ledger_sha256, epsilon_lifetime at delta)
+    ledgers: dict[str, dict[str, Any]] = field(default_factory=dict)
     dropouts: list[dict[str, Any]] = field(default_factory=list)
     failed_rounds: list[int] = field(default_factory=list)
     resumed_after_round: int | None = None

@@ -15,73 +15,37 @@ warning naming the patient and file; when that leaves no patient in the train sp
 unusable (an error).
 
 Without a `split` column, each patient is assigned by a hash of its id: 80% train, 20% test.
+
+A site reads nothing outside its own folder: a manifest path that resolves elsewhere (`..`, an
+absolute path, a symbolic link to a file or folder outside) is an error naming the manifest line,
+and the file is never opened. How the CSV files are read, and which spreadsheet exports are refused
+(semicolons and decimal commas: refused, with the fix), is in `csv_table.py`; DICOM refusals are in
+`shared/imaging/dicom.py`. Warnings that repeat per patient or per file are grouped (`report.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from spine_fl.shared.contract.tasks import BinaryColumnLabel, Feature, NrsResponseLabel, Task
-from spine_fl.shared.imaging.dicom import DicomError, read_dicom_image
+from spine_fl.shared.contract.csv_table import read_csv_table
+from spine_fl.shared.contract.report import NAMED, Problem, ValidationReport
+from spine_fl.shared.contract.tasks import AGE, BinaryColumnLabel, Feature, NrsResponseLabel, Task
+from spine_fl.shared.imaging.dicom import DicomError, DicomModalityError, read_dicom_image
+
+__all__ = ["Problem", "SiteData", "SiteDataError", "ValidationReport", "load_site", "validate_and_load"]
 
 CLINICAL_FILE = "clinical.csv"
 MANIFEST_FILE = "manifest.csv"
 MANIFEST_COLUMNS = ("patient_id", "view", "path")
 SPLITS = ("train", "test", "external")
 SEX_VALUES = ("F", "M")
-
-
-@dataclass(frozen=True)
-class Problem:
-    severity: Literal["error", "warning"]
-    where: str
-    what: str
-    action: str
-
-    def __str__(self) -> str:
-        return f"[{self.severity}] {self.where}: {self.what} -> {self.action}"
-
-
-@dataclass
-class ValidationReport:
-    site_dir: Path
-    task: str
-    problems: list[Problem] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
-
-    @property
-    def usable(self) -> bool:
-        return not self.errors
-
-    def error(self, where: str, what: str, action: str) -> None:
-        self.problems.append(Problem("error", where, what, action))
-
-    def warn(self, where: str, what: str, action: str) -> None:
-        self.problems.append(Problem("warning", where, what, action))
-
-    def to_dict(self) -> dict:
-        return {
-            "site_dir": str(self.site_dir),
-            "task": self.task,
-            "usable": self.usable,
-            "counts": self.counts,
-            "problems": [p.__dict__ for p in self.problems],
-        }
 
 
 @dataclass
@@ -119,9 +83,24 @@ class SiteDataError(ValueError):
         super().__init__(f"site data in {report.site_dir} unusable for task {report.task}:\n{lines}")
 
 
-def _line(index: int) -> int:
-    """CSV line number of a data row (line 1 is the header)."""
-    return int(index) + 2
+def _line(index: object) -> int:
+    """CSV line number of a data row: the tables are indexed by line (line 1 is the header)."""
+    return int(index)  # type: ignore[call-overload]
+
+
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")
+
+
+def _not_a_number(text: str) -> tuple[str, str]:
+    """What and action for a value that should be a number; a decimal comma gets its own fix."""
+    if _DECIMAL_COMMA.fullmatch(text):
+        return (f"{text!r} uses a decimal comma",
+                f"write {text.replace(',', '.')} (a decimal point): export numbers with decimal points")
+    try:
+        infinite = math.isinf(float(text))
+    except ValueError:
+        infinite = False
+    return f"{text!r} is not a {'finite ' if infinite else ''}number", "write a plain number (decimal point, no units)"
 
 
 def _parse_number(raw: object) -> float | None:
@@ -143,17 +122,6 @@ def _hash_split(patient_id: str) -> str:
     return "train" if bucket < 80 else "test"
 
 
-def _read_csv(path: Path, report: ValidationReport, purpose: str) -> pd.DataFrame | None:
-    if not path.is_file():
-        report.error(str(path), "file missing", f"export the {purpose} as {path.name} into the site folder")
-        return None
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:  # pandas raises several parser errors
-        report.error(str(path), f"not a readable CSV ({exc})", "save it as comma-separated UTF-8 text with a header row")
-        return None
-
-
 def _encode_feature(feature: Feature, raw: object, where: str, report: ValidationReport) -> list[float] | None:
     text = "" if raw is None else str(raw).strip()
     if feature.kind == "category":
@@ -168,7 +136,7 @@ def _encode_feature(feature: Feature, raw: object, where: str, report: Validatio
         report.error(where, "missing value", "fill it in or remove the patient from the table")
         return None
     if math.isnan(value):
-        report.error(where, f"{text!r} is not a number", "write a plain number (decimal point, no units)")
+        report.error(where, *_not_a_number(text))
         return None
     if feature.kind == "binary":
         if value not in (0.0, 1.0):
@@ -182,6 +150,15 @@ def _encode_feature(feature: Feature, raw: object, where: str, report: Validatio
     return [(value - feature.center) / feature.scale]
 
 
+def _warn_per_patient(report: ValidationReport, row: pd.Series, where: str, column: str, what: str, action: str,
+                      summary: str) -> None:
+    """A warning that recurs patient after patient: grouped with a count when there are many."""
+    pid = str(row["patient_id"]).strip()
+    report.warn_grouped(f"{column}: {summary}", f"{where}, column {column}", what, action,
+                        culprit=f"{pid} (line {_line(row.name)})",
+                        summary_where=f"{report.site_dir / CLINICAL_FILE}, column {column}", summary=summary)
+
+
 def _label(task: Task, row: pd.Series, where: str, report: ValidationReport) -> float | None:
     """0/1, or None when the patient is unlabelled (a warning) or the row is wrong (an error)."""
     rule = task.label
@@ -189,16 +166,19 @@ def _label(task: Task, row: pd.Series, where: str, report: ValidationReport) -> 
         base, follow = _parse_number(row[rule.baseline]), _parse_number(row[rule.followup])
         for col, value in ((rule.baseline, base), (rule.followup, follow)):
             if value is not None and (math.isnan(value) or not 0 <= value <= 10):
-                report.error(f"{where}, column {col}", f"{row[col]!r} is not an NRS score 0-10",
-                             "write the pain score as a number from 0 to 10")
+                text = str(row[col]).strip()
+                what, action = (_not_a_number(text) if _DECIMAL_COMMA.fullmatch(text) else
+                                (f"{text!r} is not an NRS score 0-10", "write the pain score as a number from 0 to 10"))
+                report.error(f"{where}, column {col}", what, action)
                 return None
         if base is None:
             report.error(f"{where}, column {rule.baseline}", "missing baseline NRS",
                          "fill it in or remove the patient")
             return None
         if follow is None:
-            report.warn(f"{where}, column {rule.followup}", "no 2-month follow-up: outcome unknown",
-                        "patient excluded from training and evaluation; add the follow-up if it exists")
+            _warn_per_patient(report, row, where, rule.followup, "no 2-month follow-up: outcome unknown",
+                              "patient excluded from training and evaluation; add the follow-up if it exists",
+                              "patients excluded: no 2-month follow-up, outcome unknown")
             return None
         if base == 0:
             report.error(f"{where}, column {rule.baseline}", "baseline NRS is 0: a relative reduction is undefined",
@@ -208,7 +188,8 @@ def _label(task: Task, row: pd.Series, where: str, report: ValidationReport) -> 
     assert isinstance(rule, BinaryColumnLabel)
     text = str(row[rule.column]).strip()
     if text == "":
-        report.warn(f"{where}, column {rule.column}", "label missing", "patient excluded; add the outcome if known")
+        _warn_per_patient(report, row, where, rule.column, "label missing", "patient excluded; add the outcome if known",
+                          f"patients excluded: label missing ({rule.column})")
         return None
     if text not in (rule.positive, rule.negative):
         report.error(f"{where}, column {rule.column}", f"{text!r} is not {rule.positive!r} or {rule.negative!r}",
@@ -219,21 +200,33 @@ def _label(task: Task, row: pd.Series, where: str, report: ValidationReport) -> 
 
 def _check_subgroups(task: Task, row: pd.Series, where: str, report: ValidationReport,
                      missing: list[str]) -> tuple[float, str | None]:
+    """Age and sex for subgroup metrics; a bad value only leaves the patient out of those (a warning).
+
+    A column that is also a model input was already checked as a feature (an error): not reported twice.
+    """
+    features = {f.name for f in task.features}
     age, sex = float("nan"), None
     if "age" in task.subgroups and "age" not in missing:
         value = _parse_number(row["age"])
+        text = str(row["age"]).strip()
         if value is None or math.isnan(value):
-            report.warn(f"{where}, column age", f"{row['age']!r} is not an age",
-                        "patient left out of the age-band metrics; correct the value")
+            what = f"{text!r} is not an age"
+        elif not AGE.low <= value <= AGE.high:  # type: ignore[operator]
+            what = f"age {value:g} is outside the plausible range [{AGE.low:g}, {AGE.high:g}] years"
         else:
-            age = value
+            what, age = "", value
+        if what and "age" not in features:
+            _warn_per_patient(report, row, where, "age", what,
+                              "patient left out of the age-band metrics; correct the value",
+                              "patients left out of the age-band metrics: age missing or implausible")
     if "sex" in task.subgroups and "sex" not in missing:
         text = str(row["sex"]).strip()
         if text in SEX_VALUES:
             sex = text
-        else:
-            report.warn(f"{where}, column sex", f"{text!r} is not F or M",
-                        "patient left out of the sex subgroup metrics; correct the value")
+        elif "sex" not in features:
+            _warn_per_patient(report, row, where, "sex", f"{text!r} is not F or M",
+                              "patient left out of the sex subgroup metrics; correct the value",
+                              "patients left out of the sex subgroup metrics: sex not F or M")
     return age, sex
 
 
@@ -241,7 +234,7 @@ def _manifest_paths(site_dir: Path, task: Task,
                     report: ValidationReport) -> dict[tuple[str, str], tuple[Path, int]] | None:
     """(patient, view) -> (file, manifest line); None when the manifest itself is unusable (an error)."""
     manifest_path = site_dir / MANIFEST_FILE
-    manifest = _read_csv(manifest_path, report, "image manifest (patient_id, view, path)")
+    manifest = read_csv_table(manifest_path, report, "image manifest (patient_id, view, path)")
     if manifest is None:
         return None
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
@@ -250,10 +243,13 @@ def _manifest_paths(site_dir: Path, task: Task,
     if missing:
         return None
     assert task.image is not None
+    root = site_dir.resolve()
     paths: dict[tuple[str, str], tuple[Path, int]] = {}
     for idx, row in manifest.iterrows():
         where = f"{manifest_path} line {_line(idx)}"
         pid, view, rel = row["patient_id"].strip(), row["view"].strip(), row["path"].strip()
+        if not _inside_site(site_dir, root, rel, f"{where}, column path", report):
+            continue  # every row is checked, whatever its view: the file is never opened
         if view not in task.image.views:
             continue  # other series may be listed for other tasks
         if (pid, view) in paths:
@@ -263,8 +259,31 @@ def _manifest_paths(site_dir: Path, task: Task,
     return paths
 
 
+def _inside_site(site_dir: Path, root: Path, rel: str, where: str, report: ValidationReport) -> bool:
+    """True when the manifest path resolves (links followed) inside the site folder; else an error."""
+    target = site_dir / rel
+    try:
+        resolved = target.resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop
+        report.error(where, f"path {rel!r} cannot be resolved (a loop of symbolic links)",
+                     "list a real file inside the site folder")
+        return False
+    if resolved == root or resolved.is_relative_to(root):
+        return True
+    if Path(rel).is_absolute():
+        how = "an absolute path"
+    elif ".." in Path(rel).parts:
+        how = "'..' leads out of the folder"
+    else:
+        how = "a symbolic link leads out of the folder"
+    report.error(where, f"path {rel!r} resolves to {resolved}, outside the site folder {root} ({how})",
+                 "a site reads only files inside its own folder: copy the image into the site folder and list its "
+                 "path relative to the folder (no '..', no absolute path, no link leading out)")
+    return False
+
+
 # A patient whose required views are not all readable is excluded; never trained on a placeholder.
-NAMED_PATIENTS = 5  # per-file warnings and the summary name this many patients, then give a count
+NAMED_PATIENTS = NAMED  # per-file warnings and the summary name this many patients, then give a count
 
 
 @dataclass(frozen=True)
@@ -301,22 +320,23 @@ def _read_images(site_dir: Path, task: Task, patient_ids: list[str], lines: list
                 continue
             path, manifest_line = entry
             rel = path.relative_to(site_dir) if path.is_relative_to(site_dir) else path
-            if not path.is_file():
+            if not path.exists():  # a dangling link too; a folder or a pipe is refused by the reader
                 failures.setdefault(pid, []).append(_ImageFailure(
                     pid, view, str(path), f"file missing ({view} image of patient {pid}, {MANIFEST_FILE} line {manifest_line})",
                     f"{excluded}; copy the file into the site folder or correct the path in the manifest",
                     f"{view}: {rel} missing"))
                 continue
             try:
-                image = read_dicom_image(path, size, task.image.field_of_view_mm)
+                image = read_dicom_image(path, size, task.image.field_of_view_mm, task.image.modalities)
+            except DicomModalityError as exc:  # the wrong series exported: an error for the site, not one patient
+                report.error(str(path), f"modality {exc.modality or 'missing'}; task {task.name} needs "
+                             f"{'/'.join(task.image.modalities)} ({view} image of patient {pid}, {MANIFEST_FILE} line "
+                             f"{manifest_line})", "check that the right series was exported")
+                continue
             except DicomError as exc:
                 failures.setdefault(pid, []).append(_ImageFailure(
                     pid, view, str(path), f"{str(exc).removeprefix(f'{path}: ')} ({view} image of patient {pid})",
                     f"{excluded}; re-export or replace this DICOM file", f"{view}: {rel} unreadable"))
-                continue
-            if image.modality not in task.image.modalities:
-                report.error(str(path), f"modality {image.modality or 'missing'}; task {task.name} needs "
-                             f"{'/'.join(task.image.modalities)}", "check that the right series was exported")
                 continue
             if float(image.pixels.max()) == float(image.pixels.min()):
                 failures.setdefault(pid, []).append(_ImageFailure(
@@ -324,7 +344,9 @@ def _read_images(site_dir: Path, task: Task, patient_ids: list[str], lines: list
                     f"{excluded}; re-export the original image", f"{view}: {rel} blank"))
                 continue
             for message in image.warnings:
-                report.warn(str(path), message.removeprefix(f"{path}: "), "check the export settings")
+                what = message.removeprefix(f"{path}: ")
+                report.warn_grouped(f"dicom: {what}", str(path), what, "check the export settings", culprit=str(rel),
+                                    summary_where=str(manifest_path), summary=f"files: {what}")
             decoded.append(image.pixels)
         if len(decoded) == len(views):
             stacks[pid] = np.stack(decoded).astype(np.float32, copy=False)
@@ -353,6 +375,19 @@ def _report_image_failures(manifest_path: Path, views: tuple[str, ...], failures
                 f"from {CLINICAL_FILE}")
 
 
+def _check_split_trainable(split: str, y: np.ndarray, n_labelled: int, clinical_path: Path,
+                           report: ValidationReport) -> None:
+    """A model can be neither trained nor evaluated without patients of both outcomes (one patient, one class)."""
+    action = "a site needs labelled patients of both outcomes in its train and test splits: check labels and split"
+    if len(y) == 0:
+        report.error(str(clinical_path), f"no labelled patient in the {split} split ({n_labelled} labelled in all)",
+                     action)
+    elif len(set(y.tolist())) < 2:
+        outcome = "positive" if y[0] == 1 else "negative"
+        report.error(str(clinical_path), f"all {len(y)} labelled patient(s) in the {split} split have the same outcome "
+                     f"({outcome}): the model cannot be trained or evaluated on one class", action)
+
+
 def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) -> tuple[SiteData | None, ValidationReport]:
     """Validate a site folder against the task's contract; return its arrays when usable."""
     site_dir = Path(site_dir)
@@ -361,9 +396,12 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
         report.error(str(site_dir), "site folder does not exist", "pass the folder that holds clinical.csv")
         return None, report
     clinical_path = site_dir / CLINICAL_FILE
-    table = _read_csv(clinical_path, report, "clinical table (one row per patient)")
+    table = read_csv_table(clinical_path, report, "clinical table (one row per patient)")
     if table is None:
         return None, report
+    if table.empty and report.usable:  # (rows refused as ragged already have their own errors)
+        report.error(str(clinical_path), "no patient rows: the file holds only the header",
+                     "export the clinical table with one row per patient")
     missing = [c for c in task.required_columns if c not in table.columns]
     for col in missing:
         report.error(f"{clinical_path}, column {col}", "column missing", f"task {task.name} needs it: add it to the export")
@@ -395,6 +433,7 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
         usable_row = split in SPLITS and label is not None and all(e is not None for e in encoded)
         features = [v for e in encoded for v in e] if usable_row else None  # type: ignore[union-attr]
         rows.append((pid, split, label, features, age, sex, _line(idx)))
+    report.flush_groups()
 
     images = None
     stacks: dict[str, np.ndarray] = {}
@@ -433,10 +472,9 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
                      f"is missing or unreadable ({lost_train} of them labelled train patients)",
                      "the site cannot train on placeholder images: add the missing DICOM files and manifest rows "
                      "(see the warnings), then validate again")
+    report.flush_groups()
     for split in ("train", "test") if report.usable else ():
-        if report.counts[split] == 0 or len(set(y[split_arr == split])) < 2:
-            report.error(str(clinical_path), f"the {split} split has no patients of one outcome class",
-                         "a site needs both outcomes in its train and test splits; check labels and split")
+        _check_split_trainable(split, y[split_arr == split], len(y), clinical_path, report)
     if not report.usable:
         return None, report
     data = SiteData(

@@ -12,6 +12,7 @@ Private keys are written with mode 0600, and never over an existing file.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -138,3 +140,24 @@ def load_site_public_key(path: Path) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CredentialsError(f"{path}: not an EC key; create it with `spine-fl enroll`")
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_fingerprint(public_key: Ed25519PublicKey) -> str:
+    """"sha256:<hex>" of a ledger-signing public key's raw bytes: what the coordinator pins and every
+    run result records."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def ledger_key_fingerprint(path: Path) -> str:
+    """The fingerprint of a site's ledger public key file (`site_ed25519.pub`), for enrolment."""
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise CredentialsError(f"{path} not found: the site finds its ledger key in its state folder "
+                          "(site_ed25519.pub; `spine-fl ledger key` creates and prints it)") from None
+    except ValueError as exc:
+        raise CredentialsError(f"{path} is not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise CredentialsError(f"{path} is not an Ed25519 public key (the site's ledger key is site_ed25519.pub)")
+    return key_fingerprint(key)

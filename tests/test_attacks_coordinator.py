@@ -1,0 +1,257 @@
+"""Attacks that only the coordinator's record stops (issue 10, parts 2, 3 and 9).
+
+An insider with the site's disk deletes BOTH ledgers, or rolls the privacy ledger back to an older
+copy, or makes a new key and re-signs edited ledgers: each ledger then verifies on its own. The
+coordinator keeps, per site, the ledger key it pinned and the last privacy-ledger head the site's
+replies carried; the pre-flight before every round sends the head back and checks the key, so the
+site refuses (or is refused) before it trains, and the site's audit FAILs against the run result.
+A coordinator restarted mid-round asks for the same round again: the site re-sends the reply it
+was charged for instead of training (and paying) twice. A round that too few sites can afford ends
+in the pre-flight, before anyone spends epsilon.
+
+The unit tests call one site's real ClientApp (all mods) in this process; the slow ones run whole
+federations on Flower's simulation engine with the sites' state kept across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+from test_attacks_site import RUN_KEY, instruction, make_site, run_settings, send
+from test_privacy_simulation import run_scenario
+
+from spine_fl.client.app import build_client_app
+from spine_fl.client.audit.run import run_audit
+from spine_fl.client.privacy.egress_ledger import HEAD_FILE, LEDGER_FILE
+from spine_fl.client.privacy.policy import SitePolicy
+from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, dataset_id
+from spine_fl.client.privacy.signed_log import KEY_FILE, PUBLIC_KEY_FILE, site_key_fingerprint
+from spine_fl.client.site_config import Site
+from spine_fl.server.coordinator_record import CoordinatorRecord
+from spine_fl.shared import protocol
+from spine_fl.shared.refusal import Refusal
+
+RUN = run_settings()
+
+
+def preflight(site: Site, heads: dict | None = None, server_round: int = 1) -> Message:
+    """The coordinator's pre-flight for one round, as server/preflight.py builds it."""
+    train = instruction(MessageType.TRAIN, RUN, site, server_round)
+    config = dict(train.content.config_records[protocol.FIT_CONFIG])
+    content = RecordDict({protocol.PREFLIGHT: ConfigRecord({**config, protocol.LEDGER_HEADS: json.dumps(heads or {})})})
+    metadata = Metadata(run_id=1, message_id=f"m{time.time_ns()}", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600,
+                        message_type=MessageType.QUERY)
+    message = Message(content=content, metadata=metadata)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    return build_client_app([site])(message, context)
+
+
+def refusal_of(reply: Message) -> dict:
+    assert reply.has_error() and reply.error.code == protocol.REFUSAL_CODE, reply
+    parsed = Refusal.parse(reply.error.reason)
+    assert parsed is not None
+    return parsed
+
+
+def trained_head(site: Site, server_round: int = 1) -> dict:
+    """Train one DP round; the head its reply carries (what the coordinator records)."""
+    reply = send(site, MessageType.TRAIN, RUN, server_round=server_round)
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content.config_records[protocol.FIT_METRICS])
+    assert metrics[protocol.LEDGER_KEY] == site_key_fingerprint(site.state_dir)
+    return {k: metrics[k] for k in protocol.LEDGER_HEAD}
+
+
+def test_preflight_answers_ready_with_the_key_and_head_and_nothing_is_spent(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    head = trained_head(site)
+    ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
+    before = ledger.path.read_bytes()
+    answer = dict(preflight(site, {site.name: head}, server_round=2).content.config_records[protocol.PREFLIGHT_REPLY])
+    assert answer[protocol.READY] == 1 and answer[protocol.SITE] == site.name
+    assert answer[protocol.LEDGER_KEY] == site_key_fingerprint(site.state_dir)
+    assert {k: answer[k] for k in protocol.LEDGER_HEAD} == head  # nothing trained since
+    assert ledger.path.read_bytes() == before  # asking costs nothing
+
+
+def test_preflight_refuses_a_round_over_budget_before_training(tmp_path: Path) -> None:
+    site = make_site(tmp_path, epsilon_per_run=0.5)
+    refusal = refusal_of(preflight(site))
+    assert refusal["rule"] == "epsilon_per_run" and refusal["epsilon_after"] > 0.5
+    assert not PrivacyLedger(site.state_dir, dataset_id(site.data_dir)).log.exists()
+
+
+def test_deleting_both_ledgers_is_refused_against_the_coordinators_head(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    head = trained_head(site)
+    shutil.rmtree(site.state_dir / "privacy")  # the privacy ledger, its head, the kept reply
+    for name in (LEDGER_FILE, HEAD_FILE):  # and the egress ledger that would have shown the spending
+        (site.state_dir / name).unlink()
+    assert preflight(site).content.config_records[protocol.PREFLIGHT_REPLY][protocol.READY] == 1  # alone: fresh
+    refusal = refusal_of(preflight(site, {site.name: head}, server_round=2))
+    assert refusal["rule"] == "privacy_ledger"
+    assert "coordinator's record" in refusal["message"] and "is missing (deleted?)" in refusal["message"]
+    assert not (site.state_dir / "privacy").exists() or not list((site.state_dir / "privacy").glob("*.jsonl"))
+
+
+def test_a_ledger_rolled_back_to_an_older_copy_is_refused(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    trained_head(site, 1)
+    older = tmp_path / "older"
+    shutil.copytree(site.state_dir, older)  # a backup after round 1: verifies on its own
+    head = trained_head(site, 2)
+    shutil.rmtree(site.state_dir)
+    shutil.copytree(older, site.state_dir)
+    refusal = refusal_of(preflight(site, {site.name: head}, server_round=3))
+    assert refusal["rule"] == "privacy_ledger" and "now has 1 line(s)" in refusal["message"]
+    assert "rolled back" in refusal["message"]
+
+
+def test_a_round_asked_again_is_re_sent_not_charged_twice(tmp_path: Path) -> None:
+    """A coordinator restarted mid-round sends the same round with the same model: same reply, one charge."""
+    site = make_site(tmp_path)
+    ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
+    first = send(site, MessageType.TRAIN, RUN, server_round=1)
+    again = send(site, MessageType.TRAIN, RUN, server_round=1)
+    a, b = (recorddict_to_fitres(r.content, keep_input=True) for r in (first, again))
+    for x, y in zip(parameters_to_ndarrays(a.parameters), parameters_to_ndarrays(b.parameters), strict=True):
+        assert (x == y).all()  # the very update already charged, not a new draw of the noise
+    assert a.metrics == b.metrics and a.num_examples == b.num_examples
+    assert [(r.run_id, r.round) for r in ledger.records()] == [(RUN_KEY, 1)]  # charged once
+
+    other = send(site, MessageType.TRAIN, run_settings(seed=5), server_round=1)  # another model, same round
+    refusal = refusal_of(other)
+    assert refusal["rule"] == "round_already_charged" and "another global model" in refusal["message"]
+    assert len(ledger.records()) == 1
+
+    (site.state_dir / "privacy" / "replies" / f"{RUN_KEY}.npz").unlink()  # the kept reply lost
+    refusal = refusal_of(preflight(site, server_round=1))
+    assert refusal["rule"] == "round_already_charged" and "not kept" in refusal["message"]
+
+
+def _replace_key(state_dir: Path) -> None:
+    new = Ed25519PrivateKey.generate()
+    (state_dir / KEY_FILE).unlink()
+    fd = os.open(state_dir / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    (state_dir / PUBLIC_KEY_FILE).write_bytes(new.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _replace_key_and_re_sign(site: Site) -> None:
+    """The insider: a new key, and the privacy ledger re-signed with it (the same records)."""
+    ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
+    kept = ledger.records()
+    _replace_key(site.state_dir)
+    ledger.path.unlink()
+    ledger.head.unlink()
+    for record in kept:
+        ledger.append(record)
+    assert PrivacyLedger(site.state_dir, ledger.dataset).records() == kept  # verifies on its own
+
+
+def test_a_new_key_that_re_signs_the_ledgers_is_refused_and_fails_the_audit(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    record = CoordinatorRecord(tmp_path / "coordinator-record.json")
+    pinned = site_key_fingerprint(site.state_dir)
+    assert record.key_problem(site.name, pinned) is None  # pinned on the first reply
+    head = trained_head(site)
+    record.record_reply(site.name, {**head, protocol.LEDGER_KEY: pinned})
+
+    _replace_key_and_re_sign(site)
+    refusal = refusal_of(preflight(site, {site.name: head}, server_round=2))  # re-signed lines hash differently
+    assert refusal["rule"] == "privacy_ledger" and "replaced" in refusal["message"]
+    answer = preflight(site, server_round=2).content.config_records[protocol.PREFLIGHT_REPLY]
+    assert answer[protocol.READY] == 1  # without the head the site sees nothing wrong: its files verify
+    problem = CoordinatorRecord.load(record.path).key_problem(site.name, str(answer[protocol.LEDGER_KEY]))
+    assert problem is not None and pinned in problem and "not accepted" in problem
+
+    ledger_entry = record.summary([site.name])[site.name]
+    assert ledger_entry["ledger_key"] == pinned and ledger_entry["key_pinned_by"] == "first reply"
+    report = run_audit(site, tmp_path / "audit", shadow_models=0, bootstrap=100, coordinator_record=ledger_entry,
+                       coordinator_record_source="test")
+    assert report["verdict"]["verdict"] == "fail"
+    whys = [r for r in report["verdict"]["reasons"] if r["topic"] == "coordinator record"]
+    assert {r["level"] for r in whys} == {"fail"}
+    assert any(pinned in r["text"] and "re-signed" in r["text"] for r in whys)  # the key
+    assert any("does not hold that line" in r["text"] for r in whys)  # and the head: re-signed lines hash anew
+
+
+def test_an_enrolled_key_wins_over_one_seen_first(tmp_path: Path) -> None:
+    record = CoordinatorRecord.load(tmp_path / "r.json", {"leiden": "sha256:" + "a" * 64})
+    assert record.key_problem("leiden", "sha256:" + "b" * 64) is not None
+    assert record.key_problem("leiden", "sha256:" + "a" * 64) is None
+    assert record.pinned_key("leiden") == ("sha256:" + "a" * 64, "enrolment")
+    (tmp_path / "r.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match="Restore it from backup"):
+        CoordinatorRecord.load(tmp_path / "r.json")
+
+
+# --- whole federations, state kept across runs ----------------------------------------------------
+
+@pytest.mark.slow
+def test_deleting_both_ledgers_gets_no_fresh_budget_in_the_next_run(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = run_scenario(tmp_path, "first", run={"rounds": 2, "min_sites": 2}, state_dir=state)
+    assert first["status"] == "completed" and first["ledgers"]["leiden"]["ledger_lines"] == 2
+    shutil.rmtree(state / "leiden" / "privacy")
+    for name in (LEDGER_FILE, HEAD_FILE):
+        (state / "leiden" / name).unlink()
+
+    site = Site("leiden", tmp_path / "first" / "sites" / "leiden", state / "leiden", SitePolicy())
+    report = run_audit(site, tmp_path / "audit", shadow_models=0, bootstrap=100,
+                       coordinator_record=first["ledgers"]["leiden"], coordinator_record_source="first")
+    assert report["verdict"]["verdict"] == "fail"
+    texts = [r["text"] for r in report["verdict"]["reasons"] if r["level"] == "fail"]
+    assert any("deleted, truncated or rolled back" in t for t in texts)
+    assert any("egress ledger is missing or empty, yet the coordinator recorded" in t for t in texts)
+
+    second = run_scenario(tmp_path, "second", run={"rounds": 2, "min_sites": 2}, state_dir=state)
+    refused = [r for r in second["privacy"]["refusals"] if r["site"] == "leiden"]
+    assert refused and {r["rule"] for r in refused} == {"privacy_ledger"}
+    assert "coordinator's record" in refused[0]["message"]
+    assert second["status"] == "completed" and not second["privacy"]["per_site"]["leiden"]["trained"]
+    assert not list((state / "leiden").glob("privacy/*.jsonl"))  # leiden trained nothing on a fresh budget
+
+
+@pytest.mark.slow
+def test_a_site_with_a_new_key_is_refused_by_the_coordinator_in_the_next_run(tmp_path: Path) -> None:
+    """Without DP there is no privacy-ledger head to hold the site to: the pinned key alone catches it."""
+    state, plain = tmp_path / "state", {"rounds": 1, "min_sites": 2, "dp": False, "secagg": False}
+    policy = {"require_dp": False, "require_secagg": False}
+    first = run_scenario(tmp_path, "first", run=plain, policy=policy, state_dir=state)
+    pinned = first["ledgers"]["zurich"]["ledger_key"]
+    assert pinned and first["ledgers"]["zurich"]["key_pinned_by"] == "first reply"
+    _replace_key(state / "zurich")
+    second = run_scenario(tmp_path, "second", run=plain, policy=policy, state_dir=state)
+    (refusal,) = [r for r in second["privacy"]["refusals"] if r["site"] == "zurich"]
+    assert refusal["rule"] == "ledger_key" and refusal["by"] == "coordinator" and pinned in refusal["message"]
+    assert second["status"] == "completed" and not second["privacy"]["per_site"]["zurich"]["trained"]
+    assert second["ledgers"]["zurich"]["ledger_key"] == pinned  # the pin stands
+
+
+@pytest.mark.slow
+def test_a_round_too_few_sites_can_afford_ends_before_anyone_spends(tmp_path: Path) -> None:
+    """Two of three sites cannot afford round 1 and min_sites is 2: without the pre-flight the third
+    would train (and spend) a round that is then thrown away."""
+    metrics = run_scenario(tmp_path, "preflight", run={"rounds": 2, "min_sites": 2},
+                           policy={"seoul": {"epsilon_per_run": 0.2}, "zurich": {"epsilon_per_run": 0.2}})
+    assert metrics["status"] == "stopped" and "pre-flight" in metrics["stop_reason"]
+    assert {r["site"] for r in metrics["privacy"]["refusals"]} == {"seoul", "zurich"}
+    assert metrics["rounds"] == [] and metrics["failed_rounds"] == []
+    for site in metrics["sites"]:
+        assert not list((tmp_path / "preflight" / "site-state" / site).glob("privacy/*.jsonl")), site
