@@ -27,7 +27,6 @@ from spine_fl.client.site_config import Site
 from spine_fl.client.site_data import resolve_site, site_data
 from spine_fl.shared import protocol
 from spine_fl.shared.config import RunSettings, run_key_of
-from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.metrics import binary_metrics
 from spine_fl.shared.models.registry import build_model, pick_device
 from spine_fl.shared.training.local import DpSettings, TrainSettings, get_weights, predict, set_weights, train
@@ -44,7 +43,7 @@ class SiteClient(NumPyClient):
 
     def _prepare(self, parameters: list[np.ndarray], config: dict[str, Scalar]):
         settings = RunSettings.from_run_config(config)
-        model = build_model(get_task(settings.task), settings.seed)
+        model = build_model(settings.task_spec, settings.seed)  # the definition the run carries
         set_weights(model, parameters)
         return settings, model, site_data(self.site, settings.task, settings.image_size)
 

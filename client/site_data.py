@@ -13,6 +13,7 @@ from flwr.app import Context
 
 from spine_fl.client.site_config import Site, load_site_config
 from spine_fl.shared.contract.data_contract import SiteData, ValidationReport, load_site, validate_and_load
+from spine_fl.shared.contract.task_file import task_sha256
 from spine_fl.shared.contract.tasks import get_task
 
 _CACHE: dict[tuple[str, str, int, float], SiteData] = {}
@@ -34,9 +35,11 @@ def resolve_site(context: Context, sites: Sequence[Site] | None) -> Site:
 
 
 def _key(site: Site, task_name: str, image_size: int) -> tuple[str, str, int, float]:
+    """The folder, the task's definition (by hash: a changed definition under the same name loads anew),
+    the size and the table's modification time."""
     clinical = site.data_dir / "clinical.csv"
     stamp = clinical.stat().st_mtime if clinical.exists() else 0.0
-    return str(site.data_dir.resolve()), task_name, image_size, stamp
+    return str(site.data_dir.resolve()), task_sha256(get_task(task_name)), image_size, stamp
 
 
 def validate_site_data(site: Site, task_name: str, image_size: int) -> ValidationReport:

@@ -34,6 +34,12 @@ from spine_fl.shared.training.local import get_weights
 
 logger = logging.getLogger("spine_fl.server")
 
+
+class RunStopped(RuntimeError):
+    """The run ended before its rounds were trained (too few sites, refusals, failed rounds): raised
+    after the results are written, so whoever runs the ServerApp — Flower's `flwr run`, or spine-fl's
+    own coordinator — marks the run failed instead of reporting success."""
+
 def build_server_app(
     settings: RunSettings | None = None,
     sites: list[str] | None = None,
@@ -43,13 +49,16 @@ def build_server_app(
     checkpoint_dir: Path | None = None,
     record_path: Path | None = None,
     enrolled_keys: Mapping[str, str] | None = None,
+    fail_when_stopped: bool = False,
 ) -> ServerApp:
     """Settings given here win; otherwise they come from Flower's run config (`flwr run`).
 
     `record_path`: the coordinator's record of the sites' pinned keys and ledger heads, kept across
     runs (default: in the results folder). Deployment (`spine-fl server`) also gives `node_sites`
     (enrolled SuperNode id -> site; no other node is sent anything), `checkpoint_dir` (resume after
-    the last completed round) and `enrolled_keys` (site -> ledger-key fingerprint pinned at enrolment)."""
+    the last completed round) and `enrolled_keys` (site -> ledger-key fingerprint pinned at enrolment).
+    `fail_when_stopped`: raise RunStopped at the end of a stopped run (the Flower run then ends as
+    failed); the simulation runner reads the status from the results instead."""
     app = ServerApp()
 
     @app.main()
@@ -73,7 +82,7 @@ def build_server_app(
 
         if len(log.trained_rounds) < run.rounds and not log.stopped:
             strategy = RecordingStrategy(build_strategy(run, final, site_names, done, run_key), log, record, done,
-                                         on_round_done)
+                                         on_round_done, run.site_wait_seconds)
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=run.rounds), strategy=strategy)
             watched = WatchingGrid(grid, log, node_sites, done)
             run_rounds(watched, legacy, secagg_fit_workflow(run), log, run.rounds, done, run.round_retries)  # type: ignore[arg-type]
@@ -85,8 +94,10 @@ def build_server_app(
                                  resumed_after=done)
         if checkpoint_dir and not log.stopped:
             retire_checkpoint(checkpoint_dir, run_key)
+        if log.stopped and fail_when_stopped:
+            raise RunStopped(f"the run stopped: {log.stopped} (results in {results_dir})")
 
     return app
 
 
-app = build_server_app()
+app = build_server_app(fail_when_stopped=True)  # `flwr run`: a stopped run is a failed Flower run

@@ -166,9 +166,10 @@ class RecordingStrategy(Strategy):
     run's rounds from 1); `on_round_done(round, parameters)` is called after each evaluated round."""
 
     def __init__(self, inner: Strategy, log: RoundLog, record: CoordinatorRecord, offset: int = 0,
-                 on_round_done: Callable[[int, Parameters], None] | None = None):
+                 on_round_done: Callable[[int, Parameters], None] | None = None, site_wait_seconds: float = 3600.0):
         super().__init__()
         self.inner = inner
+        self.site_wait_seconds = site_wait_seconds
         self.log = log
         self.record = record
         self.offset = offset
@@ -180,6 +181,11 @@ class RecordingStrategy(Strategy):
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
         if self.log.stopped:
+            return []
+        if not client_manager.wait_for(self.log.min_sites, timeout=int(self.site_wait_seconds)):
+            self.log.stop(f"round {server_round + self.offset}: only {client_manager.num_available()} site(s) "
+                          f"connected within site_wait_seconds = {self.site_wait_seconds:g}, fewer than min_sites = "
+                          f"{self.log.min_sites}; the run ends here (start the missing sites, then run again)")
             return []
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         return preflight(instructions, server_round, server_round + self.offset, self.record, self.log) \

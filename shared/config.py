@@ -6,24 +6,46 @@ scenario runs identically in the simulation engine and, later, the deployment en
 
 from __future__ import annotations
 
-import difflib
+import hashlib
 import json
 import math
 import re
-import tomllib
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from spine_fl.shared import protocol
-from spine_fl.shared.contract.tasks import TASKS, get_task
+from spine_fl.shared.contract.data_contract import CLINICAL_FILE
+from spine_fl.shared.contract.task_file import canonical_json, load_task_file
+from spine_fl.shared.contract.tasks import (
+    SHIPPED_SHA256,
+    TASKS,
+    Task,
+    UnknownTaskError,
+    is_task_file,
+    run_task,
+    use_task,
+)
+from spine_fl.shared.typed_table import (
+    ConfigError,
+    check_value,
+    choice,
+    collect,
+    problem,
+    raise_problems,
+    read_toml,
+    toml_value,
+    typed_from_table,
+    unknown_key,
+)
+
+__all__ = ["ConfigError", "ConsortiumSettings", "RunSettings", "Scenario", "SimulationSettings", "check_value",
+           "load_scenario", "problem", "raise_problems", "read_toml", "run_key_of", "toml_value", "typed_from_table"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("sgd", "adam")
-SOURCES = ("synthetic", "vertebral_column")
+SOURCES = ("synthetic", "vertebral_column", "folders")
 
 
 RUN_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: the coordinator's name for a run, used in file names
@@ -39,37 +61,6 @@ def run_key_of(config: dict[str, Any], fallback: str) -> str:
 # max-pools: below 8 pixels the last one has nothing left to pool and the forward pass fails.
 # tests/test_config_validation.py checks this number against the model itself.
 MIN_IMAGE_SIZE = 8
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the file and the setting.
-
-    Every problem found in one file travels in one error, one per line (`problems`), so a user
-    fixes them all in one pass instead of one per run."""
-
-    def __init__(self, *problems: str) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
-
-
-def problem(key: str, value: Any, what: str, todo: str) -> str:
-    """One problem line: `key = value: what is wrong; what to do` (the caller prefixes the file)."""
-    return f"{key} = {toml_value(value)}: {what}; {todo}"
-
-
-def raise_problems(problems: Sequence[str]) -> None:
-    """Raise one ConfigError listing every problem, if there is any."""
-    if problems:
-        raise ConfigError(*problems)
-
-
-def _choice(key: str, value: str, allowed: Sequence[str], what: str) -> list[str]:
-    """A value that must be one of a few names; the closest one suggested."""
-    if value in allowed:
-        return []
-    close = difflib.get_close_matches(value, list(allowed), n=1)
-    hint = f"did you mean {close[0]}? " if close else ""
-    return [problem(key, value, f"unknown {what}", f"{hint}choose one of {', '.join(allowed)}")]
 
 
 def _at_least(obj: Any, minimum: int, advice: dict[str, str]) -> list[str]:
@@ -89,6 +80,9 @@ class RunSettings:
     """What the coordinator decides for a run; sites receive it with every round."""
 
     task: str = "tfesi_radiograph"
+    # The task's canonical JSON (shared/contract/task_file.py), so every site gets the exact definition;
+    # empty means the shipped file of `task`. A site approves it by name and SHA-256 (allowed_tasks).
+    task_definition: str = ""
     image_size: int = 64
     strategy: str = "fedavg"
     rounds: int = 10
@@ -114,9 +108,24 @@ class RunSettings:
     secagg_max_weight: float = 1000.0
     # A round that fails (e.g. a site vanished before SecAgg+ shared its keys) is retried this many times.
     round_retries: int = 2
+    # How long a round waits for min_sites sites to be connected before the run ends with the reason.
+    site_wait_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         raise_problems(self.problems())
+        task = self.task_spec
+        object.__setattr__(self, "task_definition", canonical_json(task))
+        use_task(task)  # every part of this process (model, data, model card) reads this definition
+
+    @property
+    def task_spec(self) -> Task:
+        """The task this run trains: the definition it carries."""
+        return run_task(self.task, self.task_definition)
+
+    @property
+    def task_sha256(self) -> str:
+        """The SHA-256 a site's allowed_tasks must hold for this run's task (`name@<this>`)."""
+        return hashlib.sha256(self.task_definition.encode("utf-8")).hexdigest()
 
     def problems(self) -> list[str]:
         """Every value that cannot work, each with what to write instead."""
@@ -143,12 +152,22 @@ _RUN_COUNTS = {
 }
 
 
+def _task_or_problems(run: RunSettings) -> Task | list[str]:
+    try:
+        return run.task_spec
+    except UnknownTaskError:
+        return [problem("task", run.task, "unknown task",
+                        f"choose one of {', '.join(sorted(TASKS))}, or give a task file (.toml)")]
+    except ConfigError as exc:
+        return exc.problems
+
+
 def _run_choices(run: RunSettings) -> list[str]:
-    out = [problem("task", run.task, "unknown task", f"choose one of {', '.join(sorted(TASKS))}")] \
-        if run.task not in TASKS else []
-    return [*out, *_choice("strategy", run.strategy, STRATEGIES, "strategy"),
-            *_choice("optimizer", run.optimizer, OPTIMIZERS, "optimizer"),
-            *_choice("accountant", run.accountant, ACCOUNTANTS, "privacy accountant")]
+    task = _task_or_problems(run)
+    out = task if isinstance(task, list) else []
+    return [*out, *choice("strategy", run.strategy, STRATEGIES, "strategy"),
+            *choice("optimizer", run.optimizer, OPTIMIZERS, "optimizer"),
+            *choice("accountant", run.accountant, ACCOUNTANTS, "privacy accountant")]
 
 
 def _run_counts(run: RunSettings) -> list[str]:
@@ -156,7 +175,11 @@ def _run_counts(run: RunSettings) -> list[str]:
     if run.round_retries < 0:
         out.append(problem("round_retries", run.round_retries, "must be 0 or more",
                            "set round_retries to how often a failed round is tried again, e.g. 2"))
-    if run.task in TASKS and get_task(run.task).image is not None and 1 <= run.image_size < MIN_IMAGE_SIZE:
+    if not run.site_wait_seconds > 0:
+        out.append(problem("site_wait_seconds", run.site_wait_seconds, "must be more than 0",
+                           "set site_wait_seconds to how long a round waits for min_sites sites, e.g. 3600"))
+    task = _task_or_problems(run)
+    if isinstance(task, Task) and task.image is not None and 1 <= run.image_size < MIN_IMAGE_SIZE:
         out.append(problem("image_size", run.image_size, f"too small for the {run.task} model (its CNN halves "
                            f"the image three times and needs at least {MIN_IMAGE_SIZE} pixels)",
                            f"set image_size to {MIN_IMAGE_SIZE} or more, e.g. 64"))
@@ -210,14 +233,29 @@ class ConsortiumSettings:
     source: str = "synthetic"
     sites: int = 3
     seed: int = 7
+    # The consortium's own site folders instead of generated ones: each a site in the data contract's
+    # format, named by its folder (load_scenario resolves them against the scenario file's folder).
+    folders: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.folders:  # source and count follow from the folders
+            object.__setattr__(self, "source", "folders")
+            object.__setattr__(self, "sites", len(self.folders))
         raise_problems(self.problems())
 
     def problems(self) -> list[str]:
         """Every value that cannot work, each with what to write instead."""
-        return [*_choice("source", self.source, SOURCES, "consortium source"),
-                *_at_least(self, 1, {"sites": "set sites to the number of virtual hospitals, e.g. 3"})]
+        out = [*choice("source", self.source, SOURCES, "consortium source"),
+               *_at_least(self, 1, {"sites": "set sites to the number of virtual hospitals, e.g. 3"})]
+        if self.source == "folders" and not self.folders:
+            out.append(problem("source", self.source, "needs the site folders",
+                               'list them instead: folders = ["sites/boston", "sites/leiden", "sites/lyon"]'))
+        names = [Path(f).name for f in self.folders]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            out.append(problem("folders", list(self.folders), f"two folders named {', '.join(twice)} (a site is "
+                               "named by its folder)", "give every site folder its own name"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -264,7 +302,12 @@ class Scenario:
 
     def site_policy(self, site: str) -> dict[str, Any]:
         common = {k: v for k, v in self.policy.items() if not isinstance(v, dict)}
-        return {**common, **self.policy.get(site, {})}
+        merged = {**common, **self.policy.get(site, {})}
+        if "allowed_tasks" not in merged and SHIPPED_SHA256.get(self.run.task) != self.run.task_sha256:
+            # the scenario's author plays every virtual site: unless [policy] says otherwise, they
+            # approve the scenario's own task file (by name and hash) besides the shipped tasks
+            merged["allowed_tasks"] = [*TASKS, f"{self.run.task}@{self.run.task_sha256}"]
+        return merged
 
 
 def scenario_problems(consortium: ConsortiumSettings, run: RunSettings, policy: dict[str, Any]) -> list[str]:
@@ -300,183 +343,6 @@ def unsafe_site_name(name: str) -> str | None:
     return None
 
 
-# -- one typed validation path for every settings table ----------------------------------------
-
-def toml_value(value: Any) -> str:
-    """A value as it would be written in a TOML file (strings quoted, booleans lower-case)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-_EXPECTED = {
-    bool: "expected true or false (a TOML boolean, without quotes)",
-    int: "expected a whole number (a TOML integer such as 3, without quotes or decimal point)",
-    float: "expected a number (a TOML float or integer such as 0.5, without quotes)",
-    str: 'expected text (a TOML string in double quotes, such as "name")',
-}
-_EXPECTED_LIST = 'expected a list of text values (a TOML array of strings such as ["a", "b"])'
-_EXPECTED_TABLE = "expected a table (a [section] of key = value lines, or an inline table such as {key = 1})"
-
-
-def _typed_value(value: Any, annotation: Any) -> Any:
-    """`value` as `annotation` (int -> float, list -> tuple); a ValueError saying what was expected."""
-    if annotation is Any:
-        return value
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        # TOML has no null: an optional setting is either its type or left out of the file
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _typed_value(value, options[0])
-        for option in options:
-            try:
-                return _typed_value(value, option)
-            except ValueError:
-                continue
-        raise ValueError("expected one of: " + "; ".join(_describe(a) for a in options))
-    if origin in (tuple, list):  # tuple[X, ...] or list[X]: a TOML array of X
-        item = args[0] if args else Any
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(_describe(annotation))
-        items = []
-        for i, v in enumerate(value, 1):
-            try:
-                items.append(_typed_value(v, item))
-            except ValueError:
-                raise ValueError(f"{_describe(annotation)}; item {i} is {toml_value(v)}") from None
-        return tuple(items) if origin is tuple else items
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ValueError(_EXPECTED_TABLE)
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(_EXPECTED[bool])
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(_EXPECTED[int])
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(_EXPECTED[float])
-        if not math.isfinite(value):
-            raise ValueError("expected a finite number (nan and inf cannot be used here)")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError(_EXPECTED[str])
-        return value
-    if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise ValueError(f"expected {annotation.__name__}")
-    return value
-
-
-def _describe(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin in (tuple, list):
-        return _EXPECTED_LIST if typing.get_args(annotation)[:1] == (str,) else "expected a list (a TOML array)"
-    if origin is dict or annotation is dict:
-        return _EXPECTED_TABLE
-    return _EXPECTED.get(annotation, f"expected {getattr(annotation, '__name__', annotation)}")
-
-
-def check_value(value: Any, annotation: Any, where: str, key: str) -> Any:
-    """One setting checked against its type: ConfigError `<where> key = value: expected ...`."""
-    try:
-        return _typed_value(value, annotation)
-    except ValueError as exc:
-        raise ConfigError(f"{where} {key} = {toml_value(value)}: {exc}") from None
-
-
-def _unknown(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f"{key} (did you mean {close[0]}?)" if close else key
-
-
-def typed_from_table(cls: type, table: Any, where: str) -> Any:
-    """A TOML table as the dataclass `cls`, every value checked against the field's annotated type.
-
-    ConfigError naming `where` (file and section), the key, the value and what was expected, for:
-    a value of the wrong type (no quotes around booleans and numbers, whole numbers where counted,
-    finite numbers), an unknown key (with the closest allowed one), a missing required key, and
-    what the dataclass itself refuses (its __post_init__). Ints become floats where a float is
-    expected, and lists tuples."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: {_EXPECTED_TABLE}, got {toml_value(table)}")
-    settable = [f for f in fields(cls) if f.init]
-    allowed = [f.name for f in settable]
-    problems = []
-    unknown = [k for k in table if k not in allowed]
-    if unknown:
-        problems.append(f"{where}: unknown setting(s) {', '.join(_unknown(k, allowed) for k in unknown)}; "
-                        f"allowed: {', '.join(sorted(allowed))}")
-    missing = [f.name for f in settable
-               if f.name not in table and f.default is MISSING and f.default_factory is MISSING]
-    if missing:
-        problems.append(f"{where}: missing setting(s) {', '.join(missing)}; add a line key = value for each")
-    values, mistyped = _typed_values(cls, {k: v for k, v in table.items() if k in allowed}, where, problems)
-    if missing:
-        raise ConfigError(*problems)
-    built = None
-    try:
-        built = cls(**values)  # mistyped keys keep their defaults: the others are still range-checked
-    except ConfigError as exc:
-        kept = [f"{where} {_as_written(line, table, values)}" for line in exc.problems
-                if line.split(" = ", 1)[0] not in mistyped]
-        problems += kept if kept or mistyped else [f"{where}: {exc}"]
-    except (TypeError, ValueError) as exc:
-        problems.append(f"{where}: {exc}")
-    raise_problems(problems)
-    return built
-
-
-def _as_written(line: str, table: dict[str, Any], values: dict[str, Any]) -> str:
-    """A problem line with its value as the file writes it (`0`, not the `0.0` it became)."""
-    key, _, rest = line.partition(" = ")
-    if key in table and key in values and rest.startswith(toml_value(values[key]) + ":"):
-        return f"{key} = {toml_value(table[key])}{rest[len(toml_value(values[key])):]}"
-    return line
-
-
-def _typed_values(cls: type, table: dict[str, Any], where: str, problems: list[str]) -> tuple[dict[str, Any], set[str]]:
-    """The values of the right type, and the keys of the others (each a line added to `problems`)."""
-    hints = typing.get_type_hints(cls)
-    values, mistyped = {}, set()
-    for key, value in table.items():
-        try:
-            values[key] = check_value(value, hints.get(key, Any), where, key)
-        except ConfigError as exc:
-            problems.append(str(exc))
-            mistyped.add(key)
-    return values, mistyped
-
-
-def read_toml(path: Path | str, what: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
-    """A TOML file as a dict; a missing, unreadable or malformed file is a ConfigError naming it."""
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise error(f"{path}: a folder, not a {what}; give the path of the .toml file") from None
-    except OSError as exc:
-        raise error(f"{path}: cannot read the {what} ({exc.strerror}); check the path and its permissions") from None
-    except UnicodeDecodeError:
-        raise error(f"{path}: not a text file (not UTF-8); a {what} is TOML text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{path}: not valid TOML ({exc})") from None
-
-
 SiteNames = Callable[[ConsortiumSettings], Sequence[str]]
 PolicyCheck = Callable[[dict[str, Any], str], Any]
 
@@ -493,23 +359,67 @@ def load_scenario(path: Path | str, site_names: SiteNames | None = None,
     sections = ["name", "consortium", "run", "simulation", "policy"]
     unknown = [k for k in raw if k not in sections]
     if unknown:
-        problems.append(f"{path}: unknown section(s) {', '.join(_unknown(k, sections) for k in unknown)}; "
+        problems.append(f"{path}: unknown section(s) {', '.join(unknown_key(k, sections) for k in unknown)}; "
                         f"allowed: {', '.join(sections)}")
-    name = _collect(problems, check_value, raw.get("name", path.stem), str, str(path), "name")
-    simulation = _collect(problems, typed_from_table, SimulationSettings, raw.get("simulation", {}),
+    name = collect(problems, check_value, raw.get("name", path.stem), str, str(path), "name")
+    simulation = collect(problems, typed_from_table, SimulationSettings, raw.get("simulation", {}),
                           f"{path} [simulation]")
-    consortium = _collect(problems, typed_from_table, ConsortiumSettings, raw.get("consortium", {}),
-                          f"{path} [consortium]")
-    run = _collect(problems, typed_from_table, RunSettings, raw.get("run", {}), f"{path} [run]")
-    policy = _collect(problems, check_value, raw.get("policy", {}), dict[str, Any], str(path), "policy")
+    consortium = collect(problems, typed_from_table, ConsortiumSettings,
+                         _consortium_table(raw.get("consortium", {}), path, problems), f"{path} [consortium]")
+    run = collect(problems, run_from_table, raw.get("run", {}), f"{path} [run]", path.parent)
+    policy = collect(problems, check_value, raw.get("policy", {}), dict[str, Any], str(path), "policy")
+    n_sites = consortium.sites if consortium else _written(ConsortiumSettings, raw.get("consortium"), "sites")
     problems += [f"{path} {line}" for line in min_sites_problems(_written(RunSettings, raw.get("run"), "min_sites"),
-                                                                 _written(ConsortiumSettings, raw.get("consortium"),
-                                                                          "sites"))]
+                                                                 n_sites)]
     if policy is not None:
         problems += _policy_problems(path, policy, consortium, site_names, check_policy)
     raise_problems(problems)
     return Scenario(name=name, consortium=consortium, run=run, cpus_per_site=simulation.cpus_per_site,
                     policy=policy, state_dir=simulation.state_dir)
+
+
+def run_from_table(table: Any, where: str, base: Path) -> RunSettings:
+    """A [run] table (scenario or federation file): `task` names a shipped task or a task file,
+    relative to `base` (the file's folder); the file's definition travels in `task_definition`."""
+    problems: list[str] = []
+    if isinstance(table, dict) and isinstance(table.get("task"), str) and is_task_file(table["task"]):
+        written = table["task"]
+        file = Path(written) if Path(written).is_absolute() else base / written
+        task = collect(problems, load_task_file, file)
+        if task is not None and table.get("task_definition", canonical_json(task)) != canonical_json(task):
+            problems.append(f"{where} task_definition: differs from the task file {written}; remove task_definition "
+                            "(spine-fl fills it in from the file)")
+        table = ({**table, "task": task.name, "task_definition": canonical_json(task)} if task is not None
+                 else {k: v for k, v in table.items() if k != "task"})  # the other settings are still checked
+    run = collect(problems, typed_from_table, RunSettings, table, where)
+    raise_problems(problems)
+    return run
+
+
+def _consortium_table(table: Any, path: Path, problems: list[str]) -> Any:
+    """[consortium] with its folders resolved against the scenario file's folder. A folder that is
+    missing or holds no clinical.csv, or a source or site count besides the folders, is a problem."""
+    if not isinstance(table, dict) or not isinstance(table.get("folders"), list) or not table["folders"] \
+            or not all(isinstance(f, str) for f in table["folders"]):
+        return table  # nothing to resolve; typed_from_table reports wrong types
+    where, folders = f"{path} [consortium]", table["folders"]
+    if table.get("source", "folders") != "folders":
+        problems.append(f"{where} " + problem("source", table["source"], "a consortium of folders is not generated",
+                                             "remove source (folders replaces it)"))
+    if table.get("sites", len(folders)) != len(folders):
+        problems.append(f"{where} " + problem("sites", table["sites"], f"{len(folders)} folder(s) are listed",
+                                             "remove sites (each folder is one site)"))
+    resolved = []
+    for written in folders:
+        folder = Path(written) if Path(written).is_absolute() else path.parent / written
+        if not folder.is_dir():
+            problems.append(f"{where} folders: {toml_value(written)} ({folder}) is not a folder; give each site's "
+                            "folder relative to the scenario file")
+        elif not (folder / CLINICAL_FILE).is_file():
+            problems.append(f"{where} folders: {toml_value(written)} ({folder}) holds no {CLINICAL_FILE}; a site "
+                            "folder holds the data contract's files (README, \"A site's data\")")
+        resolved.append(str(folder.resolve()))
+    return {**{k: v for k, v in table.items() if k not in ("source", "sites")}, "folders": resolved}
 
 
 def _written(cls: type, table: Any, key: str) -> int:
@@ -521,15 +431,6 @@ def _written(cls: type, table: Any, key: str) -> int:
     return next(f.default for f in fields(cls) if f.name == key)
 
 
-def _collect(problems: list[str], check: Callable[..., Any], *args: Any) -> Any:
-    """`check(*args)`, or None with its ConfigError's lines added to `problems`."""
-    try:
-        return check(*args)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        return None
-
-
 def _policy_problems(path: Path, policy: dict[str, Any], consortium: ConsortiumSettings | None,
                      site_names: SiteNames | None, check_policy: PolicyCheck | None) -> list[str]:
     """[policy] and every [policy.<site>]: a safe name, a site of this consortium, valid rules."""
@@ -537,7 +438,7 @@ def _policy_problems(path: Path, policy: dict[str, Any], consortium: ConsortiumS
     names = list(site_names(consortium)) if site_names is not None and consortium is not None else None
     if check_policy is not None:
         common = {k: v for k, v in policy.items() if not isinstance(v, dict)}
-        _collect(problems, check_policy, common, f"{path} [policy]")
+        collect(problems, check_policy, common, f"{path} [policy]")
     for table in site_tables(policy):
         why = unsafe_site_name(table)
         if why is None and names is not None and table not in names:
@@ -546,5 +447,5 @@ def _policy_problems(path: Path, policy: dict[str, Any], consortium: ConsortiumS
         if why is not None:
             problems.append(f"{path} {policy_table(table)}: {why}")
         elif check_policy is not None:
-            _collect(problems, check_policy, policy[table], f"{path} {policy_table(table)}")
+            collect(problems, check_policy, policy[table], f"{path} {policy_table(table)}")
     return problems

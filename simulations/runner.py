@@ -26,10 +26,10 @@ from spine_fl.server.coordinator_record import RECORD_FILE
 from spine_fl.server.reporting import plots
 from spine_fl.server.reporting.federation_record import FEDERATION_FILE, MODEL_FILE, load_model
 from spine_fl.server.reporting.model_card import save_predictions, write_model_card
-from spine_fl.server.reporting.run_result import RunResult, write_run_result
+from spine_fl.server.reporting.run_result import RunResult, write_run_result, write_run_status
 from spine_fl.shared.config import ConfigError, ConsortiumSettings, Scenario, load_scenario
-from spine_fl.shared.contract.data_contract import load_site
-from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.contract.data_contract import load_site, validate_and_load
+from spine_fl.shared.contract.tasks import SHIPPED_SHA256
 from spine_fl.shared.files import atomic_write_bytes
 from spine_fl.shared.models.registry import pick_device
 from spine_fl.shared.training.evaluation import score_sites
@@ -47,14 +47,31 @@ def packaged_scenario(name: str) -> Path:
 
 
 def build_consortium(scenario: Scenario, data_dir: Path) -> list[Path]:
+    """The site folders: the consortium's own (`load` validated them), or generated into `data_dir`."""
     c = scenario.consortium
+    if c.folders:
+        return [Path(f) for f in c.folders]
     if c.source == "vertebral_column":
         return write_sites(data_dir, c.sites, c.seed)
-    task = get_task(scenario.run.task)
+    task = scenario.run.task_spec
     modalities: tuple[str, ...] = ()
     if task.image is not None:
         modalities = ("mri",) if "MR" in task.image.modalities else ("radiograph",)
     return synthesize_consortium(data_dir, c.sites, c.seed, modalities)
+
+
+def check_folders(scenario: Scenario) -> None:
+    """Every site folder validated for the run's task before anything runs; one ConfigError with every
+    error of every folder (warnings, such as unlabelled patients left out, do not stop a run)."""
+    run = scenario.run
+    problems = []
+    for folder in map(Path, scenario.consortium.folders):
+        _, report = validate_and_load(folder, run.task_spec, run.image_size)
+        problems += [f"site {folder.name} ({folder}): {p.where}: {p.what}; {p.action}" for p in report.errors]
+    if problems:
+        raise ConfigError(f"scenario {scenario.name}: the site folders are not usable for task {run.task} "
+                          f"({len(problems)} error(s)); `spine-fl validate FOLDER --task ...` shows each folder's report",
+                          *problems)
 
 
 def state_root(scenario: Scenario, out_dir: Path) -> Path:
@@ -103,20 +120,41 @@ def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
 def write_scenario(path: Path, scenario: Scenario) -> None:
     """The scenario as run, beside its results: the site audit reads the policy from it."""
     simulation = {k: v for k, v in asdict(scenario.simulation).items() if v is not None}  # TOML has no null
-    table = {"name": scenario.name, "consortium": asdict(scenario.consortium), "run": asdict(scenario.run),
-             "simulation": simulation, "policy": scenario.policy}
+    consortium = {k: v for k, v in asdict(scenario.consortium).items() if v != ()}  # no folders: none written
+    run = asdict(scenario.run)
+    if SHIPPED_SHA256.get(run["task"]) == scenario.run.task_sha256:
+        del run["task_definition"]  # the shipped definition: its name says it
+    policy = dict(scenario.policy)
+    defaulted = scenario.site_policy("").get("allowed_tasks")  # the task approval virtual sites got by default
+    if "allowed_tasks" not in policy and defaulted is not None:
+        policy["allowed_tasks"] = list(defaulted)  # written out, so the site audit judges by the same policy
+    table = {"name": scenario.name, "consortium": consortium, "run": run,
+             "simulation": simulation, "policy": policy}
     atomic_write_bytes(path, tomlkit.dumps(table).encode())
 
 
 def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None,
              outer_mods: Sequence[Mod] = ()) -> dict[str, Any]:
-    """Run the scenario into `out_dir`; returns the run result as metrics.json holds it."""
+    """Run the scenario into `out_dir`; returns the run result as metrics.json holds it. The folder's
+    run_status.json says "running" until the end, and "failed" with the reason if the run raised."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_run_status(out_dir, "running")
+    try:
+        metrics = _simulate(scenario, out_dir, on_round, outer_mods)
+    except BaseException as exc:
+        write_run_status(out_dir, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    write_run_status(out_dir, metrics["status"], metrics["stop_reason"])
+    return metrics
+
+
+def _simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None,
+              outer_mods: Sequence[Mod]) -> dict[str, Any]:
     write_scenario(out_dir / SCENARIO_FILE, scenario)
     started = time.perf_counter()
     site_dirs = build_consortium(scenario, out_dir / "sites")
     run = scenario.run
-    sites = {p.name: load_site(p, get_task(run.task), run.image_size) for p in site_dirs}
+    sites = {p.name: load_site(p, run.task_spec, run.image_size) for p in site_dirs}
 
     fed_started = time.perf_counter()
     run_federation(scenario, virtual_sites(scenario, site_dirs, out_dir), out_dir, on_round, outer_mods)
@@ -167,6 +205,8 @@ def simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, An
 
 def consortium_site_names(consortium: ConsortiumSettings) -> list[str]:
     """The site names a consortium will have, without writing it (for [policy.<site>] tables)."""
+    if consortium.folders:
+        return [Path(f).name for f in consortium.folders]
     if consortium.source == "vertebral_column":
         return [VERTEBRAL_SITE.format(i + 1) for i in range(consortium.sites)]
     return [profile.name for profile in site_profiles(consortium.sites)]
@@ -179,14 +219,16 @@ def shipped_scenarios() -> list[str]:
 
 
 def load(scenario: str | Path | None) -> Scenario:
-    """A scenario file or shipped name, every problem in it (policies too) found before any work."""
+    """A scenario file or shipped name, every problem in it (policies and site folders too) found before any work."""
     path = packaged_scenario("default") if scenario is None else Path(scenario)
     if not path.exists() and not path.suffix:
         if str(scenario) not in shipped_scenarios():
             raise ConfigError(f"{scenario}: no such file and no shipped scenario of that name; give a scenario "
                               f".toml file or one of {', '.join(shipped_scenarios())} (spine-fl simulate --list)")
         path = packaged_scenario(str(scenario))
-    return load_scenario(path, site_names=consortium_site_names, check_policy=policy_from_table)
+    loaded = load_scenario(path, site_names=consortium_site_names, check_policy=policy_from_table)
+    check_folders(loaded)
+    return loaded
 
 
 def describe(path: Path) -> str:

@@ -42,18 +42,21 @@ def synth(
 @app.command()
 def validate(
     site_dir: Path = typer.Argument(..., help="the site folder (clinical.csv, manifest.csv, DICOM files)"),
-    task: str = typer.Option(..., "--task", "-t", help="task to validate for, e.g. tfesi_radiograph"),
+    task: str = typer.Option(..., "--task", "-t", help="a shipped task (e.g. tfesi_radiograph) or a task file (.toml)"),
     image_size: int = typer.Option(64, help="model input size the images are prepared for"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Check a site's data against the task's contract; list every problem; exit 1 if unusable."""
+    from spine_fl.shared.config import ConfigError
     from spine_fl.shared.contract.data_contract import validate_and_load
-    from spine_fl.shared.contract.tasks import UnknownTaskError, get_task
+    from spine_fl.shared.contract.task_file import task_sha256
+    from spine_fl.shared.contract.tasks import UnknownTaskError, resolve_task
 
     try:
-        task_def = get_task(task)
-    except UnknownTaskError as exc:
+        task_def = resolve_task(task)
+    except (UnknownTaskError, ConfigError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--task") from None
+    task = task_def.name
     with console.status(f"validating {site_dir} for {task}..."):
         _, report = validate_and_load(site_dir, task_def, image_size)
     if as_json:
@@ -66,6 +69,8 @@ def validate(
         verdict = "[green]usable[/]" if report.usable else "[red]NOT usable[/]"
         console.print(f"{escape(str(site_dir))}: {verdict} for {task} - {len(report.errors)} error(s), "
                       f"{len(report.warnings)} warning(s); counts {report.counts}", highlight=False)
+        # what a site writes in its policy to approve exactly this definition
+        console.print(f"task {task}@{task_sha256(task_def)}", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report.usable else 1)
 
 
@@ -92,6 +97,7 @@ def simulate(
     Exit 3: the federation stopped early (too few sites, sites refused); the reason is printed, and the
     metrics are those of an unfinished model, not a result."""
     from spine_fl.shared.config import ConfigError
+    from spine_fl.shared.contract.data_contract import SiteDataError
     from spine_fl.simulations.runner import load
     from spine_fl.simulations.runner import simulate as run_scenario
 
@@ -106,7 +112,12 @@ def simulate(
         raise typer.Exit(2) from None
     console.print(f"scenario {chosen.name}: task {chosen.run.task}, {chosen.consortium.sites} sites, "
                   f"{chosen.run.rounds} rounds of {chosen.run.strategy} -> {out}")
-    metrics = run_scenario(chosen, out, on_round=_round_line)
+    try:
+        metrics = run_scenario(chosen, out, on_round=_round_line)
+    except SiteDataError as exc:  # a site folder the run cannot use (the validator's report)
+        console.print(f"[red]a site's data are unusable[/] (nothing was trained; {escape(str(out))}/run_status.json "
+                      f"says failed):\n{escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     _metrics_table(metrics)
     console.print(f"results in {out} ({metrics['timing']['total_seconds']} s)")
     if metrics.get("status") == "stopped":

@@ -210,3 +210,14 @@ def test_a_kill_between_a_line_and_its_head_is_recovered_but_truncation_is_not(t
     ledger.path.write_bytes(ledger.path.read_bytes().splitlines(keepends=True)[0])  # ...says line 2
     with pytest.raises(PrivacyLedgerError, match="deleted from the end"):
         ledger.records()
+
+
+def test_the_dataset_id_never_reads_a_file_outside_the_site_folder(tmp_path: Path) -> None:
+    """The budget's identity hashes each image: a manifest path out of the folder is refused, not read."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "clinical.csv").write_text("patient_id\np1\n")
+    (tmp_path / "secret.dcm").write_bytes(b"not the site's")
+    (site_dir / "manifest.csv").write_text("patient_id,view,path\np1,ap,../secret.dcm\n")
+    with pytest.raises(PrivacyLedgerError, match=r"'\.\./secret\.dcm' resolves to .*outside the site folder"):
+        dataset_id(site_dir)

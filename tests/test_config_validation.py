@@ -129,7 +129,7 @@ def test_range_checks_still_name_the_section(tmp_path: Path) -> None:
     path = tmp_path / "source.toml"
     path.write_text('[consortium]\nsource = "pooled"\n')
     with pytest.raises(ConfigError, match=re.escape(f'{path} [consortium] source = "pooled": unknown consortium '
-                                                    "source; choose one of synthetic, vertebral_column")):
+                                                    "source; choose one of synthetic, vertebral_column, folders")):
         load_scenario(path)
 
 

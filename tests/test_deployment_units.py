@@ -301,3 +301,17 @@ def test_enrolment_pins_the_sites_ledger_key_and_refuses_a_wrong_file(tmp_path: 
                                 "--ledger-key", str(keys / "leiden_supernode_key.pub"), "--federation", str(fed)])
     assert wrong.exit_code == 1 and "not a PEM public key" in wrong.output, wrong.output
     assert "seoul" not in tomllib.loads(fed.read_text())["sites"]
+
+
+def test_every_problem_of_a_federation_file_is_reported_together(tmp_path: Path) -> None:
+    fed = tmp_path / "federation.toml"
+    fed.write_text('[federation]\naddress = "nowhere"\nstate_dir = "s"\nout_dir = "o"\nca_certificate = "c"\n'
+                   'certificate = "c"\nprivate_key = "k"\n[run]\nrounds = 0\nmin_sites = 3\n'
+                   '[sites."../evil"]\npublic_key = "k.pub"\n[sites.seoul]\npublic_key = 7\n[extra]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_federation(fed)
+    text = str(caught.value)
+    for expected in ("unknown section(s) extra", "address = 'nowhere': expected host:port", "rounds = 0",
+                     '[sites.../evil]: a site name uses letters', "[sites.seoul] public_key = 7",
+                     "2 enrolled site(s) but [run] min_sites = 3"):
+        assert expected in text, (expected, text)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from spine_fl.client.privacy.plan import allowed_delta
 from spine_fl.shared.config import RunSettings, problem, raise_problems, toml_value
-from spine_fl.shared.contract.tasks import TASKS
+from spine_fl.shared.contract.tasks import SHIPPED_SHA256, TASKS
 from spine_fl.shared.refusal import Refusal
 
 
@@ -28,6 +28,9 @@ class SitePolicy:
     min_noise_multiplier: float = 0.5
     max_rounds: int = 100
     max_local_epochs: int = 10
+    # Tasks this site trains, each a shipped name (its definition as shipped in this release) or
+    # "name@sha256" (a task file, as `spine-fl validate --task FILE` prints its hash): a coordinator
+    # cannot change a task's definition under a familiar name.
     allowed_tasks: tuple[str, ...] = tuple(TASKS)
     require_dp: bool = True
     require_secagg: bool = True
@@ -62,11 +65,47 @@ def _list_problems(policy: SitePolicy) -> list[str]:
             out.append(problem("allowed_bundles", list(policy.allowed_bundles),
                                f"entry {i} ({toml_value(digest)}) is not a 64-character SHA-256 hex digest",
                                "copy the hash `spine-fl bundle hash` prints for the released bundle"))
-    unknown = sorted(set(policy.allowed_tasks) - set(TASKS))
+    unknown = [t for t in policy.allowed_tasks if "@" not in t and t not in TASKS]
     if unknown:
         out.append(problem("allowed_tasks", list(policy.allowed_tasks), f"unknown task(s) {', '.join(unknown)}",
-                           f"list only tasks of {', '.join(sorted(TASKS))}"))
+                           f"list shipped tasks ({', '.join(sorted(TASKS))}) or a task file's name@sha256 "
+                           "(`spine-fl validate --task FILE` prints it)"))
+    for entry in policy.allowed_tasks:
+        name, _, digest = entry.partition("@")
+        if "@" in entry and not (name and _is_sha256(digest)):
+            out.append(problem("allowed_tasks", list(policy.allowed_tasks),
+                               f"{toml_value(entry)} is not name@sha256 (a task name, @, 64 hex digits)",
+                               "copy the name@sha256 that `spine-fl validate --task FILE` prints"))
     return out
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def allowed_task_hashes(policy: SitePolicy) -> dict[str, list[str]]:
+    """name -> the SHA-256 of each definition of it this site approves (a bare name: the shipped file's)."""
+    out: dict[str, list[str]] = {}
+    for entry in policy.allowed_tasks:
+        name, _, digest = entry.partition("@")
+        if digest or name in SHIPPED_SHA256:
+            out.setdefault(name, []).append(digest or SHIPPED_SHA256[name])
+    return out
+
+
+def task_refusal(policy: SitePolicy, run: RunSettings) -> Refusal | None:
+    """Rule allowed_tasks: the run's task, by name and by the SHA-256 of the definition it carries."""
+    allowed = allowed_task_hashes(policy).get(run.task, [])
+    got = run.task_sha256
+    if got in allowed:
+        return None
+    if not allowed:
+        return Refusal("allowed_tasks", f"task {run.task} (sha256 {got}) is not in this site's allowed_tasks "
+                       f"({', '.join(policy.allowed_tasks)})")
+    return Refusal("allowed_tasks", f"task {run.task} arrived with definition sha256 {got}, but this site allows "
+                   f"{run.task} only with sha256 {', '.join(allowed)}: the coordinator's task definition is not the "
+                   f"one this site approved. Compare the task files; to accept this one, add "
+                   f"\"{run.task}@{got}\" to allowed_tasks")
 
 
 def _budget_problems(policy: SitePolicy) -> list[str]:
@@ -113,9 +152,9 @@ def delta_refusal(policy: SitePolicy, run: RunSettings, n_train: int) -> Refusal
 def rule_violations(policy: SitePolicy, run: RunSettings, secagg_in_use: bool) -> list[Refusal]:
     """Static rules: checked for every message before anything is computed on the data."""
     out = []
-    if run.task not in policy.allowed_tasks:
-        out.append(Refusal("allowed_tasks", f"task {run.task} is not in this site's allowed_tasks "
-                           f"({', '.join(policy.allowed_tasks)})"))
+    task = task_refusal(policy, run)
+    if task is not None:
+        out.append(task)
     if policy.require_dp and not run.dp:
         out.append(Refusal("require_dp", "the run has dp = false; this site requires differential privacy"))
     if run.dp and run.target_epsilon <= 0 and run.noise_multiplier < policy.min_noise_multiplier:

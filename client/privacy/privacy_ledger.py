@@ -91,6 +91,15 @@ def _file_sha256(path: Path) -> str:
     return _FILE_HASHES[key]
 
 
+def _inside(site_dir: Path, rel: str, manifest: Path) -> Path:
+    """A manifest path, refused when it resolves outside the site folder (never read, never hashed)."""
+    path = (site_dir / rel).resolve()
+    if not path.is_relative_to(site_dir.resolve()):
+        raise DatasetIdError(f"{manifest}: path {rel!r} resolves to {path}, outside the site folder; the site reads "
+                             "nothing outside its folder. Run `spine-fl validate` on the site folder.")
+    return path
+
+
 def dataset_id(site_dir: Path) -> str:
     """Identity of the patients, not of the files: the same patients, the same budget.
 
@@ -112,7 +121,7 @@ def dataset_id(site_dir: Path) -> str:
         if missing:
             raise DatasetIdError(f"{manifest} lacks column(s) {', '.join(missing)}; the dataset's identity cannot be "
                                  "established")
-        identity["images"] = sorted([pid, view, _file_sha256(site_dir / rel)]
+        identity["images"] = sorted([pid, view, _file_sha256(_inside(site_dir, rel, manifest))]
                                     for pid, view, rel in images[["patient_id", "view", "path"]].itertuples(index=False))
     return hashlib.sha256(canonical(identity)).hexdigest()[:32]
 

@@ -185,7 +185,8 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
             f"{len(fed.sites)} enrolled sites ({', '.join(fed.sites)})")
         fast_serverapp_polling()
         app = build_server_app(fed.run, list(fed.sites), fed.out_dir, on_round, node_sites or None,
-                               fed.state_dir / "checkpoint", fed.state_dir / RECORD_FILE, enrolled_keys)
+                               fed.state_dir / "checkpoint", fed.state_dir / RECORD_FILE, enrolled_keys,
+                               fail_when_stopped=True)
         serve_run(endpoint.address, res.run_id, app, insecure=insecure,
                   root_certificates=endpoint.root_certificates, secret=secret)
     finally:

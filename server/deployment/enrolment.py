@@ -5,7 +5,6 @@ it is replaced atomically, never left half-written."""
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 
@@ -13,11 +12,10 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import InlineTable
 
+from spine_fl.server.deployment.federation_config import SITE_NAME
 from spine_fl.shared.config import ConfigError
 from spine_fl.shared.files import atomic_write_bytes
 from spine_fl.shared.runtime.credentials import ledger_key_fingerprint, load_site_public_key
-
-SITE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _relative(path: Path, federation: Path) -> str:

@@ -21,10 +21,14 @@ Relative paths are resolved against the file's folder.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from spine_fl.shared.config import ConfigError, RunSettings, read_toml, typed_from_table
+from spine_fl.shared.config import ConfigError, RunSettings, read_toml, run_from_table, typed_from_table
+from spine_fl.shared.typed_table import collect, raise_problems
+
+SITE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a site's name names its files and folders
 
 
 @dataclass(frozen=True)
@@ -75,27 +79,40 @@ class EnrolledSite:
 
 
 def load_federation(path: Path) -> FederationConfig:
+    """The federation file, every problem of it reported together (ConfigError) before anything starts."""
     raw = read_toml(path, "federation file (see configs/federation.toml)")
+    problems: list[str] = []
     unknown = sorted(set(raw) - {"federation", "run", "sites"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: federation, run, sites")
-    fed = typed_from_table(FederationTable, raw.get("federation", {}), f"{path} [federation]")
+        problems.append(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: federation, run, sites")
+    fed = collect(problems, typed_from_table, FederationTable, raw.get("federation", {}), f"{path} [federation]")
+    run = collect(problems, run_from_table, raw.get("run", {}), f"{path} [run]", Path(path).parent)
     base = Path(path).parent
     enrolled = raw.get("sites", {})
     if not isinstance(enrolled, dict):
-        raise ConfigError(f"{path} sites: expected [sites.<name>] tables, each with public_key = \"<file>.pub\"")
+        problems.append(f"{path} sites: expected [sites.<name>] tables, each with public_key = \"<file>.pub\"")
+        enrolled = {}
     sites, ledger_keys = {}, {}
     for name, table in enrolled.items():
+        if not SITE_NAME.match(name):
+            problems.append(f"{path} [sites.{name}]: a site name uses letters, digits, '-' and '_' only (it names "
+                            "files and folders); rename the table")
         if not isinstance(table, dict):
-            raise ConfigError(f"{path} [sites.{name}]: expected a table with public_key = \"<file>.pub\" (and "
-                              "ledger_key = \"<file>.pub\")")
-        entry = typed_from_table(EnrolledSite, table, f"{path} [sites.{name}]")
-        sites[name] = base / entry.public_key
-        if entry.ledger_key:
-            ledger_keys[name] = base / entry.ledger_key
-    run = typed_from_table(RunSettings, raw.get("run", {}), f"{path} [run]")
-    if len(sites) < run.min_sites:
-        raise ConfigError(f"{path}: {len(sites)} enrolled site(s) but [run] min_sites = {run.min_sites}; "
-                          "enrol more sites with `spine-fl enroll` or lower min_sites")
+            problems.append(f"{path} [sites.{name}]: expected a table with public_key = \"<file>.pub\" (and "
+                            "ledger_key = \"<file>.pub\")")
+            continue
+        entry = collect(problems, typed_from_table, EnrolledSite, table, f"{path} [sites.{name}]")
+        if entry is not None:
+            sites[name] = base / entry.public_key
+            if entry.ledger_key:
+                ledger_keys[name] = base / entry.ledger_key
+    written = raw.get("run", {})
+    min_sites = run.min_sites if run is not None else (written.get("min_sites", RunSettings.min_sites)
+                                                       if isinstance(written, dict) else None)
+    if isinstance(min_sites, int) and len(enrolled) < min_sites:  # also when other [run] settings are wrong
+        problems.append(f"{path}: {len(enrolled)} enrolled site(s) but [run] min_sites = {min_sites}; "
+                        "enrol more sites with `spine-fl enroll` or lower min_sites")
+    raise_problems(problems)
+    assert fed is not None and run is not None  # raise_problems raised otherwise
     return FederationConfig(Path(path), fed.address, base / fed.state_dir, base / fed.out_dir,
                             base / fed.ca_certificate, base / fed.certificate, base / fed.private_key, run, sites, ledger_keys)

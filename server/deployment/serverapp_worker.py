@@ -17,6 +17,7 @@ from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_htt
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
+from spine_fl.server.app import RunStopped
 from spine_fl.shared.runtime.flower import runtime_client, wait_for_task
 
 
@@ -50,6 +51,8 @@ def serve_run(address: str, run_id: int, server_app: ServerApp, *, insecure: boo
         grid.set_run(run_from_proto(res.run))
         server_app(grid=grid, context=context)
         status, details = SubStatus.COMPLETED, ""
+    except RunStopped as exc:  # results are written; the Flower run ends as failed, with the reason
+        details = str(exc)
     except Exception as exc:
         details = f"spine-fl ServerApp failed: {exc}"
         raise

@@ -15,7 +15,13 @@ def report(run_dir: Path = typer.Argument(..., help="a run's results folder: the
                                                      "(it holds metrics.json)")) -> None:
     """Write the model card of a run: model_card.html (for people) and model_card.json (every number)."""
     from spine_fl.server.reporting.model_card import CARD_HTML, CARD_JSON, ModelCardError, write_model_card
+    from spine_fl.server.reporting.run_result import unfinished_reason
 
+    unfinished = unfinished_reason(run_dir)  # a folder a crashed or running simulation left
+    if unfinished:
+        console.print(f"[red]cannot write the model card:[/] {escape(str(run_dir))} holds no result: "
+                      f"{escape(unfinished)}; run it again", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     try:
         with console.status(f"writing the model card of {run_dir}..."):
             card = write_model_card(run_dir)

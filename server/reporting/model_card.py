@@ -31,6 +31,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 
 from spine_fl.server.reporting.run_result import METRICS_FILE, RunResultError, read_run_result
+from spine_fl.shared.config import RunSettings
 from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.metrics import THRESHOLD, binary_metrics
 from spine_fl.shared.training.accounting import PLAIN_WORDS_FPR, dp_tpr_ceiling
@@ -490,8 +491,9 @@ def build_card(run_dir: Path) -> dict[str, Any]:
     metrics = _load_metrics(run_dir)
     frame, evidence, evidence_note = _evidence(run_dir, metrics)
     fed = frame[frame.model == "federated"] if frame is not None else None
-    task = get_task(metrics["task"])
     config = metrics.get("config") or {}
+    run_config = config.get("run") or {}  # carries the task's definition: a task file need not be shipped
+    task = RunSettings.from_run_config(run_config).task_spec if run_config else get_task(metrics["task"])
     consortium = config.get("consortium", {})
     comparison = _comparison(frame, metrics)
     card: dict[str, Any] = {

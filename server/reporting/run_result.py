@@ -17,6 +17,9 @@ from typing import Any, Literal
 from spine_fl.shared.files import atomic_write_json
 
 METRICS_FILE = "metrics.json"
+# "running" while a run writes its folder, then "completed", "stopped" or "failed" (with the reason):
+# a folder left by a crash says so, and is never read as a result
+RUN_STATUS_FILE = "run_status.json"
 SCHEMA_VERSION = 2  # 2: `ledgers` (pinned ledger keys and the last privacy-ledger heads)
 Engine = Literal["simulation", "deployment"]
 
@@ -95,3 +98,20 @@ def read_run_result(run_dir: Path) -> RunResult:
     except (OSError, ValueError) as exc:
         raise RunResultError(f"{path}: cannot be read as JSON ({exc})") from None
     return RunResult.from_json(raw, str(path))
+
+
+def write_run_status(out_dir: Path, status: str, reason: str | None = None) -> None:
+    atomic_write_json(Path(out_dir) / RUN_STATUS_FILE, {"status": status, "reason": reason})
+
+
+def unfinished_reason(run_dir: Path) -> str | None:
+    """Why the folder holds no result (its run is still running or failed), or None."""
+    try:
+        status = json.loads((Path(run_dir) / RUN_STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict) or status.get("status") not in ("running", "failed"):
+        return None
+    if status["status"] == "running":
+        return "its run is still running, or was killed before it finished"
+    return f"its run failed ({status.get('reason')})"

@@ -36,7 +36,7 @@ import pandas as pd
 
 from spine_fl.shared.contract.csv_table import read_csv_table
 from spine_fl.shared.contract.report import NAMED, Problem, ValidationReport
-from spine_fl.shared.contract.tasks import AGE, BinaryColumnLabel, Feature, NrsResponseLabel, Task
+from spine_fl.shared.contract.tasks import AllOfLabel, BinaryColumnLabel, Feature, RelativeReductionLabel, Task
 from spine_fl.shared.imaging.dicom import DicomError, DicomModalityError, read_dicom_image
 
 __all__ = ["Problem", "SiteData", "SiteDataError", "ValidationReport", "load_site", "validate_and_load"]
@@ -46,6 +46,7 @@ MANIFEST_FILE = "manifest.csv"
 MANIFEST_COLUMNS = ("patient_id", "view", "path")
 SPLITS = ("train", "test", "external")
 SEX_VALUES = ("F", "M")
+AGE_YEARS = (18.0, 110.0)  # plausible adult ages, for the age-band subgroup metrics
 
 
 @dataclass
@@ -162,29 +163,10 @@ def _warn_per_patient(report: ValidationReport, row: pd.Series, where: str, colu
 def _label(task: Task, row: pd.Series, where: str, report: ValidationReport) -> float | None:
     """0/1, or None when the patient is unlabelled (a warning) or the row is wrong (an error)."""
     rule = task.label
-    if isinstance(rule, NrsResponseLabel):
-        base, follow = _parse_number(row[rule.baseline]), _parse_number(row[rule.followup])
-        for col, value in ((rule.baseline, base), (rule.followup, follow)):
-            if value is not None and (math.isnan(value) or not 0 <= value <= 10):
-                text = str(row[col]).strip()
-                what, action = (_not_a_number(text) if _DECIMAL_COMMA.fullmatch(text) else
-                                (f"{text!r} is not an NRS score 0-10", "write the pain score as a number from 0 to 10"))
-                report.error(f"{where}, column {col}", what, action)
-                return None
-        if base is None:
-            report.error(f"{where}, column {rule.baseline}", "missing baseline NRS",
-                         "fill it in or remove the patient")
-            return None
-        if follow is None:
-            _warn_per_patient(report, row, where, rule.followup, "no 2-month follow-up: outcome unknown",
-                              "patient excluded from training and evaluation; add the follow-up if it exists",
-                              "patients excluded: no 2-month follow-up, outcome unknown")
-            return None
-        if base == 0:
-            report.error(f"{where}, column {rule.baseline}", "baseline NRS is 0: a relative reduction is undefined",
-                         "check the score; patients without baseline pain do not belong in this cohort")
-            return None
-        return 1.0 if (base - follow) / base >= rule.threshold else 0.0
+    if isinstance(rule, RelativeReductionLabel):
+        return _relative_reduction(rule, row, where, report)
+    if isinstance(rule, AllOfLabel):
+        return _all_of(rule, row, where, report)
     assert isinstance(rule, BinaryColumnLabel)
     text = str(row[rule.column]).strip()
     if text == "":
@@ -196,6 +178,52 @@ def _label(task: Task, row: pd.Series, where: str, report: ValidationReport) -> 
                      "correct the outcome value")
         return None
     return 1.0 if text == rule.positive else 0.0
+
+
+def _relative_reduction(rule: RelativeReductionLabel, row: pd.Series, where: str,
+                        report: ValidationReport) -> float | None:
+    """Positive when (baseline - follow-up) / baseline >= threshold (e.g. NRS reduced by >= 50%)."""
+    base, follow = _parse_number(row[rule.baseline]), _parse_number(row[rule.followup])
+    for col, value in ((rule.baseline, base), (rule.followup, follow)):
+        if value is not None and (math.isnan(value) or not rule.low <= value <= rule.high):
+            text = str(row[col]).strip()
+            what, action = (_not_a_number(text) if _DECIMAL_COMMA.fullmatch(text) else
+                            (f"{text!r} is not an {rule.score} score {rule.low:g}-{rule.high:g}",
+                             f"write the {rule.score_meaning} as a number from {rule.low:g} to {rule.high:g}"))
+            report.error(f"{where}, column {col}", what, action)
+            return None
+    if base is None:
+        report.error(f"{where}, column {rule.baseline}", f"missing baseline {rule.score}",
+                     "fill it in or remove the patient")
+        return None
+    if follow is None:
+        _warn_per_patient(report, row, where, rule.followup, f"no {rule.followup_name}: outcome unknown",
+                          "patient excluded from training and evaluation; add the follow-up if it exists",
+                          f"patients excluded: no {rule.followup_name}, outcome unknown")
+        return None
+    if base == 0:
+        report.error(f"{where}, column {rule.baseline}",
+                     f"baseline {rule.score} is 0: a relative reduction is undefined",
+                     "check the score; patients without a baseline score above 0 do not belong in this cohort")
+        return None
+    return 1.0 if (base - follow) / base >= rule.threshold else 0.0
+
+
+def _all_of(rule: AllOfLabel, row: pd.Series, where: str, report: ValidationReport) -> float | None:
+    """Positive when every condition holds; a missing value leaves the patient unlabelled (a warning)."""
+    values = {}
+    for col in rule.columns:
+        value = _parse_number(row[col])
+        if value is None:
+            _warn_per_patient(report, row, where, col, f"{col} missing: outcome unknown",
+                              "patient excluded from training and evaluation; add the value if it exists",
+                              f"patients excluded: {col} missing, outcome unknown")
+            return None
+        if math.isnan(value):
+            report.error(f"{where}, column {col}", *_not_a_number(str(row[col]).strip()))
+            return None
+        values[col] = value
+    return 1.0 if all(c.holds(values[c.column]) for c in rule.conditions) else 0.0
 
 
 def _check_subgroups(task: Task, row: pd.Series, where: str, report: ValidationReport,
@@ -211,8 +239,8 @@ def _check_subgroups(task: Task, row: pd.Series, where: str, report: ValidationR
         text = str(row["age"]).strip()
         if value is None or math.isnan(value):
             what = f"{text!r} is not an age"
-        elif not AGE.low <= value <= AGE.high:  # type: ignore[operator]
-            what = f"age {value:g} is outside the plausible range [{AGE.low:g}, {AGE.high:g}] years"
+        elif not AGE_YEARS[0] <= value <= AGE_YEARS[1]:
+            what = f"age {value:g} is outside the plausible range [{AGE_YEARS[0]:g}, {AGE_YEARS[1]:g}] years"
         else:
             what, age = "", value
         if what and "age" not in features:

@@ -1,71 +1,96 @@
-"""Models per task, in plain torch and Opacus-compatible: GroupNorm instead of BatchNorm,
-no weight sharing across views (each view has its own filters via grouped convolutions),
-so per-sample gradients are well defined.
+"""The model registry: which network a task trains, by name, and the device it runs on.
+
+Every model maps (images, features) -> one logit per patient and is Opacus-compatible (GroupNorm,
+no BatchNorm; ModuleValidator strict passes). A task names its model (`[model] name`, settings
+passed to the builder as keywords); tasks that name none train the fast default, the small CNN.
 """
 
 from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from spine_fl.shared.contract.tasks import Task
+from spine_fl.shared.models.fusion import FusionModel
+from spine_fl.shared.models.monai_nets import ImageModel
+from spine_fl.shared.models.small_cnn import OutcomeModel, ViewEncoder
+from spine_fl.shared.models.tabular import LogisticModel, MlpModel
+
+__all__ = ["DEFAULT_MODEL", "MODELS", "OutcomeModel", "ViewEncoder", "build_model", "build_model_named",
+           "image_size", "model_of_task", "pick_device"]
+
+# name -> builder(n_views, n_features, **settings); one line per model.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": OutcomeModel,  # grouped-conv CNN per view (+ predictors), 64 px: the fast default
+    "logistic": LogisticModel,  # logistic regression on the predictors
+    "mlp": MlpModel,  # one hidden layer on the predictors
+    "densenet121": partial(ImageModel, "densenet121"),  # MONAI DenseNet121, 2-D, GroupNorm, 224-256 px
+    "resnet18": partial(ImageModel, "resnet18"),  # MONAI ResNet-18, 2-D, GroupNorm, 224-256 px
+    "resnet34": partial(ImageModel, "resnet34"),  # MONAI ResNet-34, 2-D, GroupNorm, 224-256 px
+    "fusion": FusionModel,  # an image encoder (setting `encoder`) + the predictors
+}
+DEFAULT_MODEL = "small_cnn"
+SMALL_IMAGE_PX, LARGE_IMAGE_PX = 64, 224  # native input sizes: the small CNN, the MONAI networks
+# Earlier names still accepted in task files: the shipped tasks call the small CNN "outcome_model".
+ALIASES = {"outcome_model": "small_cnn"}
 
 
-def _conv_block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, groups=groups),
-        nn.GroupNorm(groups, c_out),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-    )
+def model_of_task(task: Task) -> tuple[str, dict[str, Any]]:
+    """The registry name and settings a task asks for: `task.model` as a name or as an object with
+    `.name` and `.settings` (else `task.model_settings`); the default when it names none."""
+    spec = getattr(task, "model", None)
+    if spec is None:
+        return DEFAULT_MODEL, {}
+    if isinstance(spec, str):
+        name, settings = spec, getattr(task, "model_settings", None)
+    else:
+        name, settings = getattr(spec, "name", None) or DEFAULT_MODEL, getattr(spec, "settings", None)
+    return ALIASES.get(name, name), dict(settings or {})
 
 
-class ViewEncoder(nn.Module):
-    """One small CNN per view, run side by side as grouped convolutions."""
-
-    def __init__(self, n_views: int, width: int = 16, grid: int = 4):
-        super().__init__()
-        self.blocks = nn.Sequential(
-            _conv_block(n_views, n_views * 8, n_views),
-            _conv_block(n_views * 8, n_views * width, n_views),
-            _conv_block(n_views * width, n_views * width, n_views),
-        )
-        # a coarse grid keeps where things are (foramen vs canal), which global pooling loses
-        self.pool = nn.AdaptiveAvgPool2d(grid)
-        self.out_features = n_views * width * grid * grid
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(images)).flatten(1)
+def _settings_of(builder: Callable[..., nn.Module]) -> list[str]:
+    """The keyword settings a builder takes (everything but the task's shape)."""
+    params = inspect.signature(builder).parameters
+    return [p for p in params if p not in ("n_views", "n_features")]
 
 
-class OutcomeModel(nn.Module):
-    """Images and/or clinical features -> one logit for the favourable / positive outcome."""
-
-    def __init__(self, n_views: int, n_features: int, hidden: int = 32, dropout: float = 0.2):
-        super().__init__()
-        self.encoder = ViewEncoder(n_views) if n_views else None
-        self.tabular = (
-            nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU()) if n_features else None
-        )
-        width = (self.encoder.out_features if self.encoder else 0) + (hidden if n_features else 0)
-        # LayerNorm centres the (non-negative, post-ReLU) features: without it DP-SGD's noise on the
-        # head weights adds up to one large common shift of every patient's logit (all-positive output)
-        self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, 1))
-
-    def forward(self, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        parts = []
-        if self.encoder is not None:
-            parts.append(self.encoder(images))
-        if self.tabular is not None:
-            parts.append(self.tabular(features))
-        return self.head(torch.cat(parts, dim=1)).squeeze(1)
-
-
-def build_model(task: Task, seed: int = 0) -> OutcomeModel:
-    """The same seed gives every party the same initial weights."""
-    torch.manual_seed(seed)
+def build_model_named(name: str, task: Task, seed: int = 0, **settings: Any) -> nn.Module:
+    """The registry's model `name` for the task's inputs; the same seed gives every party the same
+    initial weights. ValueError for an unknown name or setting, or a model the task cannot feed."""
+    name = ALIASES.get(name, name)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; the registry has: {', '.join(MODELS)}")
+    builder = MODELS[name]
+    unknown = sorted(set(settings) - set(_settings_of(builder)))
+    if unknown:
+        allowed = ", ".join(_settings_of(builder)) or "none"
+        raise ValueError(f"model {name!r} has no setting {', '.join(unknown)}; its settings: {allowed}")
     n_views = len(task.image.views) if task.image else 0
-    return OutcomeModel(n_views, task.n_features)
+    torch.manual_seed(seed)
+    try:
+        return builder(n_views, task.n_features, **settings)
+    except ValueError as e:
+        raise ValueError(f"task {task.name!r}, model {name!r}: {e}") from None
+
+
+def build_model(task: Task, seed: int = 0) -> nn.Module:
+    """The task's model (its `[model]`, else the small CNN); the same seed gives every party the
+    same initial weights."""
+    name, settings = model_of_task(task)
+    return build_model_named(name, task, seed, **settings)
+
+
+def image_size(name: str, settings: dict[str, Any] | None = None) -> int:
+    """The image side (px) a model is made for: 64 for the small CNN (alone or as the fusion
+    encoder), 224 for the MONAI networks (they accept any size from 32 px: their pooling is adaptive).
+    Table models read no images; the value is unused for them."""
+    name = ALIASES.get(name, name)
+    encoder = (settings or {}).get("encoder", "resnet18") if name == "fusion" else name
+    return SMALL_IMAGE_PX if encoder == "small_cnn" else LARGE_IMAGE_PX
 
 
 def pick_device() -> torch.device:
