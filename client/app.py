@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import Scalar
 
+from spine_fl.client.calibration import release as calibration_release
 from spine_fl.client.privacy.charged_rounds import ChargedReply, keep_reply, model_sha256, replay
 from spine_fl.client.privacy.evaluation_budget import withhold_reason
 from spine_fl.client.privacy.mods import site_mods
@@ -52,6 +53,8 @@ class SiteClient(NumPyClient):
         return sites.index(self.site.name) if self.site.name in sites else -1
 
     def fit(self, parameters, config):
+        if int(config.get(protocol.CALIBRATION, 0)):
+            return self._calibrate(parameters, config)
         settings, model, data = self._prepare(parameters, config)
         train_split = data.subset("train")
         server_round = int(config.get(protocol.ROUND, 0))
@@ -103,6 +106,18 @@ class SiteClient(NumPyClient):
             _check_secagg_range(weights, settings)
         log.debug("%s round %s: training loss %.4f (kept at the site)", self.site.name, server_round, loss)
         return weights, len(train_split), metrics
+
+    def _calibrate(self, parameters, config):
+        """The recalibration round: the DP histogram of the final model's held-out logits, instead of weights."""
+        settings, model, data = self._prepare(parameters, config)
+        server_round = int(config.get(protocol.ROUND, 0))
+        run_key = run_key_of(config, self.run_id)
+        take(self.context, run_key, server_round)  # the policy mod's training assessment: not what is spent here
+        save_received(self.site.state_dir, self.run_id, parameters, config)  # for the site's privacy audit
+        out = calibration_release(self.site, settings, model, data, run_key, server_round, self.device)
+        metrics: dict[str, Scalar] = {protocol.SITE_INDEX: self._site_index(config),
+                                      protocol.LEDGER_KEY: site_key_fingerprint(self.site.state_dir), **out.metrics}
+        return [out.histogram], 1, metrics  # 1 example each: the coordinator's mean x sites is the sum
 
     def evaluate(self, parameters, config):
         _, model, data = self._prepare(parameters, config)

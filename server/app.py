@@ -19,6 +19,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
+from spine_fl.server.calibration import recalibrate
 from spine_fl.server.checkpoint import Checkpoint, load_checkpoint, retire_checkpoint, save_checkpoint
 from spine_fl.server.coordinator_record import RECORD_FILE, CoordinatorRecord
 from spine_fl.server.grid_watch import WatchingGrid
@@ -74,6 +75,7 @@ def build_server_app(
             log.restore(resumed.log)
             logger.info("spine-fl: resuming after round %d from checkpoint sha256 %s", done, resumed.sha256)
         final = resumed.weights if resumed else get_weights(build_model(get_task(run.task), run.seed))
+        calibration_section: dict[str, Any] | None = None
 
         def on_round_done(server_round: int, parameters: Any) -> None:
             if checkpoint_dir:
@@ -85,13 +87,29 @@ def build_server_app(
                                          on_round_done, run.site_wait_seconds)
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=run.rounds), strategy=strategy)
             watched = WatchingGrid(grid, log, node_sites, done)
-            run_rounds(watched, legacy, secagg_fit_workflow(run), log, run.rounds, done, run.round_retries)  # type: ignore[arg-type]
-            final = parameters_to_ndarrays(
+            fit_workflow = secagg_fit_workflow(run)
+            recalibrated: dict[str, Any] = {}
+
+            def calibrate(grid: Grid, legacy: LegacyContext, flower_round: int) -> None:
+                trained = parameters_to_ndarrays(
+                    compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+                recalibrated["weights"] = trained
+                try:
+                    recalibrated["section"] = recalibrate(grid, legacy, fit_workflow, run, site_names, run_key,
+                                                          max(log.trained_rounds) + 1, trained, flower_round)
+                except Exception as exc:  # noqa: BLE001 - the trained model stands, recorded as uncalibrated
+                    logger.exception("spine-fl: the recalibration round failed")
+                    recalibrated["section"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+
+            run_rounds(watched, legacy, fit_workflow, log, run.rounds, done, run.round_retries,  # type: ignore[arg-type]
+                       after=calibrate)
+            final = recalibrated.get("weights") or parameters_to_ndarrays(
                 compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+            calibration_section = recalibrated.get("section")
         if len(log.trained_rounds) < run.rounds:
             log.stop(f"only {len(log.trained_rounds)} of {run.rounds} rounds trained")
         write_federation_results(results_dir, run, site_names, final, log, record.summary(site_names),
-                                 resumed_after=done)
+                                 resumed_after=done, calibration=calibration_section)
         if checkpoint_dir and not log.stopped:
             retire_checkpoint(checkpoint_dir, run_key)
         if log.stopped and fail_when_stopped:

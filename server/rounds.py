@@ -30,8 +30,11 @@ FitWorkflow = Callable[[Grid, LegacyContext], None]
 
 
 def run_rounds(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | None, log: RoundLog,
-               target: int, offset: int, retries: int) -> None:
-    """Train until `target` rounds (counted across restarts) have trained, or the run stops."""
+               target: int, offset: int, retries: int,
+               after: Callable[[Grid, LegacyContext, int], None] | None = None) -> None:
+    """Train until `target` rounds (counted across restarts) have trained, or the run stops; then,
+    unless it stopped, `after(grid, legacy, next Flower round)` while the sites are still connected
+    (the recalibration round, server/calibration.py)."""
     fit = fit_workflow or default_fit_workflow
     thread, f_stop, c_done = start_update_client_manager_thread(grid, legacy.client_manager)
     c_done.wait()
@@ -54,6 +57,8 @@ def run_rounds(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | No
             if not log.stopped and failed > retries:
                 log.stop(f"round {attempt + offset} did not complete and the run's {retries} retr"
                          f"{'y' if retries == 1 else 'ies'} are used up; the run ends here")
+        if after is not None and not log.stopped and len(log.trained_rounds) >= target:
+            after(grid, legacy, attempt + 1)
     finally:
         f_stop.set()
         thread.join()

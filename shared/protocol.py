@@ -47,6 +47,14 @@ Refusal, site -> coordinator: an Error reply with code REFUSAL_CODE whose reason
 Egress-ledger kinds: the Flower message type of the reply, with "/secagg+<stage>" for SecAgg+
 stages (`message_kind`).
 
+Recalibration, after the last training round (a train instruction with CALIBRATION = 1, through
+SecAgg+ like every train round unless the run sets secagg = false; ROUND is the last training round
++ 1): the parameters are the final model; the site replies with one array instead of weights, its
+DP histogram of the final model's logits on its held-out patients (shape CALIBRATION_HISTOGRAM_SHAPE,
+divided by shared/training/calibration.py HISTOGRAM_SCALE), 1 example (every site weighs the same:
+the coordinator's mean times the number of sites is the sum), and the train metrics: SITE_INDEX, DP,
+LEDGER_KEY, the privacy report after the release and CALIBRATION_NOISE (the noise std per count).
+
 Deployment run config (`flwr run` / `spine-fl server`): RUN_CONFIG_SITES and RUN_CONFIG_OUT_DIR
 besides the run settings.
 """
@@ -90,7 +98,11 @@ LEDGER_LINES: Final = "ledger_lines"  # its number of lines
 LEDGER_SHA256: Final = "ledger_sha256"  # SHA-256 of its last line (64 hex digits)
 LEDGER_HEAD: Final = (LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256)
 LEDGER_TEXT: Final = (LEDGER_KEY, LEDGER_DATASET, LEDGER_SHA256)
-TRAIN_METRICS: Final = (SITE_INDEX, DP, *PRIVACY_METRICS, *LEDGER_HEAD, LEDGER_KEY)
+CALIBRATION_NOISE: Final = "calibration_noise_std"  # recalibration reply: Gaussian noise std per count
+TRAIN_METRICS: Final = (SITE_INDEX, DP, *PRIVACY_METRICS, *LEDGER_HEAD, LEDGER_KEY, CALIBRATION_NOISE)
+CALIBRATION: Final = "calibration"  # instruction: 1 on the recalibration round (see the module docstring)
+CALIBRATION_BINS: Final = 24
+CALIBRATION_HISTOGRAM_SHAPE: Final = (2, CALIBRATION_BINS)  # rows: without / with the outcome
 
 # Pre-flight.
 PREFLIGHT: Final = "spine-fl.preflight"

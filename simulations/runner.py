@@ -32,6 +32,7 @@ from spine_fl.shared.contract.data_contract import load_site, validate_and_load
 from spine_fl.shared.contract.tasks import SHIPPED_SHA256
 from spine_fl.shared.files import atomic_write_bytes
 from spine_fl.shared.models.registry import pick_device
+from spine_fl.shared.training import calibration
 from spine_fl.shared.training.evaluation import score_sites
 from spine_fl.simulations import baselines
 from spine_fl.simulations.synthetic.consortium import site_profiles, synthesize_consortium
@@ -189,6 +190,7 @@ def _simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, A
         timing={"federated_seconds": round(fed_seconds, 1),
                 "total_seconds": round(time.perf_counter() - started, 1), "device": str(device)},
         data_attribution=ATTRIBUTION if scenario.consortium.source == "vertebral_column" else None,
+        calibration=calibration_result(federation.get("calibration"), fed_test, fed_external),
     )
     write_run_result(out_dir, result)
     metrics = result.to_json()
@@ -201,6 +203,24 @@ def _simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, A
     save_predictions(out_dir, {"federated": fed_test, "pooled": pooled_test, "local_only": local_test}, sites)
     write_model_card(out_dir)
     return metrics
+
+
+def calibration_result(section: dict[str, Any] | None, test: Any, external: Any) -> dict[str, Any] | None:
+    """The recalibration section with, in simulation, the held-out figures before and after it (the
+    model file's probabilities are calibrated; `before` undoes the folded map), at 0.5 before and at
+    the recommended threshold after. `test` is the split the sites' histograms came from (in-sample
+    for the map, noised); `external` is out of sample."""
+    if not section or section.get("status") != "fitted":
+        return section
+    a, b, t = section["a"], section["b"], section["threshold"]["value"]
+    held_out = {}
+    for name, scores in (("test", test), ("external", external)):
+        if not scores.per_site:
+            continue
+        y, p = scores.pooled()
+        held_out[name] = {"before": calibration.held_out_figures(y, calibration.uncalibrate(p, a, b), 0.5),
+                          "after": calibration.held_out_figures(y, p, t)}
+    return {**section, "held_out": held_out}
 
 
 def consortium_site_names(consortium: ConsortiumSettings) -> list[str]:

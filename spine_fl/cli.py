@@ -14,6 +14,7 @@ from rich.table import Table
 
 from spine_fl.client.audit.cli import audit
 from spine_fl.server.reporting.cli import report as report_command
+from spine_fl.shared.contract.report import ValidationReport
 
 app = typer.Typer(help="spine-fl: federated outcome prediction for spine clinics.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -62,16 +63,78 @@ def validate(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        for problem in report.problems:
-            colour = "red" if problem.severity == "error" else "yellow"
-            console.print(f"[{colour}]{problem.severity.upper()}[/] {escape(problem.where)}\n    "
-                          f"{escape(problem.what)}\n    -> {escape(problem.action)}", highlight=False)
-        verdict = "[green]usable[/]" if report.usable else "[red]NOT usable[/]"
-        console.print(f"{escape(str(site_dir))}: {verdict} for {task} - {len(report.errors)} error(s), "
-                      f"{len(report.warnings)} warning(s); counts {report.counts}", highlight=False)
+        _print_report(report, site_dir, task)
         # what a site writes in its policy to approve exactly this definition
         console.print(f"task {task}@{task_sha256(task_def)}", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report.usable else 1)
+
+
+def _print_report(report: ValidationReport, site_dir: Path, task: str) -> None:
+    """The validator's findings, as `spine-fl validate` prints them."""
+    for problem in report.problems:
+        colour = "red" if problem.severity == "error" else "yellow"
+        console.print(f"[{colour}]{problem.severity.upper()}[/] {escape(problem.where)}\n    "
+                      f"{escape(problem.what)}\n    -> {escape(problem.action)}", highlight=False)
+    verdict = "[green]usable[/]" if report.usable else "[red]NOT usable[/]"
+    console.print(f"{escape(str(site_dir))}: {verdict} for {task} - {len(report.errors)} error(s), "
+                  f"{len(report.warnings)} warning(s); counts {report.counts}", highlight=False)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="the run's model.pt, or the run folder holding it"),
+    site_dir: Path = typer.Option(..., "--site-dir", help="this site's folder (clinical.csv, manifest.csv, DICOM "
+                                  "files); outcome columns are not needed"),
+    out: Path = typer.Option(..., "--out", help="folder for predictions.csv, explanations.json and the images"),
+    patient: Optional[str] = typer.Option(None, "--patient", help="explain only this patient (every patient is "
+                                          "still scored)"),
+    explain: int = typer.Option(5, "--explain", min=0, help="explain the first N patients (ignored with --patient)"),
+) -> None:
+    """Score this site's patients with a finished run's model, and explain the first few.
+
+    Everything stays at the site: the model file and the folder are read locally, the results are
+    written to --out, and nothing is sent over the network. The folder is validated against the
+    model's task first, with the messages of `spine-fl validate`.
+
+    Writes OUT/predictions.csv (patient_id, probability, decision, threshold, one row per patient;
+    decision 1 when probability >= threshold; the threshold is the run's recommended one, or 0.5
+    marked uncalibrated when the run recorded none), OUT/explanations.json and per explained
+    patient a saliency overlay per image view and/or a bar chart of the predictors' contributions
+    (Integrated Gradients) in OUT/explanations/. Uses CUDA when present, else the CPU.
+
+    Exit 0: scored. Exit 1: the folder is not usable for the model's task (the validator's report).
+    Exit 2: the model file cannot be read, or --patient names no patient that can be scored."""
+    from spine_fl.client.prediction.predict import (
+        ModelFileError,
+        UnknownPatientError,
+        UnusableSiteError,
+        outcome_words,
+        predict_site,
+    )
+
+    try:
+        with console.status(f"scoring {site_dir}..."):
+            result = predict_site(model, site_dir, out, patient=patient, explain=explain)
+    except ModelFileError as exc:
+        console.print(f"[red]cannot use the model:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except UnusableSiteError as exc:
+        _print_report(exc.report, site_dir, exc.report.task)
+        console.print("[red]nothing was scored[/]: fix the errors above (`spine-fl validate` shows the same report)",
+                      highlight=False)
+        raise typer.Exit(1) from None
+    except UnknownPatientError as exc:
+        console.print(f"[red]--patient {escape(exc.patient)}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if result.report.problems:
+        _print_report(result.report, site_dir, result.task.name)
+    console.print(f"task {result.task.name}: probability of {escape(outcome_words(result.task))}; "
+                  f"{escape(result.threshold.note)}", highlight=False, soft_wrap=True)
+    console.print(f"scored {len(result.patient_ids)} patient(s) on {result.device} ({result.positives} at or above "
+                  f"the threshold) -> {escape(str(out / 'predictions.csv'))}", highlight=False, soft_wrap=True)
+    if result.explained:
+        console.print(f"explained {', '.join(map(escape, result.explained))} -> {escape(str(out / 'explanations'))}"
+                      f" and {escape(str(out / 'explanations.json'))}", highlight=False, soft_wrap=True)
 
 
 def _round_line(entry: dict) -> None:

@@ -221,3 +221,32 @@ def test_the_dataset_id_never_reads_a_file_outside_the_site_folder(tmp_path: Pat
     (site_dir / "manifest.csv").write_text("patient_id,view,path\np1,ap,../secret.dcm\n")
     with pytest.raises(PrivacyLedgerError, match=r"'\.\./secret\.dcm' resolves to .*outside the site folder"):
         dataset_id(site_dir)
+
+
+def test_a_ledger_verified_before_is_verified_again_in_full_when_an_earlier_line_changes(tmp_path: Path) -> None:
+    """Verification is incremental within a process (only new lines' signatures are checked) but never
+    blind: an earlier line edited after the process verified it is found, and named."""
+    site = make_site(tmp_path)
+    ledger = _ledger_of(site)
+    assert len(ledger.records()) == 3  # verified in full, remembered
+    ledger.append(SpendRecord(RUN, 4, 1.0, 0.125, 8, 1.0, 1e-4, "rdp"))
+    assert [r.round for r in ledger.records()] == [1, 2, 3, 4]  # the new line checked on its own
+    lines = ledger.path.read_bytes().splitlines()
+    edited = json.loads(lines[1])
+    edited["steps"] = 1  # fewer steps on round 2, after the process verified it
+    _rewrite(ledger.path, [lines[0], json.dumps(edited, sort_keys=True, separators=(",", ":")).encode(), *lines[2:]])
+    with pytest.raises(PrivacyLedgerError, match="does not verify at line 2"):
+        ledger.records()
+
+
+def test_incremental_verification_reads_the_same_records_as_a_full_one(tmp_path: Path) -> None:
+    from spine_fl.client.privacy import signed_log
+
+    site = make_site(tmp_path)
+    ledger = _ledger_of(site, rounds=5)
+    ledger.records()
+    for rnd in range(6, 9):  # each appended line is verified on its own
+        ledger.append(SpendRecord(RUN, rnd, 1.5, 0.1, 9, 1.0, 1e-4, "rdp"))
+        incremental = ledger.records()
+    signed_log._VERIFIED.clear()  # a fresh process: everything verified again
+    assert ledger.records() == incremental and len(incremental) == 8

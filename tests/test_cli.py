@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from spine_fl.cli import app
 
 
-@pytest.mark.parametrize("args", [[], ["synth"], ["validate"], ["simulate"], ["server"], ["client"], ["certs"], ["enroll"], ["bundle", "hash"], ["ledger", "verify"], ["report"], ["audit"]])
+@pytest.mark.parametrize("args", [[], ["synth"], ["validate"], ["simulate"], ["server"], ["client"], ["certs"], ["enroll"], ["bundle", "hash"], ["ledger", "verify"], ["report"], ["audit"], ["predict"]])
 def test_help_everywhere(args: list[str]) -> None:
     result = CliRunner().invoke(app, [*args, "--help"])
     assert result.exit_code == 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import html
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -272,3 +275,68 @@ def test_privacy_settings_say_what_epsilon_means_in_plain_words(sample: tuple[di
     no_dp = write_model_card(tmp_path / "no-dp")
     assert no_dp["privacy"]["attack_bound"] is None
     assert "In plain words" not in (tmp_path / "no-dp" / CARD_HTML).read_text()
+
+
+def test_an_interval_whose_ends_round_alike_gets_more_digits_and_equal_ends_say_so() -> None:
+    from spine_fl.server.reporting.model_card import _with_ci, interval_text
+    from spine_fl.server.reporting.model_card_html import NO_BREAK, _ci
+
+    assert interval_text(0.73, 0.89) == "0.73-0.89"
+    assert interval_text(0.9351, 0.9449) == "0.935-0.945"  # not "0.94-0.94"
+    assert interval_text(0.93501, 0.93509) == "0.9350-0.9351"
+    assert interval_text(1.0, 1.0) is None and interval_text(0.123451, 0.123452) is None
+    assert _with_ci({"value": 0.94, "ci": [0.9351, 0.9449]}) == "0.94 (95% CI 0.935-0.945)"
+    assert _with_ci({"value": 1.0, "ci": [1.0, 1.0]}) == "1.00 (no interval: every bootstrap resample gives this value)"
+    assert _with_ci({"value": 0.8, "ci": [None, None]}) == "0.80"
+    assert _ci({"value": 0.94, "ci": [0.9351, 0.9449]}) == "0.94 (0.935-0.945)".translate(NO_BREAK)
+    assert _ci({"value": 1.0, "ci": [1.0, 1.0]}) == "1.00 (same in every resample)".translate(NO_BREAK)
+
+
+SAME_ENDS = re.compile(r"(\d\.\d+)\s?[-\u2011\u2013]\s?\1(?!\d)")  # "0.94-0.94", "0.94 - 0.94", "0.94–0.94"
+
+
+def test_no_card_prints_an_interval_with_equal_ends(sample: tuple[dict, Path]) -> None:
+    from spine_fl.server.reporting.model_card import _findings
+    from spine_fl.server.reporting.model_card_html import render_card
+
+    card = copy.deepcopy(sample[0])
+    overall = card["comparison"]["federated"]["overall"]
+    overall["auroc"] = {"value": 0.94, "ci": [0.9351, 0.9449]}
+    overall["sensitivity"] = {"value": 1.0, "ci": [1.0, 1.0]}
+    card["decision_curve"]["useful_ranges"] = [[0.35, 0.35], *card["decision_curve"]["useful_ranges"]]
+    card["findings"] = _findings(card)
+    assert "AUROC 0.94 (95% CI 0.935-0.945)" in card["findings"]["overall"]
+    page = html.unescape(render_card(card))
+    text = " ".join([*card["findings"].values(), page])
+    assert not SAME_ENDS.search(text), SAME_ENDS.search(text)
+    assert "0.94\u00a0(0.935\u20110.945)" in page and "1.00\u00a0(same\u00a0in\u00a0every\u00a0resample)" in page
+
+
+def test_a_studys_sentence_appears_only_on_the_card_of_its_own_task(sample: tuple[dict, Path]) -> None:
+    from spine_fl.server.reporting.model_card_html import render_card
+
+    card = copy.deepcopy(sample[0])
+    assert card["task"]["name"] == "tfesi_radiograph"
+    assert "Ge et al." not in render_card(card)  # residual back pain after vertebral augmentation: not this task
+    card["task"]["name"] = "rbp_tabular"
+    assert render_card(card).count("Ge et al. 2025") == 1
+
+
+def test_the_card_states_recalibration_before_and_after_and_the_threshold_rule() -> None:
+    from spine_fl.server.reporting.model_card import recalibration, recalibration_sentence
+
+    section = {"status": "fitted", "a": 0.43, "b": -1.8, "secure_aggregation": True, "sites": ["a", "b", "c"],
+               "histogram": {"noise_std_per_count": 2.0},
+               "threshold": {"value": 0.43, "rule": "youden", "rule_text": "Youden's J", "sensitivity": 0.75,
+                             "specificity": 0.64, "logit": 3.5},
+               "decision_curve": {"from": 0.1, "to": 0.6}, "before": {}, "after": {},
+               "held_out": {"test": {
+                   "before": {"slope": 0.4, "intercept": -1.8, "brier": 0.47, "base_rate_brier": 0.24,
+                              "sensitivity": 1.0, "specificity": 0.0},
+                   "after": {"slope": 0.95, "intercept": 0.02, "brier": 0.21, "base_rate_brier": 0.24,
+                             "sensitivity": 0.75, "specificity": 0.64}}}}
+    text = recalibration_sentence(recalibration(section))
+    assert "Youden's J" in text and "0.43" in text and "before -> after" in text and "0.10-0.60" in text
+    assert "summed by secure aggregation" in text
+    failed = recalibration_sentence(recalibration({"status": "failed", "reason": "2 site(s) sent a histogram"}))
+    assert "not applied" in failed and "uncalibrated" in failed

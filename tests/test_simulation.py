@@ -17,9 +17,9 @@ METRIC_KEYS = {"auroc", "accuracy", "sensitivity", "specificity", "f1", "brier"}
 SUMMARY_KEYS = {*METRIC_KEYS, "log_loss", "n", "prevalence", "per_site"}
 # metrics.json of the default scenario, key by key, as it was before the run result became one record
 # (schema_version 1 added engine, dropouts, failed_rounds, resumed_after_round, bundle_sha256 and
-# data_attribution, which a simulation of synthetic data leaves empty; schema_version 2 added ledgers)
+# data_attribution, which a simulation of synthetic data leaves empty; schema_version 2 added ledgers; 3 added calibration)
 DEFAULT_RUN_SHAPE = {
-    "schema_version": 2, "engine": "simulation", "task": "tfesi_radiograph", "scenario": "default",
+    "schema_version": 3, "engine": "simulation", "task": "tfesi_radiograph", "scenario": "default",
     "bundle_sha256": None, "data_attribution": None, "resumed_after_round": None,
 }
 

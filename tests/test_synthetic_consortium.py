@@ -77,3 +77,36 @@ def test_monochrome1_site_looks_like_the_others_after_the_pipeline(consortium: l
         edge = data.images[:, 0, :, :3].mean()  # soft tissue at the border: dark
         means[site.name] = centre - edge
     assert all(v > 0.2 for v in means.values()), means
+
+
+# The default consortium (seed 7, three sites) as it was before the stenosis-surgery columns came:
+# sha256 of clinical.csv, and of every other file (manifest and DICOMs, by relative path). The new
+# columns are appended from their own random stream, so every byte before them is unchanged. The
+# compressed DICOMs (seoul's MR, zurich's radiographs) had a random SOP Instance UID until then
+# (pydicom's compress drew one); they now keep the seeded one, pixels and other tags unchanged, and
+# are pinned here too. A deliberate change of the generator updates these digests.
+STENOSIS_COLUMNS = 6
+BEFORE_STENOSIS = {
+    "leiden": ("c684fa0bef446f779487aec71547f1a4d7d290da20a98d65454b4cb6c7bd92e9",
+               "b7b18b77d7cea60687bd4c820f09cd5237b4e7b8fb3c8d4c62fc5a51a94e19e6"),
+    "seoul": ("2d5dfefe343b244651655fb906e946cffcaa26d479c0352dde803e71914ddb3b",
+              "9f461b3cbd1aaa624d84b399efcb5846801f7575912c1f45ccc9fb850fdce432"),
+    "zurich": ("4b7df39070b4aee3c84ccfa852bae3fe07eba8eb99337026e0654d5f9953e10c",
+               "615c380fab52726f3d96fb15abd67907be3938daf9876f999f63dc4ec79d61da"),
+}
+
+
+def test_stenosis_columns_left_every_earlier_byte_unchanged(consortium: list[Path]) -> None:
+    for site in consortium:
+        clinical = (site / "clinical.csv").read_text()
+        header = clinical.splitlines()[0].split(",")
+        assert header[-STENOSIS_COLUMNS:] == ["symptom_duration_months", "zcq_severity_baseline",
+                                              "zcq_function_baseline", "zcq_severity_26w", "zcq_function_26w",
+                                              "zcq_satisfaction_26w"]
+        earlier = "".join(line.rsplit(",", STENOSIS_COLUMNS)[0] + "\n" for line in clinical.splitlines())
+        others = hashlib.sha256()
+        for path in sorted(site.rglob("*")):
+            if path.is_file() and path.name != "clinical.csv":
+                others.update(path.relative_to(site).as_posix().encode())
+                others.update(path.read_bytes())
+        assert (hashlib.sha256(earlier.encode()).hexdigest(), others.hexdigest()) == BEFORE_STENOSIS[site.name]

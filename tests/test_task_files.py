@@ -94,7 +94,7 @@ def vertebral_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def test_every_shipped_task_is_a_file_and_the_names_keep_working() -> None:
     files = shipped_task_files()
-    assert sorted(files) == sorted(LEGACY) == sorted(p.stem for p in CONFIGS.glob("*.toml"))
+    assert sorted(files) == sorted([*LEGACY, "lss_surgery_zcq"]) == sorted(p.stem for p in CONFIGS.glob("*.toml"))
     for name, path in files.items():
         task = load_task_file(path)
         assert get_task(name) == task == TASKS[name] and task.title and task.description

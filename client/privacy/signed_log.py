@@ -156,30 +156,65 @@ class SignedLog:
             if public_key is None:
                 return Verification(False, 0, None, f"{self.key_dir / PUBLIC_KEY_FILE} missing: "
                                     "cannot check signatures"), []
-        result, payloads = _verify_lines(self.raw_lines(), self.head, public_key)
+        raw_lines = self.raw_lines()
+        cache_key = (str(self.path.resolve()), public_key.public_bytes(serialization.Encoding.Raw,
+                                                                       serialization.PublicFormat.Raw))
+        result, verified = _verify_lines(raw_lines, self.head, public_key, _still_verified(cache_key, raw_lines))
         if not result.ok:
+            _VERIFIED.pop(cache_key, None)
             return result, []
-        return result, [{k: v for k, v in p.items() if k not in CHAIN_FIELDS} for p in payloads]
+        _VERIFIED[cache_key] = verified
+        return result, [{k: v for k, v in p.items() if k not in CHAIN_FIELDS} for p in verified.payloads]
 
 
-def _verify_lines(raw_lines: list[bytes], head_path: Path,
-                  public_key: Ed25519PublicKey) -> tuple[Verification, list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class _Verified:
+    """The lines of a log already verified in this process: their bytes' hash, their payloads, and the
+    hashes of the last two lines (where the chain goes on, and what a head one line behind names)."""
+
+    lines: int
+    prefix_sha256: str
+    payloads: list[dict[str, Any]]
+    prev: str = GENESIS
+    before_last: str = GENESIS
+
+
+# Verification in time proportional to the new lines: a log that only grew since this process last
+# verified it (its earlier lines byte for byte the same: checked by one hash over them) has only
+# its new lines' signatures and links checked, and its head always. Any change to an earlier line
+# changes that hash, and the whole log is verified again.
+_VERIFIED: dict[tuple[str, bytes], _Verified] = {}
+
+
+def _prefix_sha256(raw_lines: list[bytes]) -> str:
+    return hashlib.sha256(b"\n".join(raw_lines)).hexdigest()
+
+
+def _still_verified(key: tuple[str, bytes], raw_lines: list[bytes]) -> _Verified:
+    known = _VERIFIED.get(key)
+    if known is None or len(raw_lines) < known.lines or _prefix_sha256(raw_lines[:known.lines]) != known.prefix_sha256:
+        return _Verified(0, _prefix_sha256([]), [])
+    return known
+
+
+def _verify_lines(raw_lines: list[bytes], head_path: Path, public_key: Ed25519PublicKey,
+                  done: _Verified) -> tuple[Verification, _Verified]:
     n = len(raw_lines)
-    payloads: list[dict[str, Any]] = []
-    before_last, prev = GENESIS, GENESIS
-    for number, raw in enumerate(raw_lines, start=1):
+    payloads = list(done.payloads)
+    before_last, prev = done.before_last, done.prev
+    for number, raw in enumerate(raw_lines[done.lines:], start=done.lines + 1):
         try:
             payload = json.loads(raw)
             signature = base64.b64decode(payload.pop("signature"))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, TypeError, AttributeError):
-            return Verification(False, n, number, "not a signed ledger line"), []
+            return Verification(False, n, number, "not a signed ledger line"), done
         try:
             public_key.verify(signature, canonical(payload))
         except InvalidSignature:
-            return Verification(False, n, number, "signature does not match the line's content"), []
+            return Verification(False, n, number, "signature does not match the line's content"), done
         if payload.get("seq") != number - 1 or payload.get("prev_sha256") != prev:
             return Verification(False, n, number, "chain broken: a line before it was removed, "
-                                "inserted or reordered"), []
+                                "inserted or reordered"), done
         before_last, prev = prev, hashlib.sha256(raw).hexdigest()
         payloads.append(payload)
     if head_path.exists():
@@ -188,11 +223,11 @@ def _verify_lines(raw_lines: list[bytes], head_path: Path,
             signature = base64.b64decode(head.pop("signature"))
             seq, sha = int(head["seq"]), head["sha256"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, TypeError, AttributeError):
-            return Verification(False, n, None, "head file unreadable"), []
+            return Verification(False, n, None, "head file unreadable"), done
         try:
             public_key.verify(signature, canonical(head))
         except InvalidSignature:
-            return Verification(False, n, None, "head file signature invalid"), []
+            return Verification(False, n, None, "head file signature invalid"), done
         # A process killed between a line's fsync and the head's replacement leaves the head one
         # line behind a signed, chained last line: that is a crash, not a truncation, and the line's
         # spending counts. Anything else that disagrees with the head is refused.
@@ -200,7 +235,7 @@ def _verify_lines(raw_lines: list[bytes], head_path: Path,
         if (seq != n - 1 or sha != prev) and not crashed_before_head:
             return Verification(False, n, min(n, seq + 1) + 1,
                                 f"ledger ends at line {n} but the signed head records line "
-                                f"{seq + 1}: lines were deleted from the end or the ledger was replaced"), []
+                                f"{seq + 1}: lines were deleted from the end or the ledger was replaced"), done
     elif raw_lines:
-        return Verification(False, n, None, "head file missing"), []
-    return Verification(True, n), payloads
+        return Verification(False, n, None, "head file missing"), done
+    return Verification(True, n), _Verified(n, _prefix_sha256(raw_lines), payloads, prev, before_last)

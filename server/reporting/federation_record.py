@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from spine_fl.server.secure_aggregation import QUANTIZATION_RANGE
 from spine_fl.server.strategy import RoundLog
 from spine_fl.shared.config import RunSettings
-from spine_fl.shared.contract.tasks import get_task
-from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
-from spine_fl.shared.models.registry import build_model
-from spine_fl.shared.training.local import set_weights
+from spine_fl.shared.files import atomic_write_json
 
-MODEL_FILE = "model.pt"
+# The model file is read at the sites too (`spine-fl predict`): it lives in shared/, re-exported here.
+from spine_fl.shared.models.model_file import MODEL_FILE, load_model, save_model
+
+__all__ = ["FEDERATION_FILE", "MODEL_FILE", "load_model", "privacy_section", "save_model", "write_federation_results"]
+
 FEDERATION_FILE = "federation.json"
-
-
-def save_model(path: Path, settings: RunSettings, weights: list[np.ndarray]) -> None:
-    model = build_model(get_task(settings.task), settings.seed)
-    set_weights(model, weights)
-    buffer = io.BytesIO()
-    torch.save({"task": settings.task, "settings": settings.to_run_config(), "state_dict": model.state_dict()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_model(path: Path) -> tuple[torch.nn.Module, RunSettings]:
-    bundle = torch.load(path, map_location="cpu", weights_only=True)
-    settings = RunSettings.from_run_config(bundle["settings"])
-    model = build_model(get_task(settings.task), settings.seed)
-    model.load_state_dict(bundle["state_dict"])
-    return model, settings
 
 
 def privacy_section(settings: RunSettings, sites: list[str], log: RoundLog) -> dict[str, Any]:
@@ -63,12 +46,15 @@ def privacy_section(settings: RunSettings, sites: list[str], log: RoundLog) -> d
 
 def write_federation_results(out_dir: Path, settings: RunSettings, sites: list[str],
                              weights: list[np.ndarray], log: RoundLog, ledgers: dict[str, Any],
-                             resumed_after: int = 0) -> None:
-    """`ledgers`: per site, the pinned ledger key and the last privacy-ledger head (CoordinatorRecord.summary)."""
-    save_model(out_dir / MODEL_FILE, settings, weights)
+                             resumed_after: int = 0, calibration: dict[str, Any] | None = None) -> None:
+    """`ledgers`: per site, the pinned ledger key and the last privacy-ledger head (CoordinatorRecord.summary).
+    `calibration`: the recalibration round's section (server/calibration.py); a fitted map is folded
+    into model.pt's output layer and recorded beside the weights with the recommended threshold."""
+    save_model(out_dir / MODEL_FILE, settings, weights, calibration)
     atomic_write_json(out_dir / FEDERATION_FILE, {
         "task": settings.task, "sites": sites, "config": settings.to_run_config(),
         "status": "stopped" if log.stopped else "completed", "stop_reason": log.stopped or None,
         "rounds": log.rounds, "dropouts": log.dropouts, "failed_rounds": log.failed_rounds,
         "resumed_after_round": resumed_after or None, "train_examples": log.train_examples,
-        "privacy": privacy_section(settings, sites, log), "ledgers": ledgers})
+        "privacy": privacy_section(settings, sites, log), "ledgers": ledgers,
+        "calibration": calibration})

@@ -454,9 +454,12 @@ def _findings(card: dict) -> dict[str, str]:
                                "not be read as risks ")
                               + f"(slope {_f(cal['slope'])}, intercept {_f(cal['intercept'])}, "
                                 f"Brier {_f(cal['brier'])}).")
+    recal = card.get("recalibration")
+    if recal:
+        out["recalibration"] = recalibration_sentence(recal)
     dca = card.get("decision_curve")
     if dca:
-        ranges = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in dca["useful_ranges"])
+        ranges = ", ".join(range_text(a, b) for a, b in dca["useful_ranges"])
         out["decision"] = (f"Decision curve: acting on the model beats both treating everyone and treating no one for "
                            f"threshold probabilities {ranges}." if ranges else "Decision curve: at no threshold does "
                            "acting on the model beat treating everyone or no one.")
@@ -480,10 +483,31 @@ def _f(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+INTERVAL_DIGITS = (2, 3, 4)  # an interval is printed with the fewest of these digits that tell its ends apart
+NO_SPREAD = "no interval: every bootstrap resample gives this value"
+
+
+def interval_text(lo: float, hi: float) -> str | None:
+    """The interval's ends with enough digits to tell them apart ("0.935-0.945", never "0.94-0.94");
+    None when they are equal to four digits: there is no interval to print (say NO_SPREAD instead)."""
+    for digits in INTERVAL_DIGITS:
+        low, high = f"{lo:.{digits}f}", f"{hi:.{digits}f}"
+        if low != high:
+            return f"{low}-{high}"
+    return None
+
+
+def range_text(lo: float, hi: float, joiner: str = "-") -> str:
+    """A range of threshold probabilities; a range of one threshold is that number."""
+    return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}{joiner}{hi:.2f}"
+
+
 def _with_ci(metric: dict) -> str:
     lo, hi = metric["ci"]
-    ci = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else ""
-    return f"{_f(metric['value'])}{ci}"
+    if lo is None or hi is None:
+        return _f(metric["value"])
+    interval = interval_text(lo, hi)
+    return f"{_f(metric['value'])} ({f'95% CI {interval}' if interval else NO_SPREAD})"
 
 
 def build_card(run_dir: Path) -> dict[str, Any]:
@@ -524,9 +548,55 @@ def build_card(run_dir: Path) -> dict[str, Any]:
                            if frame is not None else None),
         "privacy": _privacy(metrics),
     }
+    recal = recalibration(metrics.get("calibration"))
+    if recal is not None:
+        card["recalibration"] = recal
+        if recal.get("status") == "fitted":
+            card["recommended_threshold"] = recal["threshold"]
     card["findings"] = _findings(card)
     card["limitations"] = _limitations(card)
     return card
+
+
+def recalibration(section: dict | None) -> dict[str, Any] | None:
+    """The card's view of the federated recalibration (server/calibration.py, run result `calibration`)."""
+    if not section:
+        return None
+    if section.get("status") != "fitted":
+        return {"status": section.get("status", "failed"), "reason": section.get("reason")}
+    t = section["threshold"]
+    return {"status": "fitted", "method": "Platt scaling", "a": section["a"], "b": section["b"],
+            "secure_aggregation": section.get("secure_aggregation"), "sites": section.get("sites"),
+            "noise_std_per_count": section["histogram"]["noise_std_per_count"],
+            "threshold": {"value": t["value"], "rule": t["rule"], "rule_text": t["rule_text"],
+                          "sensitivity": t["sensitivity"], "specificity": t["specificity"]},
+            "decision_curve": section["decision_curve"], "histogram_before": section["before"],
+            "histogram_after": section["after"], "held_out": section.get("held_out") or {}}
+
+
+def recalibration_sentence(recal: dict[str, Any]) -> str:
+    if recal["status"] != "fitted":
+        return f"Recalibration: not applied ({recal.get('reason')}); the probabilities are uncalibrated."
+    t, dc = recal["threshold"], recal["decision_curve"]
+    how = "summed by secure aggregation" if recal["secure_aggregation"] else "summed WITHOUT secure aggregation"
+    text = (f"Recalibration: after training, the sites' noised histograms of the model's scores on their "
+            f"validation patients ({how}, noise {recal['noise_std_per_count']:g} per count) fitted Platt scaling "
+            f"(slope {_f(recal['a'])}, intercept {_f(recal['b'])}); the model file's probabilities are the "
+            f"recalibrated ones. Recommended threshold {t['value']:.2f}, by {t['rule_text']}: sensitivity "
+            f"{_f(t['sensitivity'])}, specificity {_f(t['specificity'])} on that histogram.")
+    test = recal["held_out"].get("test")
+    if test:
+        b, a = test["before"], test["after"]
+        text += (f" On the held-out patients, before -> after: calibration slope {_f(b['slope'])} -> {_f(a['slope'])}, "
+                 f"intercept {_f(b['intercept'])} -> {_f(a['intercept'])}, Brier {_f(b['brier'])} -> {_f(a['brier'])} "
+                 f"(base rate {_f(a['base_rate_brier'])}); at the recommended threshold sensitivity "
+                 f"{_f(a['sensitivity'])}, specificity {_f(a['specificity'])}.")
+    text += (f" The model beats treat-all and treat-none for thresholds {range_text(dc['from'], dc['to'])} on the "
+             "summed histogram." if dc.get("from") is not None else
+             " On the summed histogram the model beats treat-all and treat-none at no threshold.")
+    text += (" For one patient, the probability is the share of similar validation patients who had the outcome;"
+             " it is an estimate, not a certainty.")
+    return text
 
 
 def _limitations(card: dict) -> list[str]:

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spine_fl.server.reporting.model_card import MIN_SUBGROUP_CLASS  # noqa: E402
+from spine_fl.server.reporting.model_card import MIN_SUBGROUP_CLASS, interval_text, range_text  # noqa: E402
 from spine_fl.shared.html.page import figure_data_uri, render_page  # noqa: E402
 from spine_fl.shared.training.accounting import epsilon_in_plain_words  # noqa: E402
 
@@ -29,14 +29,23 @@ TEMPLATE = "model_card.html"  # in templates/, beside this module
 
 
 NO_BREAK = str.maketrans({" ": "\u00a0", "-": "\u2011"})  # keep "0.82 (0.73-0.89)" on one line in narrow cells
+SAME_IN_EVERY_RESAMPLE = "same in every resample"  # a table cell's CI whose ends are equal (no interval)
+
+# A published study's decision curves for a task, cited under the decision curve of that task's card only.
+DECISION_CURVE_LITERATURE = {
+    "rbp_tabular": "Ge et al. 2025 report decision curves like this one for residual back pain after vertebral "
+                   "augmentation.",
+}
 
 
 def _ci(metric: dict[str, Any]) -> str:
     value, (lo, hi) = metric["value"], metric["ci"]
     if value is None:
         return "n/a"
-    text = f"{value:.2f} ({lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else f"{value:.2f}"
-    return text.translate(NO_BREAK)
+    if lo is None or hi is None:
+        return f"{value:.2f}"
+    # ends that round alike get more digits ("0.94 (0.935-0.945)"); equal ends are no interval
+    return f"{value:.2f} ({interval_text(lo, hi) or SAME_IN_EVERY_RESAMPLE})".translate(NO_BREAK)
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -211,7 +220,7 @@ def _decision_curve(card: dict[str, Any]) -> dict[str, Any]:
         return _unavailable("decision curves need")
     rows = [[f"{r['threshold']:.1f}", _num(r["federated"], 3), _num(r["treat_all"], 3), _num(r["treat_none"], 3),
              "yes" if r["federated"] > max(r["treat_all"], r["treat_none"]) + 1e-12 else "no"] for r in dca["table"]]
-    ranges = ", ".join(f"{a:.2f} to {b:.2f}" for a, b in dca["useful_ranges"])
+    ranges = ", ".join(range_text(a, b, " to ") for a, b in dca["useful_ranges"])
     summary = ("Suppose you act (treat, refer, operate) when a patient's predicted probability of the outcome is above "
                "a threshold you choose. Net benefit counts the patients correctly acted on, minus the unnecessary ones "
                "weighted by how much you fear them at that threshold, per patient. "
@@ -225,7 +234,8 @@ def _decision_curve(card: dict[str, Any]) -> dict[str, Any]:
         summary += (" Net benefit reads the probabilities at face value, and this model's are poorly calibrated "
                     "(see above): a locally recalibrated model could do better.")
     return {"summary": summary, "rows": rows, "plot": figure_data_uri(_decision(dca)),
-            "prevalence": f"{dca['prevalence']:.2f}"}
+            "prevalence": f"{dca['prevalence']:.2f}",
+            "literature": DECISION_CURVE_LITERATURE.get(card["task"]["name"])}
 
 
 def _comparison(card: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ METRICS_FILE = "metrics.json"
 # "running" while a run writes its folder, then "completed", "stopped" or "failed" (with the reason):
 # a folder left by a crash says so, and is never read as a result
 RUN_STATUS_FILE = "run_status.json"
-SCHEMA_VERSION = 2  # 2: `ledgers` (pinned ledger keys and the last privacy-ledger heads)
+SCHEMA_VERSION = 3  # 2: `ledgers` (pinned ledger keys and the last privacy-ledger heads); 3: `calibration`
 Engine = Literal["simulation", "deployment"]
 
 
@@ -58,6 +58,9 @@ class RunResult:
     local_only: dict[str, Any] | None = None  # simulation only: each site alone
     bundle_sha256: str | None = None  # deployment: the app bundle the sites allowed
     data_attribution: str | None = None  # real data that require attribution wherever results are shown
+    # federated recalibration (server/calibration.py): the map, threshold, decision-curve range, and in
+    # simulation the held-out figures before/after; None when the run stopped before it
+    calibration: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

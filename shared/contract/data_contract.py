@@ -16,6 +16,11 @@ unusable (an error).
 
 Without a `split` column, each patient is assigned by a hash of its id: 80% train, 20% test.
 
+Scoring patients (`spine-fl predict`, `labels=False`) needs no outcome: the label's own columns and
+the subgroup columns are then optional and not read, `y` is NaN, every split is kept, and the
+checks that only training needs (labelled patients of both outcomes per split) are not made; the
+model's inputs (predictors, images) are checked exactly as for training, with the same messages.
+
 A site reads nothing outside its own folder: a manifest path that resolves elsewhere (`..`, an
 absolute path, a symbolic link to a file or folder outside) is an error naming the manifest line,
 and the file is never opened. How the CSV files are read, and which spreadsheet exports are refused
@@ -55,7 +60,7 @@ class SiteData:
 
     patient_ids: np.ndarray  # str
     split: np.ndarray  # str: train / test / external
-    y: np.ndarray  # float32 0/1
+    y: np.ndarray  # float32 0/1 (NaN when loaded without labels, for scoring)
     features: np.ndarray  # float32 (n, n_features)
     images: np.ndarray | None  # float32 (n, n_views, size, size)
     subgroups: pd.DataFrame  # age, sex (may hold NaN: excluded from subgroup metrics only)
@@ -210,7 +215,8 @@ def _relative_reduction(rule: RelativeReductionLabel, row: pd.Series, where: str
 
 
 def _all_of(rule: AllOfLabel, row: pd.Series, where: str, report: ValidationReport) -> float | None:
-    """Positive when every condition holds; a missing value leaves the patient unlabelled (a warning)."""
+    """Positive when every condition holds (on a column, or on baseline - column); a missing value
+    leaves the patient unlabelled (a warning)."""
     values = {}
     for col in rule.columns:
         value = _parse_number(row[col])
@@ -223,7 +229,7 @@ def _all_of(rule: AllOfLabel, row: pd.Series, where: str, report: ValidationRepo
             report.error(f"{where}, column {col}", *_not_a_number(str(row[col]).strip()))
             return None
         values[col] = value
-    return 1.0 if all(c.holds(values[c.column]) for c in rule.conditions) else 0.0
+    return 1.0 if all(c.holds(c.measured(values)) for c in rule.conditions) else 0.0
 
 
 def _check_subgroups(task: Task, row: pd.Series, where: str, report: ValidationReport,
@@ -416,8 +422,16 @@ def _check_split_trainable(split: str, y: np.ndarray, n_labelled: int, clinical_
                      f"({outcome}): the model cannot be trained or evaluated on one class", action)
 
 
-def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) -> tuple[SiteData | None, ValidationReport]:
-    """Validate a site folder against the task's contract; return its arrays when usable."""
+def _scoring_columns(task: Task) -> tuple[str, ...]:
+    """What scoring a patient needs: the id and the model's predictors (images come from the manifest)."""
+    return ("patient_id", *(f.name for f in task.features))
+
+
+def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64,
+                      labels: bool = True) -> tuple[SiteData | None, ValidationReport]:
+    """Validate a site folder against the task's contract; return its arrays when usable.
+
+    labels=False: for scoring only (see the module's docstring); training always loads with labels."""
     site_dir = Path(site_dir)
     report = ValidationReport(site_dir, task.name)
     if not site_dir.is_dir():
@@ -430,13 +444,16 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
     if table.empty and report.usable:  # (rows refused as ragged already have their own errors)
         report.error(str(clinical_path), "no patient rows: the file holds only the header",
                      "export the clinical table with one row per patient")
-    missing = [c for c in task.required_columns if c not in table.columns]
+    needed = task.required_columns if labels else _scoring_columns(task)
+    missing = [c for c in needed if c not in table.columns]
     for col in missing:
         report.error(f"{clinical_path}, column {col}", "column missing", f"task {task.name} needs it: add it to the export")
     if "patient_id" in missing:
         return None, report
     # Rows are still checked for every column that is present, so one report lists everything.
-    for col in missing:
+    # Without labels, absent outcome and subgroup columns are simply not read (not errors).
+    absent = missing + [c for c in task.required_columns if c not in needed and c not in table.columns]
+    for col in absent:
         table[col] = None
     rows: list[tuple[str, str, float | None, list[float] | None, float, str | None, int]] = []
     seen: dict[str, int] = {}
@@ -456,8 +473,11 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
             report.error(f"{where}, column split", f"{split!r} is not one of {', '.join(SPLITS)}", "correct the split value")
         encoded = [_encode_feature(f, row[f.name], f"{where}, column {f.name}", report)
                    for f in task.features if f.name not in missing]
-        label = _label(task, row, where, report) if not set(task.label.columns) & set(missing) else None
-        age, sex = _check_subgroups(task, row, where, report, missing)
+        if labels:
+            label = _label(task, row, where, report) if not set(task.label.columns) & set(missing) else None
+        else:
+            label = math.nan  # not read: scoring needs no outcome
+        age, sex = _check_subgroups(task, row, where, report, absent)
         usable_row = split in SPLITS and label is not None and all(e is not None for e in encoded)
         features = [v for e in encoded for v in e] if usable_row else None  # type: ignore[union-attr]
         rows.append((pid, split, label, features, age, sex, _line(idx)))
@@ -477,22 +497,27 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
                   else np.empty((0, len(task.image.views), image_size, image_size), dtype=np.float32))
     ids = [r[0] for r in rows]
     splits = [r[1] for r in rows]
-    labels = [r[2] for r in rows]
+    outcomes = [r[2] for r in rows]
     feats = [r[3] for r in rows]
     ages = [r[4] for r in rows]
     sexes = [r[5] for r in rows]
-    y = np.asarray(labels, dtype=np.float32)
+    y = np.asarray(outcomes, dtype=np.float32)
     split_arr = np.asarray(splits, dtype=str)
     report.counts = {
         "rows": int(len(table)),
-        "labelled": int(len(y)),
-        "positive": int(y.sum()),
+        **({"labelled": int(len(y)), "positive": int(y.sum())} if labels else {"scorable": int(len(y))}),
         **{s: int((split_arr == s).sum()) for s in SPLITS},
     }
     if task.image is not None:
         report.counts["images_missing"] = len(failures)
     lost = [r for r in labelled_rows if r[0] in failures]
-    if failures and report.counts["train"] == 0:
+    if failures and not labels and not rows:
+        report.error(str(site_dir / MANIFEST_FILE),
+                     f"no patient left to score: {len(failures)} patient(s) excluded because a required image is "
+                     "missing or unreadable",
+                     "no placeholder image is used: add the missing DICOM files and manifest rows (see the warnings), "
+                     "then try again")
+    elif failures and labels and report.counts["train"] == 0:
         lost_train = sum(r[1] == "train" for r in lost)
         scope = "to train or evaluate on" if not rows else "in the train split"
         report.error(str(site_dir / MANIFEST_FILE),
@@ -501,7 +526,7 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
                      "the site cannot train on placeholder images: add the missing DICOM files and manifest rows "
                      "(see the warnings), then validate again")
     report.flush_groups()
-    for split in ("train", "test") if report.usable else ():
+    for split in ("train", "test") if report.usable and labels else ():
         _check_split_trainable(split, y[split_arr == split], len(y), clinical_path, report)
     if not report.usable:
         return None, report
@@ -516,9 +541,9 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64) ->
     return data, report
 
 
-def load_site(site_dir: Path | str, task: Task, image_size: int = 64) -> SiteData:
+def load_site(site_dir: Path | str, task: Task, image_size: int = 64, labels: bool = True) -> SiteData:
     """Validated site data, or SiteDataError listing every problem."""
-    data, report = validate_and_load(site_dir, task, image_size)
+    data, report = validate_and_load(site_dir, task, image_size, labels)
     if data is None:
         raise SiteDataError(report)
     return data

@@ -114,24 +114,46 @@ class RelativeReductionLabel:
 
 @dataclass(frozen=True)
 class Condition:
-    """One numeric test on one column, e.g. zcq_severity_change >= 0.5."""
+    """One numeric test on one column, or on its improvement from a baseline column.
+
+    With `baseline` set, the condition tests the reduction `baseline - column` (a score that fell
+    from baseline to follow-up, e.g. ZCQ symptom severity improved by >= 0.5 points at 26 weeks), so
+    sites export the raw scores and nobody precomputes a difference. Naming the baseline also says
+    which column is known before treatment (it may be a predictor; the follow-up may not). The
+    difference is rounded to 9 decimals: scores written as decimals (3.3 - 2.8) meet 0.5 exactly.
+    """
 
     column: str
     op: str
     value: float
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         if self.op[::-1] in CONDITION_OPS and self.op not in CONDITION_OPS:  # "=>" for ">="
             raise_problems([problem("op", self.op, "unknown comparison", f"did you mean {self.op[::-1]}? "
                                     f"choose one of {', '.join(CONDITION_OPS)}")])
         raise_problems(choice("op", self.op, CONDITION_OPS, "comparison"))
+        if self.baseline == self.column:
+            raise_problems([problem("baseline", self.baseline, "the same column as column",
+                                    "name the baseline score's own column (the condition tests baseline - column)")])
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,) if self.baseline is None else (self.baseline, self.column)
+
+    def measured(self, values: dict[str, float]) -> float:
+        """What the condition tests, from the row's values by column."""
+        if self.baseline is None:
+            return values[self.column]
+        return round(values[self.baseline] - values[self.column], 9)
 
     def holds(self, x: float) -> bool:
         return {">=": x >= self.value, ">": x > self.value, "<=": x <= self.value, "<": x < self.value,
                 "==": x == self.value, "!=": x != self.value}[self.op]
 
     def __str__(self) -> str:
-        return f"{self.column} {self.op} {self.value:g}"
+        tested = self.column if self.baseline is None else f"{self.baseline} - {self.column}"
+        return f"{tested} {self.op} {self.value:g}"
 
 
 @dataclass(frozen=True)
@@ -147,7 +169,13 @@ class AllOfLabel:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(c.column for c in self.conditions))
+        return tuple(dict.fromkeys(col for c in self.conditions for col in c.columns))
+
+    @property
+    def baselines(self) -> tuple[str, ...]:
+        """Columns only ever read as a condition's baseline: known before treatment."""
+        tested = {c.column for c in self.conditions}
+        return tuple(dict.fromkeys(c.baseline for c in self.conditions if c.baseline and c.baseline not in tested))
 
 
 LabelRule = BinaryColumnLabel | RelativeReductionLabel | AllOfLabel
@@ -218,7 +246,8 @@ class Task:
         if twice:
             out.append(problem("predictors", names, f"{', '.join(twice)} listed more than once", "list each once"))
         # a baseline score is known before treatment (a fair predictor); the outcome columns are not
-        outcome = set(self.label.columns) - {getattr(self.label, "baseline", None)}
+        known_before = {getattr(self.label, "baseline", None), *getattr(self.label, "baselines", ())}
+        outcome = set(self.label.columns) - known_before
         leaked = sorted(set(names) & {*outcome, "patient_id"})
         if leaked:
             out.append(problem("predictors", names, f"{', '.join(leaked)} cannot be a predictor (the outcome or the "

@@ -103,6 +103,8 @@ def _label(raw: dict[str, Any], where: str, problems: list[str]) -> Any:
 def task_table(task: Task) -> dict[str, Any]:
     """The task as a task file's table, every setting written out (None left out: TOML has no null)."""
     label = {"kind": next(k for k, cls in LABEL_KINDS.items() if isinstance(task.label, cls)), **asdict(task.label)}
+    if isinstance(task.label, AllOfLabel):  # a condition without a baseline is written (and hashed) as before
+        label["conditions"] = [_without_none(c) for c in label["conditions"]]
     out = {"name": task.name, "title": task.title, "description": task.description, "label": label,
            "predictors": [_without_none(asdict(f)) for f in task.features], "subgroups": list(task.subgroups),
            "model": asdict(task.model)}

@@ -130,3 +130,37 @@ def predict(model: nn.Module, data: SiteData, device: torch.device, batch_size: 
     for images, features, _ in DataLoader(tensors(data), batch_size=batch_size):
         out.append(torch.sigmoid(model(images.to(device), features.to(device))).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: SiteData, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """The model's logit for every patient in data (recalibration bins these)."""
+    model.to(device).eval()
+    out = []
+    for images, features, _ in DataLoader(tensors(data), batch_size=batch_size):
+        out.append(model(images.to(device), features.to(device)).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def output_layer(model: nn.Module) -> nn.Linear | None:
+    """The last Linear with one output (every registry model ends in one: the logit), or None."""
+    last = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.out_features == 1:
+            last = module
+    return last
+
+
+@torch.no_grad()
+def fold_calibration(model: nn.Module, a: float, b: float) -> bool:
+    """Make the model output a * logit + b (Platt scaling folded into its output layer); False when
+    the model has no single-output Linear layer to fold it into."""
+    layer = output_layer(model)
+    if layer is None:
+        return False
+    layer.weight.mul_(a)
+    if layer.bias is not None:
+        layer.bias.mul_(a).add_(b)
+    else:
+        return False
+    return True

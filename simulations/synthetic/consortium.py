@@ -7,6 +7,10 @@ the coefficients below put the best achievable AUROC near the published 0.80-0.9
 
 Sites differ in size, prevalence, disease severity and scanner (modality, pixel spacing,
 response curve, noise, MONOCHROME1 storage, rescale and window tags, compression).
+
+The same patients also carry the stenosis-surgery columns (symptom duration, ZCQ at baseline and
+26 weeks: stenosis_surgery.py), drawn from their own random stream and appended after the others,
+so adding them changed no other column, image or manifest of any seed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from spine_fl.shared.contract.data_contract import CLINICAL_FILE, MANIFEST_FILE
 from spine_fl.shared.contract.tasks import MRI_VIEWS, RADIOGRAPH_VIEWS
 from spine_fl.simulations.synthetic.dicom import Scanner, stored_pixels, write_dicom
 from spine_fl.simulations.synthetic.images import MRI_CANVAS_MM, RADIOGRAPH_CANVAS_MM, mri_t2_axial, radiograph_view
+from spine_fl.simulations.synthetic.stenosis_surgery import stenosis_surgery_columns
 
 IMAGE_SIGNAL = 2.6  # logit per SD of narrowing: the image-borne part of the TFESI outcome
 VIEW_NOISE = 0.35  # SD of each view's own measurement error of the narrowing
@@ -40,22 +45,23 @@ class SiteProfile:
     severity_shift: float
     radiograph: Scanner
     mri: Scanner
+    lss_intercept: float = 0.0  # sets stenosis-surgery success prevalence (ZCQ criteria at 26 weeks)
 
 
 PROFILES = (
     SiteProfile("leiden", 240, 0.35, -3.3, 0.0,
                 Scanner("Philips", "DX", 0.80, 0.95, 1.0, 0.03),
-                Scanner("Philips", "MR", 0.80, 0.90, 1.0, 0.03)),
+                Scanner("Philips", "MR", 0.80, 0.90, 1.0, 0.03), 0.1),
     SiteProfile("seoul", 180, 0.75, -3.0, -0.25,
                 Scanner("Samsung", "CR", 0.70, 0.85, 1.2, 0.05, photometric="MONOCHROME1",
                         rescale_slope=2.0, rescale_intercept=-100.0, window=(2100.0, 4200.0)),
-                Scanner("Siemens", "MR", 0.70, 1.00, 0.8, 0.05, rescale_slope=1.5, compression="rle")),
+                Scanner("Siemens", "MR", 0.70, 1.00, 0.8, 0.05, rescale_slope=1.5, compression="rle"), 0.4),
     SiteProfile("zurich", 130, -0.05, -3.6, 0.35,
                 Scanner("Agfa", "CR", 0.90, 0.80, 0.9, 0.07, compression="rle"),
-                Scanner("GE", "MR", 0.90, 0.85, 1.1, 0.06, window=(2000.0, 4000.0))),
+                Scanner("GE", "MR", 0.90, 0.85, 1.1, 0.06, window=(2000.0, 4000.0)), -0.3),
     SiteProfile("porto", 110, 0.2, -3.2, 0.15,
                 Scanner("Fujifilm", "DX", 0.75, 0.90, 1.1, 0.04, spacing_tag=False),
-                Scanner("Canon", "MR", 0.75, 0.95, 0.9, 0.04, photometric="MONOCHROME2")),
+                Scanner("Canon", "MR", 0.75, 0.95, 0.9, 0.04, photometric="MONOCHROME2"), 0.0),
 )
 
 
@@ -70,7 +76,8 @@ def site_profiles(n_sites: int) -> list[SiteProfile]:
             out.append(base)
         else:
             out.append(SiteProfile(f"{base.name}{i // len(PROFILES) + 1}", max(100, base.n_patients - 30 * (i // len(PROFILES))),
-                                   base.tfesi_intercept, base.rbp_intercept, base.severity_shift, base.radiograph, base.mri))
+                                   base.tfesi_intercept, base.rbp_intercept, base.severity_shift, base.radiograph,
+                                   base.mri, base.lss_intercept))
     return out
 
 
@@ -174,6 +181,9 @@ def synthesize_site(site_dir: Path, profile: SiteProfile, seed: int, modalities:
     tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}-", dir=site_dir.parent))
     try:
         table, narrowing = _clinical_table(profile, rng)
+        stenosis_rng = np.random.default_rng([seed, sum(map(ord, profile.name)), 26])  # its own stream
+        table = table.join(stenosis_surgery_columns(stenosis_rng, narrowing, table["age"].to_numpy(float),
+                                                    table["bmi"].to_numpy(float), profile.lss_intercept))
         table.to_csv(tmp / CLINICAL_FILE, index=False)
         if modalities:
             _write_images(tmp, profile, table, narrowing, rng, modalities).to_csv(tmp / MANIFEST_FILE, index=False)

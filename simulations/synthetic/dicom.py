@@ -98,5 +98,7 @@ def write_dicom(path: Path, pixels: np.ndarray, scanner: Scanner, *, site: str, 
         ds.WindowCenter, ds.WindowWidth = f"{scanner.window[0]:g}", f"{scanner.window[1]:g}"
     ds.PixelData = pixels.tobytes()
     if scanner.compression != "none":
-        ds.compress(TRANSFER_SYNTAX[scanner.compression], pixels)
+        # keep the SOP Instance UID derived from seed_key: pydicom would draw a random one, and the
+        # same seed would no longer give the same bytes
+        ds.compress(TRANSFER_SYNTAX[scanner.compression], pixels, generate_instance_uid=False)
     ds.save_as(path, enforce_file_format=True)

@@ -62,7 +62,10 @@ def radiograph_view(view: str, narrowing: float, scale: float, shift_mm: tuple[f
 
 def mri_t2_axial(narrowing: float, scale: float, shift_mm: tuple[float, float],
                  size_px: int, spacing_mm: float) -> np.ndarray:
-    """T2 signal in [0, 1]: disc, bright CSF in the canal, fat-filled foramina that narrow."""
+    """T2 signal in [0, 1]: disc, bright CSF in the canal, fat-filled foramina that narrow.
+
+    The thecal sac shrinks with the same narrowing: the stenosis severity that the stenosis-surgery
+    task (lss_surgery_zcq) reads from this slice."""
     y, x = _grid(size_px, spacing_mm, shift_mm)
     y, x = y / scale, x / scale
     img = 0.15 + 0.15 * _ellipse(y, x, 5, 0, 50, 48)  # paraspinal muscle

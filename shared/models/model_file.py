@@ -1,0 +1,85 @@
+"""The shared model as a file (`model.pt`): the weights with the run settings they belong to.
+
+The settings carry the task's definition (`RunSettings.task_definition`), so whoever reads the
+file (the coordinator's model card, a site scoring its own patients with `spine-fl predict`)
+rebuilds exactly the network the run trained, for exactly its task, without the task file.
+The coordinator writes it (server/reporting/federation_record.py); anyone may read it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spine_fl.shared.config import RunSettings
+from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.files import atomic_write_bytes
+from spine_fl.shared.models.registry import build_model
+from spine_fl.shared.training.local import fold_calibration, set_weights
+
+__all__ = ["MODEL_FILE", "ModelFileError", "load_model", "model_from_bundle", "read_model_bundle", "save_model"]
+
+MODEL_FILE = "model.pt"
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read; the message names the file and what to do."""
+
+
+def save_model(path: Path, settings: RunSettings, weights: list[np.ndarray],
+               calibration: dict[str, Any] | None = None) -> None:
+    """With a fitted calibration (server/calibration.py, status "fitted"), Platt's map is folded into
+    the output layer (the file's model outputs a * logit + b: its probabilities are calibrated) and
+    recorded beside the weights as `calibration` {method, a, b, folded}, with `recommended_threshold`
+    {value, rule, sensitivity, specificity} on the calibrated probability."""
+    model = build_model(get_task(settings.task), settings.seed)
+    set_weights(model, weights)
+    bundle: dict[str, Any] = {"task": settings.task, "settings": settings.to_run_config()}
+    if calibration and calibration.get("status") == "fitted":
+        a, b = float(calibration["a"]), float(calibration["b"])
+        folded = fold_calibration(model, a, b)
+        bundle["calibration"] = {"method": "platt", "a": a, "b": b, "folded": folded}
+        if folded:
+            t = calibration["threshold"]
+            bundle["recommended_threshold"] = {"value": float(t["value"]), "rule": str(t["rule"]),
+                                               "sensitivity": float(t["sensitivity"]),
+                                               "specificity": float(t["specificity"])}
+    bundle["state_dict"] = model.state_dict()
+    buffer = io.BytesIO()
+    torch.save(bundle, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_model_bundle(path: Path) -> dict[str, Any]:
+    """The file's contents (task, settings, state_dict); ModelFileError when it is no spine-fl model file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file; give the run's {MODEL_FILE} (or the run folder holding it)")
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise ModelFileError(f"{path}: not a readable spine-fl model file ({exc.__class__.__name__}); give the "
+                             f"{MODEL_FILE} a run wrote") from None
+    if not isinstance(bundle, dict) or not {"settings", "state_dict"} <= set(bundle):
+        raise ModelFileError(f"{path}: not a spine-fl model file (no run settings and weights); give the "
+                             f"{MODEL_FILE} a run wrote")
+    return bundle
+
+
+def model_from_bundle(bundle: dict[str, Any]) -> tuple[torch.nn.Module, RunSettings]:
+    """The network with the run's weights, and the run's settings (whose task definition this process now uses)."""
+    settings = RunSettings.from_run_config(bundle["settings"])
+    model = build_model(get_task(settings.task), settings.seed)
+    model.load_state_dict(bundle["state_dict"])
+    return model, settings
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, RunSettings]:
+    """The model file's network and run settings (see model_from_bundle)."""
+    return model_from_bundle(read_model_bundle(path))

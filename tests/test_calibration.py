@@ -1,0 +1,135 @@
+"""Federated recalibration: the Platt fit, the recommended threshold, the DP histogram's ledger charge,
+and (slow) a tiny consortium end to end: model.pt holds the map and threshold, the card shows
+before/after, and `spine-fl predict` uses the threshold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spine_fl.cli import app
+from spine_fl.client.privacy.policy import SitePolicy
+from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, SpendRecord, dataset_id
+from spine_fl.shared import protocol
+from spine_fl.shared.config import RunSettings
+from spine_fl.shared.training import calibration
+from spine_fl.shared.training.accounting import _rdp_per_step, epsilon
+
+
+def test_platt_fit_recovers_a_known_map_from_a_histogram() -> None:
+    x = calibration.centres()
+    n = np.full(len(x), 2000.0)
+    p = calibration.sigmoid(0.7 * x - 0.4)
+    a, b = calibration.platt_fit(x, n * p, n * (1 - p))  # expected counts: the MLE is the truth
+    assert a == pytest.approx(0.7, abs=1e-6) and b == pytest.approx(-0.4, abs=1e-6)
+
+
+def test_platt_fit_survives_noise_and_needs_both_outcomes() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.5, 2.0, 40_000)
+    y = (rng.random(len(x)) < calibration.sigmoid(1.5 * x + 0.3)).astype(int)
+    h = calibration.noisy(calibration.logit_histogram(x, y), calibration.NOISE_STD * np.sqrt(3), rng)
+    a, b = calibration.platt_fit(calibration.centres(), h[1], h[0])
+    assert a == pytest.approx(1.5, rel=0.1) and b == pytest.approx(0.3, abs=0.1)
+    with pytest.raises(ValueError, match="with and without"):
+        calibration.platt_fit(calibration.centres(), np.zeros(calibration.BINS), np.ones(calibration.BINS))
+
+
+def test_recommended_threshold_is_youdens_j_on_a_known_histogram() -> None:
+    pos, neg = np.zeros(calibration.BINS), np.zeros(calibration.BINS)
+    neg[8:12] = [10, 20, 20, 10]  # negatives: logits -2.0 .. 0.0
+    pos[11:15] = [5, 15, 20, 10]  # positives: logits -0.5 .. 1.5; overlap in bin 11
+    t = calibration.youden_threshold(pos, neg, a=1.0, b=0.0)
+    e = calibration.edges()
+    # cutting at edge 11 keeps every positive (sens 1) and 50/60 negatives; at 12: 45/50 and 60/60
+    assert t.logit == pytest.approx(e[12]) and t.rule == "youden"
+    assert (t.sensitivity, t.specificity) == pytest.approx((45 / 50, 1.0))
+    assert t.value == pytest.approx(calibration.sigmoid(e[12]))
+    dc = calibration.net_benefit_range(calibration.centres(), pos, neg, 1.0, 0.0)
+    assert dc["from"] is not None and dc["from"] <= t.value <= dc["to"]
+
+
+def test_the_histogram_release_raises_epsilon_by_exactly_the_gaussian_mechanism(tmp_path: Path) -> None:
+    from spine_fl.client.calibration import CalibrationRefused, charge, histogram_spend
+    from spine_fl.client.site_config import Site
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "clinical.csv").write_text("patient_id\np1\n")
+    site = Site("leiden", data, tmp_path / "state", SitePolicy(epsilon_per_run=100.0, epsilon_lifetime=100.0))
+    run = RunSettings(task="rbp_tabular", rounds=2, batch_size=16)
+    ledger = PrivacyLedger(site.state_dir, dataset_id(data))
+    key = "c" * 32
+    for rnd in (1, 2):
+        ledger.append(SpendRecord(key, rnd, 1.0, 0.25, 8, 1.0, 1e-3, "rdp"))
+    before = [(1.0, 0.25, 16)]
+    report = charge(site, run, key, 3, n_train=64)
+    delta = report[protocol.DELTA]
+    sigma, rate, steps = histogram_spend()
+    assert (sigma, rate, steps) == (calibration.NOISE_STD / calibration.SENSITIVITY, 1.0, 1)
+    # the record is one more mechanism in the site's ledger, under the run key and the next round
+    last = ledger.records()[-1]
+    assert (last.run_id, last.round, last.noise_multiplier, last.sample_rate, last.steps) == (key, 3, sigma, 1.0, 1)
+    assert report[protocol.EPSILON_RUN] == epsilon([*before, (sigma, 1.0, 1)], delta, "rdp")
+    assert report[protocol.EPSILON_RUN] == ledger.epsilon(delta, "rdp", key) > epsilon(before, delta, "rdp")
+    # with sample rate 1 the accountant's RDP is the Gaussian mechanism's: alpha / (2 sigma^2)
+    from opacus.accountants import RDPAccountant
+    alphas = np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+    np.testing.assert_allclose(_rdp_per_step(sigma, 1.0), alphas / (2 * sigma ** 2), rtol=1e-12)
+    with pytest.raises(CalibrationRefused, match="already charged"):
+        charge(site, run, key, 3, n_train=64)
+    tight = Site("leiden", data, site.state_dir, SitePolicy(epsilon_per_run=report[protocol.EPSILON_RUN],
+                                                            epsilon_lifetime=100.0))
+    with pytest.raises(CalibrationRefused, match="over the epsilon per run budget"):
+        charge(tight, run, key, 4, n_train=64)
+
+
+def test_a_folded_map_makes_the_model_output_the_calibrated_logit() -> None:
+    from spine_fl.shared.contract.tasks import get_task
+    from spine_fl.shared.models.registry import build_model
+    from spine_fl.shared.training.local import fold_calibration
+
+    model = build_model(get_task("rbp_tabular"), 0).eval()
+    x = torch.randn(5, get_task("rbp_tabular").n_features)
+    before = model(torch.zeros(5, 0), x).detach()
+    assert fold_calibration(model, 0.5, -1.0)
+    np.testing.assert_allclose(model(torch.zeros(5, 0), x).detach(), 0.5 * before - 1.0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_tiny_consortium_is_recalibrated_end_to_end(tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text('name = "tiny"\n[consortium]\nsource = "synthetic"\nsites = 3\nseed = 7\n'
+                        '[run]\ntask = "rbp_tabular"\nrounds = 2\nmin_sites = 3\n'
+                        '[policy]\nmin_eval_patients = 5\nmin_eval_per_class = 1\n')
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["simulate", "--scenario", str(scenario), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    bundle = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert bundle["calibration"]["method"] == "platt" and bundle["calibration"]["folded"]
+    threshold = bundle["recommended_threshold"]
+    assert 0 < threshold["value"] < 1 and threshold["rule"] == "youden"
+    metrics = json.loads((out / "metrics.json").read_text())
+    cal = metrics["calibration"]
+    assert cal["status"] == "fitted" and cal["secure_aggregation"] and len(cal["sites"]) == 3
+    assert {"before", "after"} <= set(cal["held_out"]["test"])
+    for site, report in cal["privacy"].items():  # the release is charged at every site, past the last round
+        ledger_rounds = [json.loads(line)["round"] for line in
+                         (out / "site-state" / site / "privacy").rglob("*.jsonl").__next__().read_text().splitlines()
+                         if line.strip().startswith("{") and '"round"' in line]
+        assert report[protocol.EPSILON_RUN] > 0 and (not ledger_rounds or max(ledger_rounds) == 3)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["recalibration"]["status"] == "fitted"
+    assert "before -> after" in card["findings"]["recalibration"]
+    assert "Recalibration" in (out / "model_card.html").read_text()
+    predicted = runner.invoke(app, ["predict", str(out / "model.pt"), "--site-dir", str(out / "sites" / "leiden"),
+                                    "--out", str(tmp_path / "pred")])
+    assert predicted.exit_code == 0, predicted.output
+    csv = (tmp_path / "pred" / "predictions.csv").read_text()
+    assert f"{threshold['value']:g}" in csv or f"{threshold['value']:.4f}"[:5] in csv
