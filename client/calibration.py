@@ -69,6 +69,9 @@ def charge(site: Site, run: RunSettings, run_key: str, server_round: int, n_trai
     records = ledger.records()
     if not records:
         check_ledger_not_deleted(ledger)
+    if not any(r.run_id == run_key for r in records):  # e.g. refused in the pre-flight, or a ledger deleted
+        raise CalibrationRefused(f"{site.name}: its privacy ledger holds no training round of run {run_key}; a site "
+                                 "that did not train in this run sends no recalibration histogram")
     if any((r.run_id, r.round) == (run_key, server_round) for r in records):
         raise CalibrationRefused(f"{site.name}: round {server_round} of run {run_key} is already charged; "
                                  "a second histogram would spend epsilon twice")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import typer
-from privacy_reference import independent_epsilon, pld_epsilon
+from privacy_reference import independent_rdp_epsilon, pld_epsilon
 from typer.testing import CliRunner
 
 from spine_fl.client.audit.budget import consistent
@@ -27,6 +27,7 @@ from spine_fl.client.privacy.received_models import load_received
 from spine_fl.client.site_config import Site
 from spine_fl.shared.config import load_scenario
 from spine_fl.shared.training.accounting import dp_tpr_ceiling
+from spine_fl.shared.training.calibration import NOISE_STD
 from spine_fl.simulations.runner import simulate
 
 DP_RUN = {"task": "rbp_tabular", "rounds": 3, "local_epochs": 1, "batch_size": 16, "learning_rate": 0.3,
@@ -90,13 +91,14 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
 
     budget, reported = report["privacy_budget"], metrics["privacy"]["per_site"]["leiden"]
     (run,) = budget["runs"]
-    assert run["rounds"] == 3 and run["delta"] == reported["delta"]
-    for figure in (run["reported_epsilon"], reported["epsilon"],
-                   independent_epsilon(reported["noise_multiplier"], reported["sample_rate"], reported["steps"],
-                                       reported["delta"], "rdp")):  # RDP against RDP: like with like
+    # 3 training rounds and the recalibration histogram (a Gaussian mechanism: rate 1, one step)
+    assert run["rounds"] == 4 and run["delta"] == reported["delta"]
+    history = [(reported["noise_multiplier"], reported["sample_rate"], reported["steps"]), (NOISE_STD, 1.0, 1)]
+    for figure in (run["reported_epsilon"], reported["epsilon_total"],
+                   independent_rdp_epsilon(history, reported["delta"])):  # RDP against RDP: like with like
         assert run["epsilon"] == pytest.approx(figure, rel=0.02)
+    assert reported["epsilon_total"] > reported["epsilon"]  # training alone spent less
     # the independent figure is dp-accounting's PLD: (nearly) exact, so below Opacus' RDP upper bound
-    history = [(reported["noise_multiplier"], reported["sample_rate"], reported["steps"])]
     assert run["epsilon_dp_accounting"] == pytest.approx(pld_epsilon(history, reported["delta"]), rel=3e-3)
     assert run["epsilon_dp_accounting"] < run["epsilon"] and consistent(run["epsilon"], run["epsilon_dp_accounting"],
                                                                         "rdp")
@@ -108,8 +110,8 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
     record = report["coordinator_record"]  # --run-dir: compared with the run's metrics.json
     assert record["compared"] and record["key_matches"] and record["head"]["held"], record
     assert record["pinned_key"] == metrics["ledgers"]["leiden"]["ledger_key"] == record["site_key"]
-    # 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate)
-    assert report["integrity"]["ok"] and report["integrity"]["lines"] == 18
+    # 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate), then the recalibration round's 4 SecAgg+ stages
+    assert report["integrity"]["ok"] and report["integrity"]["lines"] == 22
     assert report["policy"]["runs"][0]["status"] == "complied"
     mia = report["membership_inference"]
     assert mia["members"] + mia["non_members"] == sum(metrics["patients"]["leiden"].values())
@@ -134,7 +136,7 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
                                 coordinator_record=metrics["ledgers"][site], coordinator_record_source="metrics.json")
         assert site_report["verdict"]["verdict"] == "pass", site_report["verdict"]
         assert site_report["privacy_budget"]["runs"][0]["epsilon"] == pytest.approx(
-            metrics["privacy"]["per_site"][site]["epsilon"], rel=0.02)
+            metrics["privacy"]["per_site"][site]["epsilon_total"], rel=0.02)
 
 
 def _assert_plain_words(page: str, lifetime: dict, mia: dict) -> None:
@@ -210,8 +212,9 @@ def test_a_deleted_or_truncated_egress_ledger_fails(dp_run, tmp_path: Path, dama
     if damage == "truncated":  # the signed head is gone: the ledger as a whole cannot be trusted
         assert "head file missing" in first["text"]
     else:
-        assert "deleted or never written" in first["text"] and "3 DP round(s)" in first["text"], first
-        assert report["integrity"]["activity"]["dp_rounds_recorded"] == 3
+        # 3 training rounds and the recalibration histogram, each a DP release in the privacy ledger
+        assert "deleted or never written" in first["text"] and "4 DP round(s)" in first["text"], first
+        assert report["integrity"]["activity"]["dp_rounds_recorded"] == 4
         assert "deleted or never written" in (tmp_path / "report" / "audit.html").read_text()
 
 
@@ -226,7 +229,7 @@ def test_planted_identifier_in_an_outgoing_metric_is_flagged(dp_run, tmp_path: P
 
     report = run_audit(_site(run_dir, "zurich", state), tmp_path / "report", shadow_models=0, bootstrap=200)
     findings = report["payload_scan"]["findings"]
-    planted = 3 * 6 + 1  # after 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate)
+    planted = 3 * 6 + 4 + 1  # after 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate) and recalibration
     assert len(findings) == 1 and findings[0]["line"] == planted and findings[0]["severity"] == "fail"
     assert patient in findings[0]["what"] and "patient_id" in findings[0]["what"]
     assert report["verdict"]["verdict"] == "fail"

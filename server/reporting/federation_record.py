@@ -20,13 +20,19 @@ __all__ = ["FEDERATION_FILE", "MODEL_FILE", "load_model", "privacy_section", "sa
 FEDERATION_FILE = "federation.json"
 
 
-def privacy_section(settings: RunSettings, sites: list[str], log: RoundLog) -> dict[str, Any]:
-    """Per site: what this run spent, as the site reported it after its last trained round."""
+def privacy_section(settings: RunSettings, sites: list[str], log: RoundLog,
+                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per site: what this run's training spent, as the site reported it after its last trained round
+    ("epsilon"), and with the recalibration histogram's release included ("epsilon_total": the run's
+    whole spending, as the site reported it after that round; the training figure when it sent none)."""
     per_site = {}
+    recalibrated = (calibration or {}).get("privacy") or {}
     for site in sites:
         reported = log.privacy.get(site, {})
         dp = bool(reported.get("dp", settings.dp))
+        total = recalibrated.get(site, {}).get("epsilon_run", reported.get("epsilon_run"))
         per_site[site] = {
+            "epsilon_total": total if dp else None,
             "epsilon": reported.get("epsilon_run") if dp else None,
             "epsilon_lifetime": reported.get("epsilon_lifetime") if dp else None,
             "delta": reported.get("delta") if dp else None,
@@ -56,5 +62,5 @@ def write_federation_results(out_dir: Path, settings: RunSettings, sites: list[s
         "status": "stopped" if log.stopped else "completed", "stop_reason": log.stopped or None,
         "rounds": log.rounds, "dropouts": log.dropouts, "failed_rounds": log.failed_rounds,
         "resumed_after_round": resumed_after or None, "train_examples": log.train_examples,
-        "privacy": privacy_section(settings, sites, log), "ledgers": ledgers,
+        "privacy": privacy_section(settings, sites, log, calibration), "ledgers": ledgers,
         "calibration": calibration})

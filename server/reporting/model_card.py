@@ -397,10 +397,16 @@ def _comparison(frame: pd.DataFrame | None, metrics: dict) -> dict[str, Any]:
     return out
 
 
+def _spent(site: dict) -> float | None:
+    """The run's whole spending at a site: training and the recalibration histogram (epsilon_total)."""
+    total = site.get("epsilon_total")
+    return total if total is not None else site.get("epsilon")
+
+
 def _privacy(metrics: dict) -> dict[str, Any]:
     privacy = metrics.get("privacy") or {}
     run = (metrics.get("config") or {}).get("run", {})
-    per_site = privacy.get("per_site", {})
+    per_site = {site: {**v, "epsilon": _spent(v)} for site, v in privacy.get("per_site", {}).items()}
     epsilons = [v["epsilon"] for v in per_site.values() if v.get("dp") and v.get("epsilon") is not None]
     guaranteed = {site: v for site, v in per_site.items()
                   if v.get("dp") and v.get("epsilon") is not None and v.get("delta") is not None}
