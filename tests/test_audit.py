@@ -125,11 +125,20 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
                           f"{p['ceiling']:.3f}" for p in attack["tpr_at_fpr"]))
     assert set(mia["attacks"]) == {"loss_threshold", "lira"}
     _assert_plain_words(page, budget["lifetime"], mia)
-    (kept,) = load_received(run_dir / "site-state" / "leiden")  # the attacked model is the published one
-    published = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"].values()
-    assert mia["run_id"] == kept.run_id and kept.round == 3
-    for received, saved in zip(kept.weights, published, strict=True):  # SecAgg+ delivers float64; model.pt float32
+    # the attacked model is the published one: the trained model the recalibration round (round 4)
+    # delivered, whose output layer the coordinator then scaled by Platt's map (a monotone map: the
+    # attacks' AUCs are the same for both)
+    (kept,) = load_received(run_dir / "site-state" / "leiden")
+    bundle = torch.load(run_dir / "model.pt", weights_only=True)
+    published = list(bundle["state_dict"].values())
+    assert mia["run_id"] == kept.run_id and kept.round == 4
+    folded = bundle.get("calibration", {}).get("folded", False)
+    assert folded == (metrics["calibration"]["status"] == "fitted")  # no map fitted: the model as trained
+    a, b = (bundle["calibration"]["a"], bundle["calibration"]["b"]) if folded else (1.0, 0.0)
+    for received, saved in zip(kept.weights[:-2], published[:-2], strict=True):  # SecAgg+: float64; model.pt float32
         assert np.allclose(received, saved.numpy(), rtol=0, atol=1e-6)
+    assert np.allclose(a * kept.weights[-2], published[-2].numpy(), rtol=1e-5, atol=1e-6)  # the output layer
+    assert np.allclose(a * kept.weights[-1] + b, published[-1].numpy(), rtol=1e-5, atol=1e-6)
 
     for site in SITES[1:]:  # every site passes (loss attack only, to keep the test short)
         site_report = run_audit(_site(run_dir, site), tmp_path / site, shadow_models=0, bootstrap=200,
