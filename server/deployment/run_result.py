@@ -45,6 +45,7 @@ def deployment_result(fed: FederationConfig, bundle_sha256: str, seconds: float)
         resumed_after_round=federation["resumed_after_round"],
         privacy=federation["privacy"],
         ledgers=federation["ledgers"],
+        calibration=federation.get("calibration"),  # the recalibration round's map and threshold
         config={"run": fed.run.to_run_config(), "federation_file": str(fed.path)},
         bundle_sha256=bundle_sha256,
         timing={"coordinator_seconds": round(seconds, 1), "round_seconds": [r.get("seconds") for r in rounds]},
