@@ -108,13 +108,18 @@ class SiteClient(NumPyClient):
         return weights, len(train_split), metrics
 
     def _calibrate(self, parameters, config):
-        """The recalibration round: the DP histogram of the final model's held-out logits, instead of weights."""
+        """A recalibration round: a DP histogram of the final model's logits, instead of weights."""
         settings, model, data = self._prepare(parameters, config)
         server_round = int(config.get(protocol.ROUND, 0))
         run_key = run_key_of(config, self.run_id)
         take(self.context, run_key, server_round)  # the policy mod's training assessment: not what is spent here
         save_received(self.site.state_dir, self.run_id, parameters, config)  # for the site's privacy audit
-        out = calibration_release(self.site, settings, model, data, run_key, server_round, self.device)
+        stage = int(config.get(protocol.CALIBRATION, 0))
+        window = None
+        if stage == protocol.CALIBRATION_FIT:
+            window = (float(config.get(protocol.CALIBRATION_WINDOW_LO, 0.0)),
+                      float(config.get(protocol.CALIBRATION_WINDOW_HI, 0.0)))
+        out = calibration_release(self.site, settings, model, data, run_key, server_round, self.device, stage, window)
         metrics: dict[str, Scalar] = {protocol.SITE_INDEX: self._site_index(config),
                                       protocol.LEDGER_KEY: site_key_fingerprint(self.site.state_dir), **out.metrics}
         return [out.histogram], 1, metrics  # 1 example each: the coordinator's mean x sites is the sum

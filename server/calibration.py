@@ -1,12 +1,13 @@
-"""Federated recalibration, the coordinator's part: one more fit-like round after the last training
+"""Federated recalibration, the coordinator's part: two more fit-like rounds after the last training
 round, through the run's fit workflow (Flower's SecAgg+ unless the run sets secagg = false).
 
-The round's "parameters" out are the final model; what comes back is each site's DP histogram of
-that model's logits on its held-out patients, split by outcome (client/calibration.py). Every site
-replies with 1 example, so SecAgg+'s weighted mean is the plain mean and, summed over the replies
-(each holds the same mean under SecAgg+; its own histogram without), the sum of the sites'
-histograms: the coordinator never sees one site's. It then fits Platt scaling and the recommended
-threshold on the sum (shared/training/calibration.py).
+Each round's "parameters" out are the final model; what comes back is each site's DP histogram of
+that model's logits (client/calibration.py): first unlabelled on a coarse grid, from whose sum the
+coordinator chooses the window of logits to look at (shared/training/calibration.py `locate`), then
+over that window split by outcome. Every site replies with 1 example, so SecAgg+'s weighted mean is
+the plain mean and, summed over the replies (each holds the same mean under SecAgg+; its own histogram
+without), the sum of the sites' histograms: the coordinator never sees one site's. It then fits Platt
+scaling and the recommended threshold on the sum.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ logger = logging.getLogger("spine_fl.server")
 
 
 class CalibrationStrategy(Strategy):
-    """Sends the final model with CALIBRATION = 1 to every connected site; sums what comes back."""
+    """Sends the final model with CALIBRATION = stage to every connected site; sums what comes back."""
 
     def __init__(self, settings: RunSettings, sites: list[str], run_key: str, absolute_round: int,
-                 final: list[np.ndarray]):
+                 final: list[np.ndarray], stage: int, window: tuple[float, float] | None = None):
         super().__init__()
         self.settings, self.sites, self.run_key = settings, sites, run_key
-        self.absolute_round = absolute_round
+        self.absolute_round, self.stage, self.window = absolute_round, stage, window
+        self.shape = protocol.CALIBRATION_LOCATE_SHAPE if stage == protocol.CALIBRATION_LOCATE else \
+            protocol.CALIBRATION_HISTOGRAM_SHAPE
         self.final = ndarrays_to_parameters(final)
         self.histogram: np.ndarray | None = None
         self.contributors: list[str] = []
@@ -53,7 +56,9 @@ class CalibrationStrategy(Strategy):
         clients = client_manager.sample(num_clients=max(client_manager.num_available(), 1),
                                         min_num_clients=self.settings.min_sites)
         config = {**self.settings.to_run_config(), protocol.ROUND: self.absolute_round,
-                  protocol.SITES: ",".join(self.sites), protocol.RUN_KEY: self.run_key, protocol.CALIBRATION: 1}
+                  protocol.SITES: ",".join(self.sites), protocol.RUN_KEY: self.run_key, protocol.CALIBRATION: self.stage}
+        if self.window is not None:
+            config |= {protocol.CALIBRATION_WINDOW_LO: self.window[0], protocol.CALIBRATION_WINDOW_HI: self.window[1]}
         return [(client, FitIns(self.final, dict(config))) for client in clients]
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[override]
@@ -63,7 +68,7 @@ class CalibrationStrategy(Strategy):
         total = None
         for _, res in results:
             array = parameters_to_ndarrays(res.parameters)
-            if len(array) != 1 or tuple(array[0].shape) != protocol.CALIBRATION_HISTOGRAM_SHAPE:
+            if len(array) != 1 or tuple(array[0].shape) != self.shape:
                 logger.warning("spine-fl: a recalibration reply of the wrong shape; the round is discarded")
                 return None, {}
             total = array[0] if total is None else total + array[0]
@@ -83,29 +88,43 @@ class CalibrationStrategy(Strategy):
         return None
 
 
-def recalibrate(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | None, settings: RunSettings,
-                sites: list[str], run_key: str, absolute_round: int, final: list[np.ndarray],
-                flower_round: int) -> dict[str, Any]:
-    """Run the recalibration round; the calibration section for model.pt and federation.json
-    ({"status": "failed", "reason": ...} when too few sites answered or the fit failed)."""
-    strategy = CalibrationStrategy(settings, sites, run_key, absolute_round, final)
+def _round(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | None, strategy: CalibrationStrategy,
+           flower_round: int) -> None:
     inner, legacy.strategy = legacy.strategy, strategy
     try:
         legacy.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND] = flower_round
         (fit_workflow or default_fit_workflow)(grid, legacy)
     finally:
         legacy.strategy = inner
-    base = {"round": absolute_round, "secure_aggregation": fit_workflow is not None,
-            "sites": sorted(strategy.contributors), "privacy": strategy.privacy}
-    if strategy.histogram is None or len(strategy.contributors) < settings.min_sites:
+
+
+def recalibrate(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | None, settings: RunSettings,
+                sites: list[str], run_key: str, absolute_round: int, final: list[np.ndarray],
+                flower_round: int) -> dict[str, Any]:
+    """Run the two recalibration rounds (absolute_round and the next); the calibration section for
+    model.pt and federation.json ({"status": "failed", "reason": ...} when too few sites answered or
+    the fit failed)."""
+    base: dict[str, Any] = {"rounds": [absolute_round, absolute_round + 1], "round": absolute_round + 1,
+                            "secure_aggregation": fit_workflow is not None}
+    locating = CalibrationStrategy(settings, sites, run_key, absolute_round, final, protocol.CALIBRATION_LOCATE)
+    _round(grid, legacy, fit_workflow, locating, flower_round)
+    if locating.histogram is None or len(locating.contributors) < settings.min_sites:
+        return {**base, "sites": sorted(locating.contributors), "privacy": locating.privacy, "status": "failed",
+                "reason": f"{len(locating.contributors)} site(s) sent a locating histogram, fewer than min_sites = "
+                          f"{settings.min_sites} ({locating.failures} failure(s)); the model is uncalibrated"}
+    window = calibration.locate(locating.histogram, len(locating.contributors))
+    fitting = CalibrationStrategy(settings, sites, run_key, absolute_round + 1, final, protocol.CALIBRATION_FIT, window)
+    _round(grid, legacy, fit_workflow, fitting, flower_round + 1)
+    base |= {"sites": sorted(fitting.contributors), "privacy": fitting.privacy, "window": list(window)}
+    if fitting.histogram is None or len(fitting.contributors) < settings.min_sites:
         return {**base, "status": "failed",
-                "reason": f"{len(strategy.contributors)} site(s) sent a histogram, fewer than min_sites = "
-                          f"{settings.min_sites} ({strategy.failures} failure(s)); the model is uncalibrated"}
+                "reason": f"{len(fitting.contributors)} site(s) sent a histogram, fewer than min_sites = "
+                          f"{settings.min_sites} ({fitting.failures} failure(s)); the model is uncalibrated"}
     try:
-        fitted = calibration.summarise(strategy.histogram, len(strategy.contributors))
+        fitted = calibration.summarise(fitting.histogram, len(fitting.contributors), window)
     except (ValueError, np.linalg.LinAlgError) as exc:
         return {**base, "status": "failed", "reason": f"the calibration map could not be fitted: {exc}"}
     if fitted["a"] <= 0:
         return {**base, "status": "failed", "reason": f"the fitted slope {fitted['a']:.3f} is not positive: the "
-                "model ranks the validation patients no better than chance; left uncalibrated"}
+                "model ranks the calibration patients no better than chance; left uncalibrated"}
     return {**base, "status": "fitted", **fitted}

@@ -47,12 +47,15 @@ Refusal, site -> coordinator: an Error reply with code REFUSAL_CODE whose reason
 Egress-ledger kinds: the Flower message type of the reply, with "/secagg+<stage>" for SecAgg+
 stages (`message_kind`).
 
-Recalibration, after the last training round (a train instruction with CALIBRATION = 1, through
-SecAgg+ like every train round unless the run sets secagg = false; ROUND is the last training round
-+ 1): the parameters are the final model; the site replies with one array instead of weights, its
-DP histogram of the final model's logits on its held-out patients (shape CALIBRATION_HISTOGRAM_SHAPE,
-divided by shared/training/calibration.py HISTOGRAM_SCALE), 1 example (every site weighs the same:
-the coordinator's mean times the number of sites is the sum), and the train metrics: SITE_INDEX, DP,
+Recalibration, after the last training round: two train instructions through SecAgg+ like every
+train round unless the run sets secagg = false, whose parameters are the final model. First
+CALIBRATION = CALIBRATION_LOCATE (ROUND = the last training round + 1): the site replies with one
+array instead of weights, a DP histogram of the final model's logits on its calibration patients
+without labels (shape CALIBRATION_LOCATE_SHAPE). Then CALIBRATION = CALIBRATION_FIT (ROUND + 1) with
+the window CALIBRATION_WINDOW_LO/HI the coordinator chose from the first sum: a DP histogram over
+that window split by outcome (shape CALIBRATION_HISTOGRAM_SHAPE). Both are divided by
+shared/training/calibration.py HISTOGRAM_SCALE and weigh 1 example (every site weighs the same: the
+coordinator's mean times the number of sites is the sum); the train metrics are SITE_INDEX, DP,
 LEDGER_KEY, the privacy report after the release and CALIBRATION_NOISE (the noise std per count).
 
 Deployment run config (`flwr run` / `spine-fl server`): RUN_CONFIG_SITES and RUN_CONFIG_OUT_DIR
@@ -100,9 +103,16 @@ LEDGER_HEAD: Final = (LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256)
 LEDGER_TEXT: Final = (LEDGER_KEY, LEDGER_DATASET, LEDGER_SHA256)
 CALIBRATION_NOISE: Final = "calibration_noise_std"  # recalibration reply: Gaussian noise std per count
 TRAIN_METRICS: Final = (SITE_INDEX, DP, *PRIVACY_METRICS, *LEDGER_HEAD, LEDGER_KEY, CALIBRATION_NOISE)
-CALIBRATION: Final = "calibration"  # instruction: 1 on the recalibration round (see the module docstring)
+CALIBRATION: Final = "calibration"  # instruction: CALIBRATION_LOCATE or CALIBRATION_FIT (module docstring)
+CALIBRATION_LOCATE: Final = 1
+CALIBRATION_FIT: Final = 2
+CALIBRATION_WINDOW_LO: Final = "calibration_window_lo"  # the fit stage's window of logits (floats)
+CALIBRATION_WINDOW_HI: Final = "calibration_window_hi"
+CALIBRATION_LOCATE_BINS: Final = 12
 CALIBRATION_BINS: Final = 24
-CALIBRATION_HISTOGRAM_SHAPE: Final = (2, CALIBRATION_BINS)  # rows: without / with the outcome
+CALIBRATION_LOCATE_SHAPE: Final = (1, CALIBRATION_LOCATE_BINS)  # unlabelled counts on a coarse grid
+CALIBRATION_HISTOGRAM_SHAPE: Final = (2, CALIBRATION_BINS + 2)  # rows: without / with the outcome; 2 overflow bins
+CALIBRATION_SHAPES: Final = (CALIBRATION_LOCATE_SHAPE, CALIBRATION_HISTOGRAM_SHAPE)
 
 # Pre-flight.
 PREFLIGHT: Final = "spine-fl.preflight"

@@ -25,6 +25,7 @@ from spine_fl.server.app import build_server_app
 from spine_fl.server.coordinator_record import RECORD_FILE
 from spine_fl.server.reporting import plots
 from spine_fl.server.reporting.federation_record import FEDERATION_FILE, MODEL_FILE, load_model
+from spine_fl.server.reporting.importance import save_importance
 from spine_fl.server.reporting.model_card import save_predictions, write_model_card
 from spine_fl.server.reporting.run_result import RunResult, write_run_result, write_run_status
 from spine_fl.shared.config import ConfigError, ConsortiumSettings, Scenario, load_scenario
@@ -201,6 +202,7 @@ def _simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, A
     plots.metric_per_round(out_dir / "auroc_per_round.png", federation["rounds"],
                            {"pooled": metrics["pooled"]["auroc"], "local_only": metrics["local_only"]["auroc"]})
     save_predictions(out_dir, {"federated": fed_test, "pooled": pooled_test, "local_only": local_test}, sites)
+    save_importance(out_dir, model, run.task_spec, sites, device)  # the card's importance section (simulation only)
     write_model_card(out_dir)
     return metrics
 

@@ -12,12 +12,19 @@ allows. With write access to `<state_dir>` and the site folder they can:
 Not stopped by the site's own files: replacing the site key and re-signing everything, and deleting
 both ledgers. The coordinator's record (pinned key, last ledger head) stops those:
 tests/test_attacks_coordinator.py.
+
+The same attacks with the site's running budget warm (issue 14: the ledger composed once per line
+and kept in the process, keyed by the ledger's verified head): edits between rounds are still
+refused; a ledger re-signed with the site's key, truncated with a matching head, or grown by another
+process is composed afresh from what it now holds (never a stale figure), and the coordinator's head
+still refuses the shorter or re-signed ones.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +37,7 @@ from test_attacks_site import ledger_lines, make_site, run_settings, send
 from spine_fl.client.privacy.egress_ledger import verify
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, PrivacyLedgerError, SpendRecord, dataset_id
 from spine_fl.client.privacy.round_privacy import assess_round
+from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.privacy.signed_log import KEY_FILE, PUBLIC_KEY_FILE
 from spine_fl.client.site_config import Site
 from spine_fl.shared import protocol
@@ -250,3 +258,124 @@ def test_incremental_verification_reads_the_same_records_as_a_full_one(tmp_path:
         incremental = ledger.records()
     signed_log._VERIFIED.clear()  # a fresh process: everything verified again
     assert ledger.records() == incremental and len(incremental) == 8
+
+
+# --- the same attacks with the running budget warm (issue 14) ------------------------------------
+
+def _warm(site: Site, ledger: PrivacyLedger) -> float:
+    """A round's check has composed the ledger in this process; the lifetime epsilon it holds."""
+    from spine_fl.client.privacy import privacy_ledger
+
+    assess_round(site, run_settings(), RUN, len(ledger.records()) + 1, 128)
+    assert privacy_ledger._SPENT[str(ledger.path.resolve())].lines == len(ledger.records())
+    return ledger.epsilon(1e-4, "rdp")
+
+
+def _composed_afresh(ledger: PrivacyLedger, delta: float = 1e-4) -> float:
+    """The audit's figure: the ledger's records composed from nothing."""
+    from spine_fl.shared.training.accounting import epsilon
+
+    return epsilon([(r.noise_multiplier, r.sample_rate, r.steps) for r in ledger.records()], delta, "rdp")
+
+
+def _re_signed(ledger: PrivacyLedger, records: list[SpendRecord]) -> None:
+    """What an insider holding the site's key can do: write the ledger anew, every line and head signed."""
+    ledger.path.unlink()
+    ledger.head.unlink()
+    for record in records:
+        ledger.append(record)
+
+
+@pytest.mark.parametrize("tamper,line", [("edit", 2), ("truncate", 3), ("delete", 2), ("edit_last", 3)])
+def test_tampering_between_rounds_is_refused_with_the_running_budget_warm(tmp_path: Path, tamper: str,
+                                                                           line: int) -> None:
+    site = make_site(tmp_path)
+    ledger = _ledger_of(site)
+    _warm(site, ledger)
+    lines = ledger.path.read_bytes().splitlines()
+    if tamper == "edit":
+        lines[1] = lines[1].replace(b'"steps":8', b'"steps":1')
+    elif tamper == "edit_last":  # the very line the running budget's head names
+        lines[2] = lines[2].replace(b'"steps":8', b'"steps":1')
+    elif tamper == "truncate":
+        lines = lines[:-1]
+    else:
+        del lines[1]
+    _rewrite(ledger.path, lines)
+    with pytest.raises(PrivacyLedgerError, match=f"does not verify at line {line}"):
+        ledger.spent()
+    refusal = _refusal(site)
+    assert refusal["rule"] == "privacy_ledger" and f"line {line}" in refusal["message"]
+    with pytest.raises(PrivacyLedgerError):  # and again: a refusal leaves nothing usable behind
+        ledger.epsilon(1e-4, "rdp")
+
+
+@pytest.mark.parametrize("rewrite", ["fewer_steps_early", "fewer_steps_last", "truncated"])
+def test_a_re_signed_ledger_is_composed_afresh_and_the_coordinator_head_refuses(tmp_path: Path,
+                                                                                rewrite: str) -> None:
+    """With the site's key an insider can write a smaller ledger that verifies. The running budget then
+    holds nothing stale: whatever the rewrite, the ledger's head (line count, last line's hash) no
+    longer matches, so the figure is composed from the ledger as it stands, as the audit composes it;
+    and the coordinator's record of the last head refuses the round (rule privacy_ledger)."""
+    from spine_fl.client.privacy.round_checks import decide_round
+    from spine_fl.client.privacy.round_privacy import LedgerRolledBack, check_coordinator_head
+
+    site = make_site(tmp_path)
+    ledger = _ledger_of(site, rounds=5)
+    spent_before = _warm(site, ledger)
+    lines, sha = ledger.log.last()
+    head = {protocol.LEDGER_DATASET: ledger.dataset, protocol.LEDGER_LINES: lines, protocol.LEDGER_SHA256: sha}
+    records = ledger.records()
+    if rewrite == "truncated":
+        records = records[:3]
+    else:  # an early line rewritten changes every later line too: each names its predecessor's hash
+        index = 1 if rewrite == "fewer_steps_early" else 4
+        records[index] = replace(records[index], steps=1)
+    _re_signed(ledger, records)
+
+    assert ledger.epsilon(1e-4, "rdp") == _composed_afresh(ledger) < spent_before
+    with pytest.raises(LedgerRolledBack, match="truncated, rolled back to an older copy or replaced"):
+        check_coordinator_head(site.state_dir, head)
+    decision = decide_round(site, run_settings(), RUN, 9, secagg_in_use=True, training=True, coordinator_head=head)
+    assert decision.refusal is not None and decision.refusal.rule == "privacy_ledger"
+
+
+def test_lines_another_process_appended_count_before_the_next_check(tmp_path: Path) -> None:
+    """A running budget that missed lines would serve a stale, lower epsilon: a second process (another
+    run on the same patients) charges rounds after this one composed the ledger; the next check here
+    composes them and refuses the round that the stale figure would have allowed."""
+    site = make_site(tmp_path)
+    ledger = _ledger_of(site)
+    _warm(site, ledger)
+    allowed = assess_round(site, run_settings(), "o" * 32, 1, 128)
+    other = PrivacyLedger(site.state_dir, ledger.dataset)  # the other process's view: its own appends
+    for rnd in (4, 5, 6):
+        other.append(SpendRecord(RUN, rnd, 1.0, 0.125, 8, 1.0, 1e-4, "rdp"))
+    budget = allowed.epsilon_lifetime_after + 0.01  # room for the round as it looked before the appends
+    tight = Site(site.name, site.data_dir, site.state_dir, SitePolicy(require_secagg=False, epsilon_lifetime=budget))
+    from spine_fl.client.privacy.round_checks import budget_refusal
+
+    assessed = assess_round(tight, run_settings(), "o" * 32, 1, 128)
+    assert assessed.epsilon_lifetime_after > allowed.epsilon_lifetime_after
+    assert ledger.spent().lines == 6
+    assert ledger.epsilon(allowed.plan.delta, "rdp") == _composed_afresh(ledger, allowed.plan.delta)
+    refusal = budget_refusal(tight, run_settings(), assessed)
+    assert refusal is not None and refusal.rule == "epsilon_lifetime"
+
+
+
+def test_the_dataset_id_follows_the_patient_table_even_when_its_size_and_times_are_kept(tmp_path: Path) -> None:
+    """The identity is parsed once per table content (issue 14), never once per file name or time: a
+    table swapped for other patients of the same size, its modification time put back, is a new
+    dataset at once; the same bytes again are the old one."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    clinical = site_dir / "clinical.csv"
+    clinical.write_text("patient_id\np1\np2\n")
+    before, stat = dataset_id(site_dir), clinical.stat()
+    clinical.write_text("patient_id\np1\np3\n")
+    os.utime(clinical, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert clinical.stat().st_size == stat.st_size and clinical.stat().st_mtime_ns == stat.st_mtime_ns
+    assert dataset_id(site_dir) != before
+    clinical.write_text("patient_id\np1\np2\n")
+    assert dataset_id(site_dir) == before

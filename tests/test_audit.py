@@ -27,7 +27,7 @@ from spine_fl.client.privacy.received_models import load_received
 from spine_fl.client.site_config import Site
 from spine_fl.shared.config import load_scenario
 from spine_fl.shared.training.accounting import dp_tpr_ceiling
-from spine_fl.shared.training.calibration import NOISE_STD
+from spine_fl.shared.training.calibration import LOCATE_NOISE_STD, NOISE_STD
 from spine_fl.simulations.runner import simulate
 
 DP_RUN = {"task": "rbp_tabular", "rounds": 3, "local_epochs": 1, "batch_size": 16, "learning_rate": 0.3,
@@ -91,9 +91,10 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
 
     budget, reported = report["privacy_budget"], metrics["privacy"]["per_site"]["leiden"]
     (run,) = budget["runs"]
-    # 3 training rounds and the recalibration histogram (a Gaussian mechanism: rate 1, one step)
-    assert run["rounds"] == 4 and run["delta"] == reported["delta"]
-    history = [(reported["noise_multiplier"], reported["sample_rate"], reported["steps"]), (NOISE_STD, 1.0, 1)]
+    # 3 training rounds and the two recalibration histograms (Gaussian mechanisms: rate 1, one step)
+    assert run["rounds"] == 5 and run["delta"] == reported["delta"]
+    history = [(reported["noise_multiplier"], reported["sample_rate"], reported["steps"]),
+               (LOCATE_NOISE_STD, 1.0, 1), (NOISE_STD, 1.0, 1)]
     for figure in (run["reported_epsilon"], reported["epsilon_total"],
                    independent_rdp_epsilon(history, reported["delta"])):  # RDP against RDP: like with like
         assert run["epsilon"] == pytest.approx(figure, rel=0.02)
@@ -110,8 +111,8 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
     record = report["coordinator_record"]  # --run-dir: compared with the run's metrics.json
     assert record["compared"] and record["key_matches"] and record["head"]["held"], record
     assert record["pinned_key"] == metrics["ledgers"]["leiden"]["ledger_key"] == record["site_key"]
-    # 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate), then the recalibration round's 4 SecAgg+ stages
-    assert report["integrity"]["ok"] and report["integrity"]["lines"] == 22
+    # 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate), then the two recalibration rounds' 4 SecAgg+ stages
+    assert report["integrity"]["ok"] and report["integrity"]["lines"] == 26
     assert report["policy"]["runs"][0]["status"] == "complied"
     mia = report["membership_inference"]
     assert mia["members"] + mia["non_members"] == sum(metrics["patients"]["leiden"].values())
@@ -125,13 +126,13 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
                           f"{p['ceiling']:.3f}" for p in attack["tpr_at_fpr"]))
     assert set(mia["attacks"]) == {"loss_threshold", "lira"}
     _assert_plain_words(page, budget["lifetime"], mia)
-    # the attacked model is the published one: the trained model the recalibration round (round 4)
+    # the attacked model is the published one: the trained model the recalibration rounds (4 and 5)
     # delivered, whose output layer the coordinator then scaled by Platt's map (a monotone map: the
     # attacks' AUCs are the same for both)
     (kept,) = load_received(run_dir / "site-state" / "leiden")
     bundle = torch.load(run_dir / "model.pt", weights_only=True)
     published = list(bundle["state_dict"].values())
-    assert mia["run_id"] == kept.run_id and kept.round == 4
+    assert mia["run_id"] == kept.run_id and kept.round == 5
     folded = bundle.get("calibration", {}).get("folded", False)
     assert folded == (metrics["calibration"]["status"] == "fitted")  # no map fitted: the model as trained
     a, b = (bundle["calibration"]["a"], bundle["calibration"]["b"]) if folded else (1.0, 0.0)
@@ -213,7 +214,7 @@ def test_a_deleted_or_truncated_egress_ledger_fails(dp_run, tmp_path: Path, dama
     elif damage == "emptied":
         ledger.write_bytes(b"")
     else:
-        ledger.write_bytes(b"".join(lines[:-5]))  # the last round's SecAgg+ stages and evaluate reply
+        ledger.write_bytes(b"".join(lines[:-9]))  # the recalibration rounds and the last evaluate reply
     report = run_audit(_site(run_dir, "leiden", state), tmp_path / "report", shadow_models=0, bootstrap=100)
     assert report["verdict"]["verdict"] == "fail"
     first = report["verdict"]["reasons"][0]
@@ -221,9 +222,9 @@ def test_a_deleted_or_truncated_egress_ledger_fails(dp_run, tmp_path: Path, dama
     if damage == "truncated":  # the signed head is gone: the ledger as a whole cannot be trusted
         assert "head file missing" in first["text"]
     else:
-        # 3 training rounds and the recalibration histogram, each a DP release in the privacy ledger
-        assert "deleted or never written" in first["text"] and "4 DP round(s)" in first["text"], first
-        assert report["integrity"]["activity"]["dp_rounds_recorded"] == 4
+        # 3 training rounds and the two recalibration histograms, each a DP release in the privacy ledger
+        assert "deleted or never written" in first["text"] and "5 DP round(s)" in first["text"], first
+        assert report["integrity"]["activity"]["dp_rounds_recorded"] == 5
         assert "deleted or never written" in (tmp_path / "report" / "audit.html").read_text()
 
 
@@ -238,7 +239,7 @@ def test_planted_identifier_in_an_outgoing_metric_is_flagged(dp_run, tmp_path: P
 
     report = run_audit(_site(run_dir, "zurich", state), tmp_path / "report", shadow_models=0, bootstrap=200)
     findings = report["payload_scan"]["findings"]
-    planted = 3 * 6 + 4 + 1  # after 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate) and recalibration
+    planted = 3 * 6 + 8 + 1  # after 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate) and recalibration
     assert len(findings) == 1 and findings[0]["line"] == planted and findings[0]["severity"] == "fail"
     assert patient in findings[0]["what"] and "patient_id" in findings[0]["what"]
     assert report["verdict"]["verdict"] == "fail"

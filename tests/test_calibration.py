@@ -44,14 +44,50 @@ def test_recommended_threshold_is_youdens_j_on_a_known_histogram() -> None:
     pos, neg = np.zeros(calibration.BINS), np.zeros(calibration.BINS)
     neg[8:12] = [10, 20, 20, 10]  # negatives: logits -2.0 .. 0.0
     pos[11:15] = [5, 15, 20, 10]  # positives: logits -0.5 .. 1.5; overlap in bin 11
-    t = calibration.youden_threshold(pos, neg, a=1.0, b=0.0)
     e = calibration.edges()
+    t = calibration.youden_threshold(pos, neg, 1.0, 0.0, cuts=e[1:])
     # cutting at edge 11 keeps every positive (sens 1) and 50/60 negatives; at 12: 45/50 and 60/60
     assert t.logit == pytest.approx(e[12]) and t.rule == "youden"
     assert (t.sensitivity, t.specificity) == pytest.approx((45 / 50, 1.0))
     assert t.value == pytest.approx(calibration.sigmoid(e[12]))
     dc = calibration.net_benefit_range(calibration.centres(), pos, neg, 1.0, 0.0)
     assert dc["from"] is not None and dc["from"] <= t.value <= dc["to"]
+
+
+def test_the_window_follows_bunched_logits_and_the_fit_recovers_their_slope() -> None:
+    """The default run's DP model bunches its logits (mean +2.0, sd 0.35): on fixed half-logit bins
+    they fill two or three bins and the fitted slope is mostly noise. The locate release finds them."""
+    rng = np.random.default_rng(3)
+    sites, n = 3, 3000
+    x = rng.normal(2.0, 0.35, n)
+    y = (rng.random(n) < calibration.sigmoid(4.0 * (x - 2.0))).astype(int)
+    located = sum(calibration.noisy(calibration.locate_histogram(x[s::sites]), calibration.LOCATE_NOISE_STD, rng)
+                  for s in range(sites))
+    lo, hi = calibration.locate(located, sites)
+    assert lo <= np.percentile(x, 1) and np.percentile(x, 99) <= hi and hi - lo <= 4.0
+    fit = sum(calibration.noisy(calibration.fit_histogram(x[s::sites], y[s::sites], (lo, hi)), calibration.NOISE_STD, rng)
+              for s in range(sites))
+    assert fit.shape == protocol.CALIBRATION_HISTOGRAM_SHAPE
+    summary = calibration.summarise(fit, sites, (lo, hi))
+    assert summary["a"] == pytest.approx(4.0, rel=0.15) and summary["b"] == pytest.approx(-8.0, rel=0.15)
+    assert 0.6 <= summary["threshold"]["sensitivity"] and 0.6 <= summary["threshold"]["specificity"]
+    # the same patients on the fixed grid of the single release this replaced: the slope is lost
+    old = sum(calibration.noisy(calibration.logit_histogram(x[s::sites], y[s::sites]), calibration.NOISE_STD, rng)
+              for s in range(sites))
+    keep = calibration.support(old, sites)
+    a_old, _ = calibration.platt_fit(calibration.centres()[keep], old[1][keep], old[0][keep])
+    assert abs(a_old - 4.0) > abs(summary["a"] - 4.0)
+
+
+def test_nothing_is_released_for_an_unknown_stage_or_an_empty_window(tmp_path: Path) -> None:
+    from spine_fl.client.calibration import CalibrationRefused, release
+    from spine_fl.client.site_config import Site
+
+    site = Site("leiden", tmp_path, tmp_path / "state", SitePolicy())
+    run = RunSettings(task="rbp_tabular", rounds=2)
+    for stage, window in ((3, None), (protocol.CALIBRATION_FIT, None), (protocol.CALIBRATION_FIT, (1.0, 1.0))):
+        with pytest.raises(CalibrationRefused, match="nothing leaves"):
+            release(site, run, torch.nn.Linear(1, 1), None, "k" * 32, 3, torch.device("cpu"), stage, window)  # type: ignore[arg-type]
 
 
 def test_the_histogram_release_raises_epsilon_by_exactly_the_gaussian_mechanism(tmp_path: Path) -> None:
@@ -104,9 +140,11 @@ def test_a_folded_map_makes_the_model_output_the_calibrated_logit() -> None:
 @pytest.mark.slow
 def test_a_tiny_consortium_is_recalibrated_end_to_end(tmp_path: Path) -> None:
     scenario = tmp_path / "tiny.toml"
-    scenario.write_text('name = "tiny"\n[consortium]\nsource = "synthetic"\nsites = 3\nseed = 7\n'
-                        '[run]\ntask = "rbp_tabular"\nrounds = 2\nmin_sites = 3\n'
-                        '[policy]\nmin_eval_patients = 5\nmin_eval_per_class = 1\n')
+    # real patients with a strong signal (UCI vertebral column, AUROC ~0.9 under DP): a model that ranks
+    # at chance is rightly left uncalibrated (the fitted slope is not positive), which is not this test
+    scenario.write_text('name = "tiny"\n[consortium]\nsource = "vertebral_column"\nsites = 3\nseed = 7\n'
+                        '[run]\ntask = "vertebral_column"\nrounds = 5\nmin_sites = 3\nlearning_rate = 0.3\n'
+                        '[policy]\nmin_eval_patients = 5\nmin_eval_per_class = 1\nepsilon_per_run = 20.0\nepsilon_lifetime = 40.0\n')
     out = tmp_path / "out"
     runner = CliRunner()
     result = runner.invoke(app, ["simulate", "--scenario", str(scenario), "--out", str(out)])
@@ -116,19 +154,24 @@ def test_a_tiny_consortium_is_recalibrated_end_to_end(tmp_path: Path) -> None:
     threshold = bundle["recommended_threshold"]
     assert 0 < threshold["value"] < 1 and threshold["rule"] == "youden"
     metrics = json.loads((out / "metrics.json").read_text())
+    spent = {site: p["epsilon_total"] for site, p in metrics["privacy"]["per_site"].items()}
+    weakest = max(spent, key=spent.get)  # the model file carries the run's guarantee: the weakest site's
+    assert bundle["privacy"]["site"] == weakest and bundle["privacy"]["epsilon"] == pytest.approx(spent[weakest])
+    assert bundle["privacy"]["delta"] == metrics["privacy"]["per_site"][weakest]["delta"]
     cal = metrics["calibration"]
     assert cal["status"] == "fitted" and cal["secure_aggregation"] and len(cal["sites"]) == 3
     assert {"before", "after"} <= set(cal["held_out"]["test"])
-    for site, report in cal["privacy"].items():  # the release is charged at every site, past the last round
+    assert cal["rounds"] == [6, 7] and len(cal["window"]) == 2
+    for site, report in cal["privacy"].items():  # both releases are charged at every site, past the last round
         ledger_rounds = [json.loads(line)["round"] for line in
-                         (out / "site-state" / site / "privacy").rglob("*.jsonl").__next__().read_text().splitlines()
+                         next((out / "site-state" / site / "privacy").glob("*.jsonl")).read_text().splitlines()
                          if line.strip().startswith("{") and '"round"' in line]
-        assert report[protocol.EPSILON_RUN] > 0 and (not ledger_rounds or max(ledger_rounds) == 3)
+        assert report[protocol.EPSILON_RUN] > 0 and max(ledger_rounds) == 7 == cal["round"]  # 5 rounds, locate, fit
     card = json.loads((out / "model_card.json").read_text())
     assert card["recalibration"]["status"] == "fitted"
     assert "before -> after" in card["findings"]["recalibration"]
     assert "Recalibration" in (out / "model_card.html").read_text()
-    predicted = runner.invoke(app, ["predict", str(out / "model.pt"), "--site-dir", str(out / "sites" / "leiden"),
+    predicted = runner.invoke(app, ["predict", str(out / "model.pt"), "--site-dir", str(out / "sites" / "vc_site1"),
                                     "--out", str(tmp_path / "pred")])
     assert predicted.exit_code == 0, predicted.output
     csv = (tmp_path / "pred" / "predictions.csv").read_text()

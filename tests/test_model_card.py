@@ -8,17 +8,28 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import typer
-from model_card_samples import SITES, sample_run
+from model_card_samples import DECISIVE, SECOND, SITES, planted_images, planted_tabular, sample_run
 from scipy.special import expit
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from typer.testing import CliRunner
 
 from spine_fl.server.reporting.cli import report
+from spine_fl.server.reporting.importance import (
+    IMPORTANCE_FILE,
+    REPEATS,
+    ShuffledPredictors,
+    compute_importance,
+    predictors,
+)
+from spine_fl.server.reporting.importance_html import SALIENCY_PNG
 from spine_fl.server.reporting.model_card import (
     BOOTSTRAP_RESAMPLES,
     CARD_HTML,
@@ -28,8 +39,13 @@ from spine_fl.server.reporting.model_card import (
     age_band,
     calibration,
     metrics_with_ci,
+    outcome_text,
     write_model_card,
 )
+from spine_fl.server.reporting.saliency import mean_saliency
+from spine_fl.shared.contract.data_contract import SiteData
+from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.models.registry import build_model
 
 MODELS = ("federated", "pooled", "local_only")
 
@@ -340,3 +356,161 @@ def test_the_card_states_recalibration_before_and_after_and_the_threshold_rule()
     assert "summed by secure aggregation" in text
     failed = recalibration_sentence(recalibration({"status": "failed", "reason": "2 site(s) sent a histogram"}))
     assert "not applied" in failed and "uncalibrated" in failed
+
+
+# -- importances (server/reporting/importance.py, saliency.py) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[Any, dict, Any, dict]:
+    """The kyphoplasty task's predictors at three sites, the outcome decided by one of them; its section."""
+    task, sites, model = planted_tabular()
+    return task, sites, model, compute_importance(model, task, sites, torch.device("cpu"))
+
+
+def test_importance_has_one_row_per_predictor_and_ranks_the_decisive_column_first(planted: tuple) -> None:
+    task, sites, model, section = planted
+    permutation = section["permutation"]
+    assert section["available"] and section["saliency"] is None  # a table task: no images to map
+    assert permutation["metric"] == "AUROC" and permutation["repeats"] == REPEATS
+    rows = permutation["rows"]
+    assert sorted(r["predictor"] for r in rows) == sorted(f.name for f in task.features)  # one row per predictor
+    assert {r["predictor"]: r["inputs"] for r in rows}["sex"] == 2  # its two one-hot inputs: one row
+    assert [r["predictor"] for r in rows[:2]] == [DECISIVE, SECOND]
+    assert rows[0]["mean"] > 0.2 and rows[0]["mean"] > 3 * rows[1]["mean"] > 0 and rows[0]["sd"] > 0
+    assert all(r["mean"] == 0 and r["sd"] == 0 for r in rows[2:])  # the model does not read them
+    y = np.concatenate([d.y for d in sites.values()])
+    with torch.no_grad():
+        p = torch.sigmoid(model(None, torch.from_numpy(np.concatenate([d.features for d in sites.values()]))))
+    assert permutation["baseline_auroc"] == pytest.approx(roc_auc_score(y, p.numpy()))
+    assert permutation["patients"] == len(y) and permutation["events"] == int(y.sum())
+
+
+def test_a_shuffled_category_keeps_every_patients_one_hot_inputs_together(planted: tuple) -> None:
+    task, sites, model, _ = planted
+    features = np.concatenate([d.features for d in sites.values()])
+    groups = predictors(task)
+    sex = next(j for j, g in enumerate(groups) if g.name == "sex")
+    estimator = ShuffledPredictors(model, features, None, groups, torch.device("cpu"))
+    index = np.repeat(np.arange(len(features))[:, None], len(groups), axis=1)
+    donors = np.random.default_rng(0).permutation(len(features))
+    index[:, sex] = donors
+    shuffled = estimator.inputs(index)
+    inputs = groups[sex].inputs
+    assert np.array_equal(shuffled[:, inputs], features[donors][:, inputs])  # the donor's whole category
+    assert np.all(shuffled[:, inputs].sum(axis=1) == 1)  # still one category per patient
+    others = np.ones(features.shape[1], bool)
+    others[inputs] = False
+    assert np.array_equal(shuffled[:, others], features[:, others])  # every other predictor the patient's own
+
+
+def test_mean_saliency_peaks_on_the_region_the_model_reads() -> None:
+    images, model = planted_images()
+    task = SimpleNamespace(image=SimpleNamespace(views=("FRONT", "SIDE")))
+    saliency = mean_saliency(model, task, images, np.zeros((len(images), 0), np.float32), torch.device("cpu"))
+    front, side = saliency["views"]
+    assert side["share"] == pytest.approx(1.0) and front["share"] == pytest.approx(0.0)
+    row, col = side["peak_row_col"]
+    assert 8 <= row < 16 and 20 <= col < 28
+    assert saliency["patients"] == len(images) and saliency["map_side"] == 32
+    assert max(map(max, side["map"])) == 1.0 and max(map(max, front["map"])) == 0.0
+
+
+def _with_importance(run_dir: Path, section: dict) -> dict:
+    (run_dir / IMPORTANCE_FILE).write_text(json.dumps(section))
+    return write_model_card(run_dir)
+
+
+def test_the_card_shows_the_importance_table_and_escapes_predictor_names(planted: tuple, tmp_path: Path) -> None:
+    _, _, _, section = planted
+    section = copy.deepcopy(section)
+    hostile = '<b>bmd</b><img src=x onerror=alert(1)> $^$'  # "$...$" must not start matplotlib's math mode
+    section["permutation"]["rows"][0]["predictor"] = hostile
+    run_dir = sample_run(tmp_path / "run")
+    card = _with_importance(run_dir, section)
+    assert card["importance"]["permutation"]["rows"][0]["predictor"] == hostile
+    page = (run_dir / CARD_HTML).read_text()
+    part = page[page.index("What the model relies on"):page.index("Federated vs pooled vs local-only")]
+    assert html.escape(hostile, quote=False) in part and "<b>" not in page and "<img src=x" not in page
+    assert "drop in AUROC when that predictor&#39;s values are shuffled among the patients" in part
+    assert "not what causes the outcome" in part and "shuffled together" in part
+    assert page.count('src="data:image/png;base64,') == 6  # the five plots and the importance bars
+    assert f"What the model relies on most: {hostile}" in card["findings"]["importance"]
+
+
+def test_the_card_shows_the_mean_saliency_map_and_saves_it_beside_the_card(tmp_path: Path) -> None:
+    images, model = planted_images()
+    task = SimpleNamespace(image=SimpleNamespace(views=("AP", "LAT")))
+    saliency = mean_saliency(model, task, images, np.zeros((len(images), 0), np.float32), torch.device("cpu"))
+    run_dir = sample_run(tmp_path / "run")
+    card = _with_importance(run_dir, {"available": True, "permutation": None, "saliency": saliency,
+                                      "deployment": "simulation only"})
+    page = (run_dir / CARD_HTML).read_text()
+    assert page.count('src="data:image/png;base64,') == 6
+    assert (run_dir / SALIENCY_PNG).read_bytes().startswith(b"\x89PNG")
+    assert "LAT 100%, AP 0%" in page and "LAT view carries the largest share" in card["findings"]["importance"]
+
+
+def test_importances_are_computed_in_simulation_only_and_the_card_says_why(tmp_path: Path) -> None:
+    run_dir = sample_run(tmp_path / "deployed", with_predictions=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "engine": "deployment"}))
+    card = write_model_card(run_dir)
+    assert card["importance"]["available"] is False and "importance" not in card["findings"]
+    assert "computed in simulation only" in card["importance"]["reason"]
+    page = (run_dir / CARD_HTML).read_text()
+    part = page[page.index("What the model relies on"):page.index("Federated vs pooled vs local-only")]
+    assert "only model weights" in part and "<table>" not in part and "<img" not in part
+    # a simulation folder without importance.json, model.pt or site folders: says what is missing
+    card = write_model_card(sample_run(tmp_path / "simulated"))
+    assert not card["importance"]["available"] and "importance.json" in card["importance"]["reason"]
+
+
+def test_the_card_says_what_a_probability_means_for_one_patient(sample: tuple[dict, Path]) -> None:
+    from spine_fl.server.reporting.model_card import _findings
+
+    card, run_dir = sample
+    sentence = card["findings"]["probability"]
+    assert sentence.startswith("What a probability means for one patient: a probability of 0.70 means that among "
+                               "100 patients like this one, about 70 would be expected to have a favourable outcome: "
+                               "their pain score (NRS) reduced by at least 50% at the 2-month follow-up - if the "
+                               "model is calibrated for your population; see the calibration section.")
+    assert "they were NOT" in sentence  # the sample's federated model is poorly calibrated
+    assert sentence in html.unescape((run_dir / CARD_HTML).read_text())  # in "In short"
+    other = copy.deepcopy(card)
+    other["task"]["outcome"] = outcome_text(get_task("rbp_tabular"))
+    other["calibration"]["federated"]["well_calibrated"] = True
+    sentence = _findings(other)["probability"]
+    assert 'expected to have the outcome "Residual back pain after kyphoplasty" (residual_pain = 1)' in sentence
+    assert "close to the observed rates" in sentence
+    assert outcome_text(get_task("lss_surgery_zcq")) == (
+        'meet every condition of "Success of lumbar stenosis surgery (ZCQ, 26 weeks)": zcq_severity_baseline - '
+        "zcq_severity_26w >= 0.5 and zcq_function_baseline - zcq_function_26w >= 0.5 and zcq_satisfaction_26w <= 2.5")
+
+
+def test_an_interval_narrower_than_four_digits_says_so_not_that_every_resample_agreed() -> None:
+    from spine_fl.server.reporting.model_card import _with_ci
+    from spine_fl.server.reporting.model_card_html import NO_BREAK, _ci
+
+    assert _with_ci({"value": 0.1235, "ci": [0.123451, 0.123452]}) == (
+        "0.12 (no interval: its ends differ by less than 0.0001)")
+    assert _ci({"value": 0.1235, "ci": [0.123451, 0.123452]}) == "0.12 (CI narrower than 0.0001)".translate(NO_BREAK)
+    assert _with_ci({"value": 1.0, "ci": [1.0, 1.0]}).endswith("every bootstrap resample gives this value)")
+
+
+def test_a_fusion_task_gets_both_the_predictor_table_and_the_mean_map() -> None:
+    """The predictors are shuffled while each patient keeps their own image; the image gets its map."""
+    task = get_task("lss_surgery_zcq")
+    rng = np.random.default_rng(1)
+    sites = {}
+    for name in ("a", "b"):
+        n = 16
+        y = (np.arange(n) % 2).astype(np.float32)
+        sites[name] = SiteData(np.array([f"{name}{i}" for i in range(n)]), np.full(n, "test"), y,
+                               rng.normal(0, 1, (n, task.n_features)).astype(np.float32),
+                               rng.random((n, 1, 32, 32)).astype(np.float32), pd.DataFrame({"age": np.full(n, 60.0)}))
+    section = compute_importance(build_model(task), task, sites, torch.device("cpu"))
+    assert [r["predictor"] for r in sorted(section["permutation"]["rows"], key=lambda r: r["predictor"])] == sorted(
+        f.name for f in task.features)
+    saliency = section["saliency"]
+    assert [v["view"] for v in saliency["views"]] == ["T2_AXIAL"] and saliency["patients"] == 32
+    assert np.asarray(saliency["views"][0]["map"]).shape == (32, 32)

@@ -2,7 +2,8 @@
 
 The runs are made here in a second: a model of the task built and saved as a run saves it
 (shared/models/model_file.py save_model), on tiny synthetic site folders (12 patients, 16 px
-images), so the file checks the command, not the training.
+images), so the file checks the command, not the training. That the explanations point at what
+decides the outcome is tests/test_explanations_planted.py's business.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import dataclasses
 import json
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -19,6 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from spine_fl.cli import app
+from spine_fl.client.prediction import predict as predict_module
+from spine_fl.client.prediction.predict import predict_site
 from spine_fl.shared.config import RunSettings
 from spine_fl.shared.contract.data_contract import validate_and_load
 from spine_fl.shared.models.model_file import save_model
@@ -29,6 +34,8 @@ from spine_fl.simulations.synthetic.consortium import PROFILES, synthesize_site
 PATIENTS = 12
 IMAGE_PX = 16
 NOTE = "threshold 0.5 (no recommended threshold recorded for this model: uncalibrated)"
+MARKUP_ID = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+NOT_CAUSES = "shows what the model relied on for this patient, not a cause"
 
 
 def _run(folder: Path, task: str, image_size: int = 64) -> Path:
@@ -175,3 +182,128 @@ def test_help_says_nothing_leaves_the_site() -> None:
     result = CliRunner().invoke(app, ["predict", "--help"])
     assert result.exit_code == 0
     assert re.search(r"nothing is sent over\s+the\s+network", " ".join(result.output.replace("│", " ").split()))
+
+
+class _Links(HTMLParser):
+    """Every href / src of a page, every element id (the targets of #anchors), tag and event handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.ids: set[str] = set()
+        self.tags: set[str] = set()
+        self.handlers: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.handlers += [f"{tag}[{name}]" for name, _ in attrs if name.startswith("on")]
+        for name, value in attrs:
+            if name in ("href", "src") and value is not None and not value.startswith("data:"):
+                self.links.append(value)
+            if name == "id" and value:
+                self.ids.add(value)
+
+
+def _page(out: Path) -> tuple[str, _Links]:
+    html = (out / "index.html").read_text(encoding="utf-8")
+    links = _Links()
+    links.feed(html)
+    return html, links
+
+
+def _check_links(out: Path, links: _Links) -> set[Path]:
+    """Every link is relative, stays in OUT and names a file that exists (or an id on the page); the files."""
+    files = set()
+    for link in links.links:
+        parts = urlsplit(link)
+        assert not parts.scheme and not parts.netloc and not parts.path.startswith("/"), link
+        if not parts.path:
+            assert parts.fragment in links.ids, f"anchor {link} leads nowhere"
+            continue
+        target = (out / unquote(parts.path)).resolve()
+        assert target.is_relative_to(out.resolve()) and target.is_file(), f"{link}: no such file in {out}"
+        files.add(target)
+    return files
+
+
+def test_index_html_lists_every_patient_and_links_every_explanation(made: dict[str, Path], tmp_path: Path) -> None:
+    code, output = _predict(made["run_images"] / "model.pt", "--site-dir", made["site_images"], "--explain", "2",
+                            "--out", tmp_path)
+    assert code == 0, output
+    html, links = _page(tmp_path)
+    linked = _check_links(tmp_path, links)
+    pngs = {p.resolve() for p in (tmp_path / "explanations").glob("*.png")}
+    assert len(pngs) == 8 and pngs <= linked  # 2 patients x 4 views, each shown
+    assert {(tmp_path / name).resolve() for name in ("predictions.csv", "explanations.json")} <= linked
+    table = _check_predictions(tmp_path, PATIENTS)
+    rows = re.findall(r"<tr><td>([^<]+)</td><td class=\"num\">([\d.]+)</td><td>([01]) ", html)
+    assert [r[0] for r in rows] == list(table.patient_id)
+    assert [float(r[1]) for r in rows] == pytest.approx(table.probability.tolist(), abs=5e-4)
+    assert [int(r[2]) for r in rows] == list(table.decision)
+    settings = RunSettings(task="tfesi_radiograph", image_size=IMAGE_PX, dp=False)
+    text = " ".join(html.split())
+    assert settings.task_sha256 in text and "trained without differential privacy" in text
+    assert "none: the uncalibrated default 0.5" in text and "may not be read as risks" in text
+    assert NOT_CAUSES in text
+
+
+def test_index_html_escapes_a_patient_id_that_is_markup(made: dict[str, Path], tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    shutil.copytree(made["site_table"], site)
+    clinical = pd.read_csv(site / "clinical.csv", dtype=str)
+    clinical.loc[4, "patient_id"] = MARKUP_ID
+    clinical.to_csv(site / "clinical.csv", index=False)
+    code, output = _predict(made["run_table"], "--site-dir", site, "--patient", MARKUP_ID, "--out", tmp_path / "out")
+    assert code == 0, output
+    html, links = _page(tmp_path / "out")
+    assert "script" not in links.tags and links.handlers == []  # the id's markup made no element, no handler
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;&#34;&gt;&lt;img src=x onerror=alert(2)&gt;") >= 3
+    assert "x" not in links.links and len(_check_links(tmp_path / "out", links)) == 3  # csv, json, bar chart
+
+
+def test_index_html_renders_in_a_browser_with_the_markup_as_text(made: dict[str, Path], tmp_path: Path) -> None:
+    from browser import check_page, ink_fraction
+
+    site = tmp_path / "site"
+    shutil.copytree(made["site_table"], site)
+    clinical = pd.read_csv(site / "clinical.csv", dtype=str)
+    clinical.loc[4, "patient_id"] = MARKUP_ID
+    clinical.to_csv(site / "clinical.csv", index=False)
+    predict_site(made["run_table"], site, tmp_path / "out", explain=PATIENTS)
+    result = check_page(tmp_path / "out" / "index.html", tmp_path / "index.png")
+    assert result.errors == [], result.errors  # an alert() that ran, or an image that failed to load
+    assert "script" not in result.tags and result.handlers == [] and "x" not in result.image_sources
+    assert len(result.image_widths) == PATIENTS and min(result.image_widths) > 0  # every bar chart decodes
+    assert result.overflow_px <= 0 and ink_fraction(result.screenshot) > 0.02
+    assert MARKUP_ID in result.text and NOT_CAUSES in " ".join(result.text.split())
+
+
+def test_a_run_that_fails_leaves_no_index_html(made: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    predict_site(made["run_table"], made["site_table"], out, explain=1)
+    assert (out / "index.html").is_file()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("explanation failed")
+
+    monkeypatch.setattr(predict_module, "integrated_gradients", broken)
+    with pytest.raises(RuntimeError, match="explanation failed"):
+        predict_site(made["run_table"], made["site_table"], out, explain=1)
+    assert not (out / "index.html").exists()  # the old page would describe predictions this run replaced
+    predict_site(made["run_table"], made["site_table"], out, explain=0)  # explaining no one: nothing to fail
+    assert (out / "index.html").is_file() and not list(out.glob("*.tmp*"))
+
+
+def test_index_html_states_the_threshold_rule_and_the_privacy_the_run_recorded(made: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(made["run_table"], run)
+    (run / "model_card.json").write_text(json.dumps({"recommended_threshold": {"value": 0.3, "rule": "Youden"}}))
+    (run / "metrics.json").write_text(json.dumps({"privacy": {"per_site": {
+        "a": {"dp": True, "epsilon": 2.5, "delta": 1e-3}, "b": {"dp": True, "epsilon": 3.25, "delta": 5e-4}}}}))
+    predict_site(run, made["site_table"], tmp_path / "out", explain=0)
+    text = " ".join(_page(tmp_path / "out")[0].split())
+    assert "threshold rule</td><td>Youden" in text and "decision at 0.3" in text
+    assert "\u03b5 = 3.25, \u03b4 = 5e-4" in text and "the largest of 2 sites, b" in text
+    assert "of 100 patients like this one" in text and "may not be read as risks" not in text

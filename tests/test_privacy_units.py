@@ -30,6 +30,27 @@ def test_rounds_compose_like_one_long_run() -> None:
     assert epsilon(per_round, 1e-3) > epsilon(per_round[:6], 1e-3)
 
 
+def test_a_composition_is_immutable_and_refuses_an_unknown_accountant() -> None:
+    """A running budget shares compositions between ledger heads: adding a round must never change the
+    one it was added to, an entry without steps spends nothing, and no accountant name silently falls
+    back to another accountant."""
+    import numpy as np
+
+    from spine_fl.shared.training.accounting import EMPTY, compose
+
+    before = compose([(1.0, 0.2, 5)])
+    curve = before.rdp.copy()
+    after = before.then(1.0, 0.2, 5)
+    assert (before.rdp == curve).all() and before.steps == 5 and after.steps == 10
+    assert after.mechanisms == ((1.0, 0.2, 10),)
+    with pytest.raises(ValueError):
+        before.rdp[0] = 0.0  # read-only: shared, never edited in place
+    assert before.then(3.0, 0.5, 0) is before and EMPTY.epsilon(1e-5) == 0.0
+    assert np.isfinite(after.epsilon(1e-5))
+    with pytest.raises(ValueError, match="unknown accountant 'gdp'"):
+        after.epsilon(1e-5, "gdp")
+
+
 def test_privacy_ledger_survives_new_processes_and_refuses_corruption(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path, "abc")
     ledger.append(SpendRecord("run1", 1, 1.0, 0.2, 5, 1.0, 1e-3, "rdp"))
@@ -138,8 +159,9 @@ def test_a_round_is_assessed_once_and_agrees_with_a_full_recomputation(tmp_path:
     ledger.append(SpendRecord("b" * 32, 3, spend.noise_multiplier, spend.sample_rate, spend.steps, 1.0,
                               assessed.plan.delta, "rdp"))
     delta = assessed.plan.delta
-    assert assessed.epsilon_run_after == pytest.approx(ledger.epsilon(delta, "rdp", "b" * 32), rel=1e-12)
-    assert assessed.epsilon_lifetime_after == pytest.approx(ledger.epsilon(delta, "rdp"), rel=1e-12)
+    # recomputed from the ledger's records, not read from the running budget the assessment used
+    assert assessed.epsilon_run_after == epsilon(ledger.history("b" * 32), delta, "rdp")
+    assert assessed.epsilon_lifetime_after == epsilon(ledger.history(), delta, "rdp")
     assert assessed.steps_run_after == 16 + spend.steps
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})

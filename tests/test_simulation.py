@@ -55,8 +55,8 @@ def test_default_scenario_writes_results_of_the_documented_shape(default_run: tu
         state = out / "site-state" / site
         assert ledger["key_pinned_by"] == "first reply" and ledger["ledger_key"].startswith("sha256:")
         ledger_file = state / "privacy" / f"{ledger['ledger_dataset']}.jsonl"
-        rounds = metrics["config"]["run"]["rounds"]  # the last training reply's head; then the recalibration line
-        assert ledger["ledger_lines"] == rounds and len(ledger_file.read_bytes().splitlines()) == rounds + 1
+        rounds = metrics["config"]["run"]["rounds"]  # the last training reply's head; then the recalibration lines
+        assert ledger["ledger_lines"] == rounds and len(ledger_file.read_bytes().splitlines()) == rounds + 2
     for section in ("federated", "pooled", "local_only"):
         assert METRIC_KEYS <= set(metrics[section])
         assert set(metrics[section]["per_site"]) == set(metrics["sites"])

@@ -176,16 +176,16 @@ def _scan_arrays(entry: dict[str, Any], model: DeclaredModel) -> Iterable[Findin
         record, _, key = name.rpartition("/")
         declared = record == PARAMETER_RECORD and key.isdigit() and any(
             int(key) < len(shapes) and shapes[int(key)] == shape for shapes in model.shapes)
-        # the recalibration reply (without SecAgg+): one DP histogram of the declared shape
+        # a recalibration reply (without SecAgg+): one DP histogram of a declared shape
         declared = declared or (record == PARAMETER_RECORD and key == "0" and len(arrays) == 1
-                                and shape == protocol.CALIBRATION_HISTOGRAM_SHAPE)
+                                and shape in protocol.CALIBRATION_SHAPES)
         if not declared:
             image_like = math.prod(shape) >= model.image_pixels or (len(shape) >= 2 and shape[-1] == shape[-2] >= 16)
             what = (f"array {name!r} of shape {list(shape)} is not a parameter of the run's model"
                     + (": its size fits a raw image" if image_like else ""))
             yield Finding(line, "fail", name, what)
     if arrays and not any(len(arrays) == len(shapes) for shapes in model.shapes) and not (
-            len(arrays) == 1 and tuple(arrays[0].get("shape") or ()) == protocol.CALIBRATION_HISTOGRAM_SHAPE):
+            len(arrays) == 1 and tuple(arrays[0].get("shape") or ()) in protocol.CALIBRATION_SHAPES):
         yield Finding(line, "fail", PARAMETER_RECORD, f"{len(arrays)} arrays sent; the model has "
                       f"{' or '.join(str(len(s)) for s in model.shapes)}")
 

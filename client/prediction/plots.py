@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spine_fl.client.prediction.explain import Contribution  # noqa: E402
+from spine_fl.shared.models.explain import Contribution  # noqa: E402
 from spine_fl.shared.files import atomic_write_bytes  # noqa: E402
 
 TOWARDS, AWAY = "#b2182b", "#2166ac"  # red: raises the probability of the outcome; blue: lowers it

@@ -10,6 +10,9 @@ Outputs (each file written atomically):
   explanations.json  per explained patient: logit, baseline logit, attributions (the numbers)
   explanations/      per explained patient: <id>_<view>.png (+ .npy: the saliency map) for image
                      views, <id>_predictors.png for the predictors
+  index.html         the page linking all of it (page.py); a previous run's page is removed before
+                     anything is written and the new one is written last, so an index.html in OUT
+                     always belongs to a run that finished
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ import numpy as np
 import torch
 
 from spine_fl.client.prediction import plots
-from spine_fl.client.prediction.explain import BASELINE, METHOD, STEPS, feature_contributions, integrated_gradients
+from spine_fl.shared.models.explain import (
+    BASELINE,
+    METHOD,
+    STEPS,
+    feature_contributions,
+    integrated_gradients,
+    saliency_peak,
+)
+from spine_fl.client.prediction.page import INDEX_HTML, index_html
+from spine_fl.client.prediction.provenance import trained_privacy
 from spine_fl.shared.config import ConfigError, RunSettings
 from spine_fl.shared.contract.data_contract import SiteData, ValidationReport, validate_and_load
 from spine_fl.shared.contract.tasks import AllOfLabel, BinaryColumnLabel, RelativeReductionLabel, Task
@@ -69,11 +81,13 @@ class Threshold:
     value: float
     recommended: bool
     source: str  # the file that recorded it, or "" for the default
+    rule: str = ""  # how the run chose it (e.g. "youden"), when it recorded that
 
     @property
     def note(self) -> str:
         if self.recommended:
-            return f"threshold {self.value:g} (the recommended threshold recorded in {self.source})"
+            rule = f", chosen by the rule {self.rule}" if self.rule else ""
+            return f"threshold {self.value:g} (the recommended threshold recorded in {self.source}{rule})"
         return f"threshold {self.value:g} ({NO_THRESHOLD_NOTE})"
 
 
@@ -106,17 +120,19 @@ def model_path(given: Path) -> Path:
     return given
 
 
-def _recorded(document: Any) -> Any:
-    """A recommended threshold as a run records it: `recommended_threshold` (a number, or an object with
-    `value`), or `threshold: {recommended: ...}`; None when the document records none."""
+def _recorded(document: Any) -> tuple[Any, str]:
+    """A recommended threshold as a run records it, and its rule: `recommended_threshold` (a number, or an
+    object with `value` and `rule`), or `threshold: {recommended: ...}`; (None, "") when the document records none."""
     if not isinstance(document, dict):
-        return None
+        return None, ""
     found = document.get("recommended_threshold")
     if found is None and isinstance(document.get("threshold"), dict):
         found = document["threshold"].get("recommended")
+    rule = ""
     if isinstance(found, dict):
+        rule = str(found.get("rule_text") or found.get("rule") or "")
         found = found.get("value")
-    return found
+    return found, rule
 
 
 def _valid(value: Any, where: str) -> float:
@@ -129,9 +145,9 @@ def _valid(value: Any, where: str) -> float:
 def find_threshold(model_file: Path, bundle: dict[str, Any]) -> Threshold:
     """The run's recommended threshold: in the model file, else model_card.json / metrics.json beside it;
     the default 0.5, flagged as uncalibrated, when the run recorded none."""
-    value = _recorded(bundle)
+    value, rule = _recorded(bundle)
     if value is not None:
-        return Threshold(_valid(value, str(model_file)), True, str(model_file))
+        return Threshold(_valid(value, str(model_file)), True, str(model_file), rule)
     for name in THRESHOLD_FILES:
         path = model_file.parent / name
         if not path.is_file():
@@ -140,9 +156,9 @@ def find_threshold(model_file: Path, bundle: dict[str, Any]) -> Threshold:
             document = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # a card that cannot be read records nothing usable; the default is flagged
-        value = _recorded(document)
+        value, rule = _recorded(document)
         if value is not None:
-            return Threshold(_valid(value, str(path)), True, str(path))
+            return Threshold(_valid(value, str(path)), True, str(path), rule)
     return Threshold(THRESHOLD, False, "")
 
 
@@ -214,10 +230,10 @@ def _explain(model: torch.nn.Module, task: Task, data: SiteData, rows: list[int]
                 buffer = io.BytesIO()
                 np.save(buffer, attr.images[v].astype(np.float32))
                 atomic_write_bytes(npy, buffer.getvalue())
-                peak = np.unravel_index(int(np.argmax(np.abs(attr.images[v]))), attr.images[v].shape)
+                peak = saliency_peak(attr.images[v])
                 views.append({"view": view, "png": str(png.relative_to(out_dir)),
                               "saliency": str(npy.relative_to(out_dir)), "shape": list(attr.images[v].shape),
-                              "sum": float(attr.images[v].sum()), "peak_row_col": [int(i) for i in peak]})
+                              "sum": float(attr.images[v].sum()), "peak_row_col": list(peak)})
             entry["views"] = views
         if task.features:
             contributions = feature_contributions(task, data.features[row], attr.features)
@@ -261,15 +277,20 @@ def predict_site(model_given: Path, site_dir: Path, out_dir: Path, patient: str 
         raise UnknownPatientError(patient, ids, mentioned)
     probabilities = _score(model, data, device)
     out_dir = Path(out_dir)
+    (out_dir / INDEX_HTML).unlink(missing_ok=True)  # a page in OUT describes a finished run, never this one half-done
     atomic_write_bytes(out_dir / PREDICTIONS_CSV, _predictions_csv(ids, probabilities, threshold))
     rows = [ids.index(patient)] if patient is not None else list(range(min(max(explain, 0), len(ids))))
     entries = _explain(model, task, data, rows, probabilities, out_dir, device) if rows else []
-    atomic_write_json(out_dir / EXPLANATIONS_JSON, {
+    explanations = {
         "model": str(path), "task": task.name, "task_sha256": settings.task_sha256, "site_dir": str(site_dir),
         "outcome": outcome_words(task), "threshold": threshold.value, "threshold_note": threshold.note,
         "method": METHOD, "steps": STEPS, "baseline": BASELINE, "device": device.type,
         "reading": "each attribution is that input's share of (logit - baseline_logit); they add up to it up to "
                    "convergence_delta. Positive values raise the probability of the outcome, negative lower it.",
-        "patients": entries})
-    return Prediction(task, settings, threshold, ids, probabilities, report, out_dir,
-                      [e["patient_id"] for e in entries], device.type)
+        "patients": entries}
+    atomic_write_json(out_dir / EXPLANATIONS_JSON, explanations)
+    result = Prediction(task, settings, threshold, ids, probabilities, report, out_dir,
+                        [e["patient_id"] for e in entries], device.type)
+    page = index_html(result, entries, explanations, path, Path(site_dir), trained_privacy(path, bundle, settings))
+    atomic_write_bytes(out_dir / INDEX_HTML, page.encode("utf-8"))
+    return result

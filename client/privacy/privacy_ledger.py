@@ -3,7 +3,15 @@
 Flower creates a fresh ClientApp per message, and processes restart; an accountant kept in
 memory would forget (Flower's Opacus example resets epsilon every round). Here each round is
 appended to `<state_dir>/privacy/<dataset_id>.jsonl` and fsync'd before the update leaves, and
-epsilon is always recomputed from the whole file: across rounds, runs and reboots.
+epsilon is composed from the whole file: across rounds, runs and reboots.
+
+Composed once, not every round (issue 14): `spent()` keeps, per ledger file and process, the
+composition of its lines at the head it was composed at (spent_budget.Spent). Every call verifies
+the ledger first (incrementally: signed_log), then adds only the lines after that head when the
+verified ledger still holds it (line count and last line's SHA-256: in a verified chain that hash
+pins every earlier line); otherwise, and at the first use in a process, it composes every line
+again. An edited, truncated or replaced ledger therefore never meets a stale composition: it either
+fails verification (the site refuses) or is composed afresh from what it now holds.
 
 The ledger is signed and hash-chained exactly like the egress ledger (client/privacy/signed_log.py:
 the site's Ed25519 key, each line's `seq`, `prev_sha256` and `signature`, a signed head
@@ -18,14 +26,16 @@ table in another column order or with other line endings keeps its budget.
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
 
-from spine_fl.client.privacy.signed_log import SignedLog, canonical
-from spine_fl.shared.training.accounting import History, epsilon
+from spine_fl.client.privacy.signed_log import SignedLog, Snapshot, canonical
+from spine_fl.client.privacy.spent_budget import NOTHING, Spent
+from spine_fl.shared.training.accounting import History
 
 RESTORE = "Restore the privacy ledger (and its .head file) from backup; never delete or edit it to reset epsilon."
 
@@ -59,18 +69,31 @@ SPEND_FIELDS = frozenset(f.name for f in fields(SpendRecord))
 DATASET_ID_VERSION = "spine-fl dataset id v3"
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:  # noqa: BLE001 - pandas raises several parser errors
-        raise DatasetIdError(f"{path} is not a readable CSV ({exc}); the dataset's identity, and so its spent "
-                             "privacy budget, cannot be established. Run `spine-fl validate` on the site folder.") from None
-    table.columns = [str(c).strip() for c in table.columns]
-    if "patient_id" not in table.columns:
-        raise DatasetIdError(f"{path} has no patient_id column; the dataset's identity cannot be established")
-    return table.apply(lambda col: col.str.strip())
+def _read_table(path: Path, columns: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The stripped values of `columns` in every row. Parsed once per content: cached per process by
+    the SHA-256 of the file's bytes (a dataset's identity is asked for several times a round; hashing
+    the bytes costs far less than parsing them, and no edit to the file can meet a stale parse)."""
+    data = path.read_bytes()
+    key = (hashlib.sha256(data).hexdigest(), columns)
+    if key not in _TABLES:
+        try:
+            table = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, skipinitialspace=True)
+        except Exception as exc:  # noqa: BLE001 - pandas raises several parser errors
+            raise DatasetIdError(f"{path} is not a readable CSV ({exc}); the dataset's identity, and so its spent "
+                                 "privacy budget, cannot be established. Run `spine-fl validate` on the site "
+                                 "folder.") from None
+        table.columns = [str(c).strip() for c in table.columns]
+        if "patient_id" not in table.columns:
+            raise DatasetIdError(f"{path} has no patient_id column; the dataset's identity cannot be established")
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise DatasetIdError(f"{path} lacks column(s) {', '.join(missing)}; the dataset's identity cannot be "
+                                 "established")
+        _TABLES[key] = list(table[list(columns)].apply(lambda col: col.str.strip()).itertuples(index=False, name=None))
+    return _TABLES[key]
 
 
+_TABLES: dict[tuple, list[tuple[str, ...]]] = {}
 _FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
 
 
@@ -112,17 +135,13 @@ def dataset_id(site_dir: Path) -> str:
     clinical = site_dir / "clinical.csv"
     patients: list[str] = []  # no table, no patients (nothing can train on it: the validator says so)
     if clinical.exists():
-        patients = sorted(_read_table(clinical)["patient_id"])
+        patients = sorted(pid for (pid,) in _read_table(clinical, ("patient_id",)))
     identity: dict = {"version": DATASET_ID_VERSION, "patients": patients}
     manifest = site_dir / "manifest.csv"
     if manifest.exists():
-        images = _read_table(manifest)
-        missing = [c for c in ("view", "path") if c not in images.columns]
-        if missing:
-            raise DatasetIdError(f"{manifest} lacks column(s) {', '.join(missing)}; the dataset's identity cannot be "
-                                 "established")
+        rows = _read_table(manifest, ("patient_id", "view", "path"))
         identity["images"] = sorted([pid, view, _file_sha256(_inside(site_dir, rel, manifest))]
-                                    for pid, view, rel in images[["patient_id", "view", "path"]].itertuples(index=False))
+                                    for pid, view, rel in rows)
     return hashlib.sha256(canonical(identity)).hexdigest()[:32]
 
 
@@ -144,26 +163,57 @@ class PrivacyLedger:
         the first line that does not verify."""
         if not self.log.exists():
             return []
-        result, entries = self.log.entries()
-        if not result.ok:
-            where = f"line {result.first_broken_line}" if result.first_broken_line else "its head"
-            raise PrivacyLedgerError(
-                f"{self.path} does not verify at {where}: {result.problem}. The site's spent privacy budget "
-                f"cannot be established, so it will not train. {RESTORE}")
-        out = []
-        for number, entry in enumerate(entries, start=1):
-            try:
-                out.append(SpendRecord(**{k: v for k, v in entry.items() if k in SPEND_FIELDS}))
-            except TypeError as exc:
-                raise PrivacyLedgerError(f"{self.path} line {number} is not a spending record ({exc}). {RESTORE}") from None
-        return out
+        return [self._record(number, entry) for number, entry in enumerate(self._verified().entries(), start=1)]
+
+    def spent(self) -> Spent:
+        """The ledger composed (lifetime and per run key) at its verified head: verified on every call,
+        composed from the lines added since this process last composed it (all of them at start-up)."""
+        key = str(self.path.resolve())
+        if not self.log.exists():
+            _SPENT.pop(key, None)
+            return NOTHING
+        try:
+            snapshot = self._verified()
+        except PrivacyLedgerError:
+            _SPENT.pop(key, None)  # nothing composed from a ledger that no longer verifies is kept
+            raise
+        known = _SPENT.get(key, NOTHING)
+        if known.lines > snapshot.lines or snapshot.line_sha256(known.lines) != known.last_sha256:
+            known = NOTHING  # restored, replaced or re-signed: composed again from every line
+        added = [self._record(number, entry) for number, entry in enumerate(snapshot.entries(known.lines),
+                                                                            start=known.lines + 1)]
+        spent = known.then(((r.run_id, r.round, r.noise_multiplier, r.sample_rate, r.steps) for r in added),
+                           snapshot.lines, snapshot.line_sha256(snapshot.lines)) if added else known
+        _SPENT[key] = spent
+        return spent
 
     def history(self, run_id: str | None = None) -> History:
         return as_history(self.records(), run_id)
 
     def epsilon(self, delta: float, accountant: str, run_id: str | None = None) -> float:
-        return epsilon(self.history(run_id), delta, accountant)
+        spent = self.spent()
+        return (spent.lifetime if run_id is None else spent.run(run_id)).epsilon(delta, accountant)
 
     def append(self, record: SpendRecord) -> None:
         """Sign, append and fsync one round (under a file lock), before the update leaves the site."""
         self.log.append(asdict(record) | {"time": record.time or time.time()})
+
+    def _verified(self) -> Snapshot:
+        result, snapshot = self.log.snapshot()
+        if not result.ok:
+            where = f"line {result.first_broken_line}" if result.first_broken_line else "its head"
+            raise PrivacyLedgerError(
+                f"{self.path} does not verify at {where}: {result.problem}. The site's spent privacy budget "
+                f"cannot be established, so it will not train. {RESTORE}")
+        return snapshot
+
+    def _record(self, number: int, entry: dict) -> SpendRecord:
+        try:
+            return SpendRecord(**{k: v for k, v in entry.items() if k in SPEND_FIELDS})
+        except TypeError as exc:
+            raise PrivacyLedgerError(f"{self.path} line {number} is not a spending record ({exc}). {RESTORE}") from None
+
+
+# Each ledger file's composition at the head it was composed at, for this process (see the module
+# docstring): the running budget. Never trusted without verifying the ledger first.
+_SPENT: dict[str, Spent] = {}

@@ -74,20 +74,39 @@ def ledger_refusal(exc: PrivacyLedgerError) -> Refusal:
                    delta=getattr(exc, "delta", None))
 
 
+@dataclass(frozen=True)
+class OverBudget:
+    """A budget the assessed spend would exceed: which, the epsilon it would reach, the budget."""
+
+    rule: str  # epsilon_lifetime or epsilon_per_run
+    after: float
+    budget: float
+    per_run: bool
+
+
+def over_budget(site: Site, assessed: RoundPrivacy) -> OverBudget | None:
+    """The first budget (lifetime, then per run) that spending the assessed round would exceed: the one
+    check of every spend, a DP-SGD round (budget_refusal) or the recalibration release (client/calibration.py)."""
+    for rule, after, budget, per_run in (
+            ("epsilon_lifetime", assessed.epsilon_lifetime_after, site.policy.epsilon_lifetime, False),
+            ("epsilon_per_run", assessed.epsilon_run_after, site.policy.epsilon_per_run, True)):
+        if after > budget:
+            return OverBudget(rule, after, budget, per_run)
+    return None
+
+
 def budget_refusal(site: Site, run: RunSettings, assessed: RoundPrivacy) -> Refusal | None:
     """Would this round take epsilon over the lifetime or the per-run budget?"""
     plan = assessed.plan
     if plan.noise_multiplier < site.policy.min_noise_multiplier:
         return Refusal("min_noise_multiplier", f"the run's target epsilon needs noise multiplier "
                        f"{plan.noise_multiplier:.3f}, below this site's minimum {site.policy.min_noise_multiplier:g}")
-    for rule, after, budget, per_run in (
-            ("epsilon_lifetime", assessed.epsilon_lifetime_after, site.policy.epsilon_lifetime, False),
-            ("epsilon_per_run", assessed.epsilon_run_after, site.policy.epsilon_per_run, True)):
-        if after > budget:
-            spent = assessed.epsilon_spent(run.accountant, site, per_run)
-            return Refusal(rule, f"training this round would raise epsilon to {after:.3f}, over the "
-                               f"{rule.replace('_', ' ')} budget {budget:g} (spent so far {spent:.3f}; "
-                               f"delta {plan.delta:.3g})",
-                               epsilon_spent=round(spent, 6), epsilon_after=round(after, 6), budget=budget,
-                               delta=plan.delta)
-    return None
+    over = over_budget(site, assessed)
+    if over is None:
+        return None
+    spent = assessed.epsilon_spent(run.accountant, site, over.per_run)
+    return Refusal(over.rule, f"training this round would raise epsilon to {over.after:.3f}, over the "
+                   f"{over.rule.replace('_', ' ')} budget {over.budget:g} (spent so far {spent:.3f}; "
+                   f"delta {plan.delta:.3g})",
+                   epsilon_spent=round(spent, 6), epsilon_after=round(over.after, 6), budget=over.budget,
+                   delta=plan.delta)

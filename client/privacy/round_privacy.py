@@ -2,10 +2,13 @@
 
 The site-policy mod must know, before any training, what the round will cost (to refuse it over
 budget); the train reply must say what the site has spent after it. Both are the same figures: the
-mod assesses the round once (one read of the privacy ledger, one epsilon per budget) and leaves the
-assessment in the message's Context, where the ClientApp's fit takes it instead of recomputing.
-The Context is the site's own (it never leaves the site); the assessment is keyed by run and round
-so a stale one is never used.
+mod assesses the round once (one verified read of the privacy ledger, its running composition
+extended by the lines added since: PrivacyLedger.spent) and leaves the assessment in the message's
+Context, where the ClientApp's fit takes it instead of recomputing. The Context is the site's own
+(it never leaves the site); the assessment is keyed by run and round so a stale one is never used.
+The pre-flight asks the same question at the same ledger head: its epsilons are computed once and
+reused (spent_budget.Spent.figures). The recalibration release is assessed by the same function,
+with its own spend (`assess_round(..., spend=...)`).
 
 Before a DP round, a missing or empty privacy ledger is checked against the egress ledger: a site
 whose egress ledger shows DP train replies that no privacy ledger at the site accounts for had its
@@ -30,11 +33,11 @@ from flwr.app import ConfigRecord, Context
 
 from spine_fl.client.privacy.egress_ledger import dp_train_spending
 from spine_fl.client.privacy.plan import DpPlan, plan_round
-from spine_fl.client.privacy.privacy_ledger import RESTORE, PrivacyLedger, PrivacyLedgerError, as_history, dataset_id
+from spine_fl.client.privacy.privacy_ledger import RESTORE, PrivacyLedger, PrivacyLedgerError, dataset_id
+from spine_fl.client.privacy.spent_budget import Step
 from spine_fl.client.site_config import Site
 from spine_fl.shared.config import RunSettings
 from spine_fl.shared.protocol import LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256
-from spine_fl.shared.training.accounting import epsilon
 from spine_fl.shared.training.local import DpSpend
 
 STATE_RECORD = "spine-fl.round-privacy"
@@ -52,27 +55,29 @@ class RoundPrivacy:
     epsilon_lifetime_after: float
     steps_run_after: int
     replay: bool = False  # this run key and round are already in the ledger: charged once, never again
+    rounds_in_run: int = 0  # rounds of this run key the ledger held before this one
 
     def epsilon_spent(self, accountant: str, site: Site, per_run: bool) -> float:
         """Spent before this round; only needed to explain a refusal, so computed only then."""
-        ledger = PrivacyLedger(site.state_dir, self.dataset)
-        return epsilon(ledger.history(self.run_key if per_run else None), self.plan.delta, accountant)
+        spent = PrivacyLedger(site.state_dir, self.dataset).spent()
+        return (spent.run(self.run_key) if per_run else spent.lifetime).epsilon(self.plan.delta, accountant)
 
 
-def assess_round(site: Site, run: RunSettings, run_key: str, server_round: int, n_train: int) -> RoundPrivacy:
+def assess_round(site: Site, run: RunSettings, run_key: str, server_round: int, n_train: int,
+                 spend: Step | None = None) -> RoundPrivacy:
+    """The round's plan and what the run and the lifetime will have spent after it: a training round
+    spends the plan's DP-SGD steps, another release (the recalibration histogram) its own `spend`."""
     plan = plan_round(run, n_train, site.policy.max_delta)  # never a larger delta than the site's own
     ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
-    records = ledger.records()
-    if not records:
+    spent = ledger.spent()
+    if not spent.lines:
         check_ledger_not_deleted(ledger)
     step = plan.round_spend
-    lifetime, this_run = as_history(records), as_history(records, run_key)
-    replay = any((r.run_id, r.round) == (run_key, server_round) for r in records)
-    nxt = [] if replay else [(step.noise_multiplier, step.sample_rate, step.steps)]
-    return RoundPrivacy(run_key, server_round, ledger.dataset, plan,
-                        epsilon_run_after=epsilon([*this_run, *nxt], plan.delta, run.accountant),
-                        epsilon_lifetime_after=epsilon([*lifetime, *nxt], plan.delta, run.accountant),
-                        steps_run_after=sum(n for _, _, n in [*this_run, *nxt]), replay=replay)
+    replay = spent.charged(run_key, server_round)
+    charge = spend if spend is not None else (step.noise_multiplier, step.sample_rate, step.steps)
+    figures = spent.figures(run_key, None if replay else charge, plan.delta, run.accountant)
+    return RoundPrivacy(run_key, server_round, ledger.dataset, plan, figures.epsilon_run_after,
+                        figures.epsilon_lifetime_after, figures.steps_run_after, replay, figures.rounds_in_run)
 
 
 def hand_over(context: Context, assessed: RoundPrivacy) -> None:
@@ -110,7 +115,7 @@ def check_ledger_not_deleted(ledger: PrivacyLedger) -> None:
         if path == ledger.path:
             continue
         try:
-            accounted += len(PrivacyLedger(ledger.state_dir, path.stem).records())
+            accounted += PrivacyLedger(ledger.state_dir, path.stem).spent().lines
         except PrivacyLedgerError:
             unverifiable.append(path.name)
     if len(spent) <= accounted:
@@ -151,7 +156,7 @@ def check_coordinator_head(state_dir: Path, head: dict[str, Any]) -> None:
     if not ledger.log.exists():
         raise LedgerRolledBack(f"{recorded}, but {ledger.path} is missing (deleted?). The site will not train on a "
                                f"fresh budget. {RESTORE}")
-    ledger.records()  # verifies the whole ledger first (raises naming the broken line)
+    ledger.spent()  # verifies the whole ledger first (raises naming the broken line)
     if not ledger.log.contains(lines, sha):
         now, _ = ledger.log.last()
         raise LedgerRolledBack(f"{recorded}, but {ledger.path} now has {now} line(s) and does not contain that "

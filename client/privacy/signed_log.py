@@ -147,24 +147,52 @@ class SignedLog:
 
     def verify(self, public_key: Ed25519PublicKey | None = None) -> Verification:
         """Check every signature and link; line numbers are 1-based lines of the log file."""
-        return self.entries(public_key)[0]
+        return self.snapshot(public_key)[0]
 
     def entries(self, public_key: Ed25519PublicKey | None = None) -> tuple[Verification, list[dict[str, Any]]]:
         """The verification and, when it passes, every line's entry without the chain fields."""
+        result, snapshot = self.snapshot(public_key)
+        return result, snapshot.entries() if result.ok else []
+
+    def snapshot(self, public_key: Ed25519PublicKey | None = None) -> tuple[Verification, Snapshot]:
+        """The verification and the log as it was verified (empty when it does not verify): one read of
+        the file, in time proportional to the lines added since this process last verified it."""
         if public_key is None:
             public_key = load_public_key(self.key_dir)
             if public_key is None:
                 return Verification(False, 0, None, f"{self.key_dir / PUBLIC_KEY_FILE} missing: "
-                                    "cannot check signatures"), []
+                                    "cannot check signatures"), Snapshot([], [])
         raw_lines = self.raw_lines()
         cache_key = (str(self.path.resolve()), public_key.public_bytes(serialization.Encoding.Raw,
                                                                        serialization.PublicFormat.Raw))
         result, verified = _verify_lines(raw_lines, self.head, public_key, _still_verified(cache_key, raw_lines))
         if not result.ok:
             _VERIFIED.pop(cache_key, None)
-            return result, []
+            return result, Snapshot([], [])
         _VERIFIED[cache_key] = verified
-        return result, [{k: v for k, v in p.items() if k not in CHAIN_FIELDS} for p in verified.payloads]
+        return result, Snapshot(raw_lines, verified.payloads)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A log as it verified: its lines' bytes and their payloads (signature removed; shared with the
+    verification cache, so read through `entries`, which copies)."""
+
+    raw: list[bytes]
+    payloads: list[dict[str, Any]]
+
+    @property
+    def lines(self) -> int:
+        return len(self.raw)
+
+    def line_sha256(self, number: int) -> str:
+        """SHA-256 of line `number` (1-based; GENESIS for 0). In a log that verifies, each line names
+        the hash of the one before it, so this one hash pins every line up to `number`."""
+        return hashlib.sha256(self.raw[number - 1]).hexdigest() if number else GENESIS
+
+    def entries(self, start: int = 0) -> list[dict[str, Any]]:
+        """The entries of the lines after the first `start`, without the chain fields."""
+        return [{k: v for k, v in p.items() if k not in CHAIN_FIELDS} for p in self.payloads[start:]]
 
 
 @dataclass(frozen=True)
@@ -238,4 +266,5 @@ def _verify_lines(raw_lines: list[bytes], head_path: Path, public_key: Ed25519Pu
                                 f"{seq + 1}: lines were deleted from the end or the ledger was replaced"), done
     elif raw_lines:
         return Verification(False, n, None, "head file missing"), done
-    return Verification(True, n), _Verified(n, _prefix_sha256(raw_lines), payloads, prev, before_last)
+    prefix = done.prefix_sha256 if n == done.lines else _prefix_sha256(raw_lines)  # hashed once when nothing new
+    return Verification(True, n), _Verified(n, prefix, payloads, prev, before_last)

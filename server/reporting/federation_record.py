@@ -13,7 +13,7 @@ from spine_fl.shared.config import RunSettings
 from spine_fl.shared.files import atomic_write_json
 
 # The model file is read at the sites too (`spine-fl predict`): it lives in shared/, re-exported here.
-from spine_fl.shared.models.model_file import MODEL_FILE, load_model, save_model
+from spine_fl.shared.models.model_file import MODEL_FILE, load_model, privacy_record, save_model
 
 __all__ = ["FEDERATION_FILE", "MODEL_FILE", "load_model", "privacy_section", "save_model", "write_federation_results"]
 
@@ -56,11 +56,12 @@ def write_federation_results(out_dir: Path, settings: RunSettings, sites: list[s
     """`ledgers`: per site, the pinned ledger key and the last privacy-ledger head (CoordinatorRecord.summary).
     `calibration`: the recalibration round's section (server/calibration.py); a fitted map is folded
     into model.pt's output layer and recorded beside the weights with the recommended threshold."""
-    save_model(out_dir / MODEL_FILE, settings, weights, calibration)
+    privacy = privacy_section(settings, sites, log, calibration)
+    save_model(out_dir / MODEL_FILE, settings, weights, calibration, privacy_record(privacy["per_site"]))
     atomic_write_json(out_dir / FEDERATION_FILE, {
         "task": settings.task, "sites": sites, "config": settings.to_run_config(),
         "status": "stopped" if log.stopped else "completed", "stop_reason": log.stopped or None,
         "rounds": log.rounds, "dropouts": log.dropouts, "failed_rounds": log.failed_rounds,
         "resumed_after_round": resumed_after or None, "train_examples": log.train_examples,
-        "privacy": privacy_section(settings, sites, log, calibration), "ledgers": ledgers,
+        "privacy": privacy, "ledgers": ledgers,
         "calibration": calibration})

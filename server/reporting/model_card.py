@@ -9,8 +9,11 @@ What a run folder can give:
   the subgroup metrics, calibration and the decision curve.
 - without `predictions.csv`, a simulation folder still holds the shared model (`model.pt`) and
   the virtual sites' data (`sites/`): the federated predictions are recomputed from them.
+- `importance.json` (a simulation run; server/reporting/importance.py): permutation importance of
+  the clinical predictors and the mean saliency map of the images, on the pooled held-out patients;
+  recomputed from `model.pt` and `sites/` when missing.
 - a coordinator in a real deployment never sees a patient-level prediction: its card has the
-  sites' summary metrics only, and says so.
+  sites' summary metrics only, and says so (importances included: simulation only).
 
 Everything is computed on the held-out `test` split, the split `metrics.json` reports.
 """
@@ -30,9 +33,10 @@ from scipy.stats import bootstrap, rankdata
 from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 
+from spine_fl.server.reporting.importance import importance_of_run
 from spine_fl.server.reporting.run_result import METRICS_FILE, RunResultError, read_run_result
 from spine_fl.shared.config import RunSettings
-from spine_fl.shared.contract.tasks import get_task
+from spine_fl.shared.contract.tasks import AllOfLabel, BinaryColumnLabel, RelativeReductionLabel, Task, get_task
 from spine_fl.shared.metrics import THRESHOLD, binary_metrics
 from spine_fl.shared.training.accounting import PLAIN_WORDS_FPR, dp_tpr_ceiling
 
@@ -460,9 +464,13 @@ def _findings(card: dict) -> dict[str, str]:
                                "not be read as risks ")
                               + f"(slope {_f(cal['slope'])}, intercept {_f(cal['intercept'])}, "
                                 f"Brier {_f(cal['brier'])}).")
+    out["probability"] = probability_sentence(card)
     recal = card.get("recalibration")
     if recal:
         out["recalibration"] = recalibration_sentence(recal)
+    relied = importance_sentence(card.get("importance") or {})
+    if relied:
+        out["importance"] = relied
     dca = card.get("decision_curve")
     if dca:
         ranges = ", ".join(range_text(a, b) for a, b in dca["useful_ranges"])
@@ -481,6 +489,56 @@ def _findings(card: dict) -> dict[str, str]:
     return out
 
 
+EXAMPLE_PROBABILITY = 0.70
+
+
+def outcome_text(task: Task) -> str:
+    """What "the outcome" is for this task, in the label's own terms, to finish "expected to ..."."""
+    rule = task.label
+    if isinstance(rule, RelativeReductionLabel):
+        return (f"have a favourable outcome: their {rule.score_meaning} ({rule.score}) reduced by at least "
+                f"{rule.threshold:.0%} at the {rule.followup_name}")
+    if isinstance(rule, AllOfLabel):
+        return f'meet every condition of "{task.title}": ' + " and ".join(str(c) for c in rule.conditions)
+    assert isinstance(rule, BinaryColumnLabel)
+    return f'have the outcome "{task.title}" ({rule.column} = {rule.positive})'
+
+
+def probability_sentence(card: dict) -> str:
+    """What one patient's probability means, in the task's outcome words, and whether this run's
+    held-out patients bear it out (the calibration section)."""
+    p = EXAMPLE_PROBABILITY
+    text = (f"What a probability means for one patient: a probability of {p:.2f} means that among 100 patients like "
+            f"this one, about {p * 100:.0f} would be expected to {card['task']['outcome']} - if the model is "
+            "calibrated for your population; see the calibration section.")
+    cal = (card.get("calibration") or {}).get("federated")
+    if cal is None:
+        return text + " This card has no patient-level predictions to check that: check it on your own patients."
+    if cal["well_calibrated"]:
+        return text + " On this run's held-out patients the probabilities were close to the observed rates."
+    return text + (" On this run's held-out patients they were NOT: read the probabilities as a ranking, not as "
+                   "risks, until the model is recalibrated.")
+
+
+def importance_sentence(importance: dict) -> str | None:
+    """The predictors the model relies on most (permutation importance), else its images' leading view."""
+    if not importance.get("available"):
+        return None
+    permutation, saliency = importance.get("permutation"), importance.get("saliency")
+    if permutation:
+        top = [r for r in permutation["rows"][:2] if r["mean"] > 0]
+        if not top:
+            return "What the model relies on: shuffling no single predictor lowers its AUROC (permutation importance)."
+        return ("What the model relies on most: " + ", then ".join(f"{r['predictor']} (AUROC drops by "
+                                                                  f"{r['mean']:.2f} when it is shuffled)" for r in top)
+                + "; this is what the model uses, not what causes the outcome.")
+    if saliency and len(saliency["views"]) > 1:
+        view = max(saliency["views"], key=lambda v: v["share"])
+        return (f"Where the model looks: the {view['view']} view carries the largest share of the mean saliency map "
+                f"({view['share']:.0%}).")
+    return None
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
@@ -491,16 +549,22 @@ def _f(value: float | None) -> str:
 
 INTERVAL_DIGITS = (2, 3, 4)  # an interval is printed with the fewest of these digits that tell its ends apart
 NO_SPREAD = "no interval: every bootstrap resample gives this value"
+TOO_NARROW = f"no interval: its ends differ by less than {10 ** -INTERVAL_DIGITS[-1]:g}"
 
 
 def interval_text(lo: float, hi: float) -> str | None:
     """The interval's ends with enough digits to tell them apart ("0.935-0.945", never "0.94-0.94");
-    None when they are equal to four digits: there is no interval to print (say NO_SPREAD instead)."""
+    None when they are equal to four digits: there is no interval to print (say `no_interval_reason`)."""
     for digits in INTERVAL_DIGITS:
         low, high = f"{lo:.{digits}f}", f"{hi:.{digits}f}"
         if low != high:
             return f"{low}-{high}"
     return None
+
+
+def no_interval_reason(lo: float, hi: float) -> str:
+    """Why an interval is printed as one number: equal ends, or ends closer than four digits tell apart."""
+    return NO_SPREAD if lo == hi else TOO_NARROW
 
 
 def range_text(lo: float, hi: float, joiner: str = "-") -> str:
@@ -513,7 +577,7 @@ def _with_ci(metric: dict) -> str:
     if lo is None or hi is None:
         return _f(metric["value"])
     interval = interval_text(lo, hi)
-    return f"{_f(metric['value'])} ({f'95% CI {interval}' if interval else NO_SPREAD})"
+    return f"{_f(metric['value'])} ({f'95% CI {interval}' if interval else no_interval_reason(lo, hi)})"
 
 
 def build_card(run_dir: Path) -> dict[str, Any]:
@@ -530,7 +594,8 @@ def build_card(run_dir: Path) -> dict[str, Any]:
         "card_version": 1,
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
-        "task": {"name": task.name, "description": task.description, "split": SPLIT},
+        "task": {"name": task.name, "title": task.title, "description": task.description, "split": SPLIT,
+                 "outcome": outcome_text(task)},
         "run": {k: metrics.get(k) for k in ("scenario", "status", "stop_reason")}
                | {"strategy": config.get("run", {}).get("strategy"), "rounds_completed": len(metrics.get("rounds", [])),
                   "rounds_planned": config.get("run", {}).get("rounds")},
@@ -553,6 +618,7 @@ def build_card(run_dir: Path) -> dict[str, Any]:
                                            for m, part in frame.groupby("model", sort=False)})
                            if frame is not None else None),
         "privacy": _privacy(metrics),
+        "importance": importance_of_run(run_dir, metrics),
     }
     recal = recalibration(metrics.get("calibration"))
     if recal is not None:
@@ -600,8 +666,6 @@ def recalibration_sentence(recal: dict[str, Any]) -> str:
     text += (f" The model beats treat-all and treat-none for thresholds {range_text(dc['from'], dc['to'])} on the "
              "summed histogram." if dc.get("from") is not None else
              " On the summed histogram the model beats treat-all and treat-none at no threshold.")
-    text += (" For one patient, the probability is the share of similar validation patients who had the outcome;"
-             " it is an estimate, not a certainty.")
     return text
 
 
@@ -626,13 +690,18 @@ def _limitations(card: dict) -> list[str]:
 
 
 def write_model_card(run_dir: Path) -> dict[str, Any]:
-    """Build the card of a run and write model_card.json and model_card.html into it (atomically)."""
+    """Build the card of a run and write model_card.json and model_card.html into it (atomically), with
+    the mean saliency map beside them (model_card_saliency.png) when the card has one."""
+    from spine_fl.server.reporting.importance_html import SALIENCY_PNG, saliency_png
     from spine_fl.server.reporting.model_card_html import render_card
     from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
 
     run_dir = Path(run_dir)
     card = build_card(run_dir)
     page = render_card(card)  # before writing anything: no card.json without its page
+    figure = saliency_png(card)
+    if figure is not None:
+        atomic_write_bytes(run_dir / SALIENCY_PNG, figure)
     atomic_write_json(run_dir / CARD_JSON, card)
     atomic_write_bytes(run_dir / CARD_HTML, page.encode())
     return card

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from spine_fl.server.reporting.importance_html import importance_section  # noqa: E402
 from spine_fl.server.reporting.model_card import MIN_SUBGROUP_CLASS, interval_text, range_text  # noqa: E402
 from spine_fl.shared.html.page import figure_data_uri, render_page  # noqa: E402
 from spine_fl.shared.training.accounting import epsilon_in_plain_words  # noqa: E402
@@ -30,6 +31,7 @@ TEMPLATE = "model_card.html"  # in templates/, beside this module
 
 NO_BREAK = str.maketrans({" ": "\u00a0", "-": "\u2011"})  # keep "0.82 (0.73-0.89)" on one line in narrow cells
 SAME_IN_EVERY_RESAMPLE = "same in every resample"  # a table cell's CI whose ends are equal (no interval)
+NARROWER_THAN_SHOWN = "CI narrower than 0.0001"  # a table cell's CI whose ends differ beyond four digits
 
 # A published study's decision curves for a task, cited under the decision curve of that task's card only.
 DECISION_CURVE_LITERATURE = {
@@ -44,8 +46,9 @@ def _ci(metric: dict[str, Any]) -> str:
         return "n/a"
     if lo is None or hi is None:
         return f"{value:.2f}"
-    # ends that round alike get more digits ("0.94 (0.935-0.945)"); equal ends are no interval
-    return f"{value:.2f} ({interval_text(lo, hi) or SAME_IN_EVERY_RESAMPLE})".translate(NO_BREAK)
+    # ends that round alike get more digits ("0.94 (0.935-0.945)"); ends equal to four digits are no interval
+    no_interval = SAME_IN_EVERY_RESAMPLE if lo == hi else NARROWER_THAN_SHOWN
+    return f"{value:.2f} ({interval_text(lo, hi) or no_interval})".translate(NO_BREAK)
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -290,5 +293,6 @@ def render_card(card: dict[str, Any]) -> str:
         __package__, TEMPLATE, title=f"Model card: {card['task']['description']}", subtitle=subtitle,
         findings=list(card["findings"].values()), data=_data(card), performance=_performance(card),
         subgroups=_subgroups(card), calibration=_calibration(card), decision=_decision_curve(card),
-        comparison=_comparison(card), privacy=_privacy(card), limitations=card["limitations"],
-        evidence_note=card["evidence_note"], generated_at=card["generated_at"], run_dir=card["run_dir"])
+        importance=importance_section(card), comparison=_comparison(card), privacy=_privacy(card),
+        limitations=card["limitations"], evidence_note=card["evidence_note"], generated_at=card["generated_at"],
+        run_dir=card["run_dir"])

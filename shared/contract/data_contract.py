@@ -65,8 +65,8 @@ class SiteData:
     images: np.ndarray | None  # float32 (n, n_views, size, size)
     subgroups: pd.DataFrame  # age, sex (may hold NaN: excluded from subgroup metrics only)
 
-    def subset(self, split: str) -> "SiteData":
-        keep = self.split == split
+    def subset(self, *splits: str) -> "SiteData":
+        keep = np.isin(self.split, splits)
         return SiteData(
             self.patient_ids[keep],
             self.split[keep],

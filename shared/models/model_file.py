@@ -23,7 +23,8 @@ from spine_fl.shared.files import atomic_write_bytes
 from spine_fl.shared.models.registry import build_model
 from spine_fl.shared.training.local import fold_calibration, set_weights
 
-__all__ = ["MODEL_FILE", "ModelFileError", "load_model", "model_from_bundle", "read_model_bundle", "save_model"]
+__all__ = ["MODEL_FILE", "ModelFileError", "load_model", "model_from_bundle", "privacy_record", "read_model_bundle",
+           "save_model"]
 
 MODEL_FILE = "model.pt"
 
@@ -33,14 +34,17 @@ class ModelFileError(ValueError):
 
 
 def save_model(path: Path, settings: RunSettings, weights: list[np.ndarray],
-               calibration: dict[str, Any] | None = None) -> None:
+               calibration: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None) -> None:
     """With a fitted calibration (server/calibration.py, status "fitted"), Platt's map is folded into
     the output layer (the file's model outputs a * logit + b: its probabilities are calibrated) and
     recorded beside the weights as `calibration` {method, a, b, folded}, with `recommended_threshold`
-    {value, rule, sensitivity, specificity} on the calibrated probability."""
+    {value, rule, sensitivity, specificity} on the calibrated probability. `privacy` (`privacy_record`)
+    travels with the weights, so whoever scores patients with the file knows its guarantee."""
     model = build_model(get_task(settings.task), settings.seed)
     set_weights(model, weights)
     bundle: dict[str, Any] = {"task": settings.task, "settings": settings.to_run_config()}
+    if privacy is not None:
+        bundle["privacy"] = privacy
     if calibration and calibration.get("status") == "fitted":
         a, b = float(calibration["a"]), float(calibration["b"])
         folded = fold_calibration(model, a, b)
@@ -54,6 +58,20 @@ def save_model(path: Path, settings: RunSettings, weights: list[np.ndarray],
     buffer = io.BytesIO()
     torch.save(bundle, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def privacy_record(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run's guarantee for the model file: the weakest site's whole spending in this run
+    (training and recalibration: `epsilon_total`) with its delta, and every site's; epsilon None
+    when no site reported a DP spend."""
+    spent = {site: {"epsilon": p.get("epsilon_total"), "delta": p.get("delta")} for site, p in per_site.items()
+             if p.get("dp") and p.get("epsilon_total") is not None}
+    if not spent:
+        return {"dp": any(p.get("dp") for p in per_site.values()), "epsilon": None, "delta": None, "site": None,
+                "per_site": {}}
+    weakest = max(spent, key=lambda site: spent[site]["epsilon"])
+    return {"dp": True, "epsilon": float(spent[weakest]["epsilon"]), "delta": float(spent[weakest]["delta"]), "site": weakest,
+            "per_site": {site: {k: float(v) for k, v in p.items()} for site, p in spent.items()}}
 
 
 def read_model_bundle(path: Path) -> dict[str, Any]:

@@ -1,16 +1,20 @@
-"""Federated recalibration: a DP histogram of the final model's logits on the sites' held-out
-patients, split by outcome, summed over sites; Platt scaling and a recommended threshold fitted on it.
+"""Federated recalibration: DP histograms of the final model's logits on the sites' calibration
+patients, summed over sites through SecAgg+; Platt scaling and a recommended threshold fitted on the sum.
 
-Each site bins its held-out patients' logits into BINS fixed bins over [-LOGIT_RANGE, LOGIT_RANGE]
-(logits beyond are put in the end bins), one row of counts for patients without the outcome and one
-for patients with it, and adds Gaussian noise of standard deviation NOISE_STD to every count before
-the histogram leaves (one patient changes one count by one: L2 sensitivity 1, so the release is the
-Gaussian mechanism with noise multiplier NOISE_STD, charged in the site's privacy ledger like a DP-SGD
-step with sample rate 1). The sum over sites travels through SecAgg+ like model weights; the
-coordinator sees only the noisy sum. Everything here is post-processing of that sum.
+Two releases, because the logits of a DP-trained model can sit anywhere and be tightly bunched
+(measured on the default scenario: mean +2.0, sd 0.35) or widely spread (sd 3 on the vertebral data):
+fixed bins put a bunched model into two or three bins, and the fitted slope is then mostly noise.
+1. Locate: each site sends an unlabelled histogram of its logits on LOCATE_BINS coarse bins over
+   [-LOCATE_RANGE, LOCATE_RANGE], with noise LOCATE_NOISE_STD per count; the coordinator takes the span
+   of the bins that stand clear of the noise as the window (`locate`).
+2. Fit: each site sends BINS bins over that window plus one overflow bin at each end, one row for
+   patients without the outcome and one for patients with it, with noise NOISE_STD per count.
+One patient changes one count of each release by one (L2 sensitivity 1): each is the Gaussian mechanism
+with noise multiplier std / sensitivity, charged in the site's privacy ledger like a DP-SGD step with
+sample rate 1. Everything the coordinator derives from the sums is post-processing.
 
 Platt scaling: P(outcome | logit) = sigmoid(a * logit + b), fitted by count-weighted maximum
-likelihood at the bin centres. The recommended threshold maximises Youden's J (sensitivity +
+likelihood at the inner bins' centres. The recommended threshold maximises Youden's J (sensitivity +
 specificity - 1) over the bin edges, stated as a calibrated probability.
 """
 
@@ -21,33 +25,78 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from spine_fl.shared.protocol import CALIBRATION_BINS
+from spine_fl.shared.protocol import CALIBRATION_BINS, CALIBRATION_LOCATE_BINS
 
-BINS = CALIBRATION_BINS
-LOGIT_RANGE = 6.0
-NOISE_STD = 2.0  # per count; sensitivity 1, so also the noise multiplier recorded in the ledger
+BINS = CALIBRATION_BINS  # inner bins of the fit histogram; it has two overflow bins more
+LOCATE_BINS = CALIBRATION_LOCATE_BINS
+LOCATE_RANGE = 12.0
+DEFAULT_WINDOW = (-6.0, 6.0)  # when no locate bin stands clear of the noise
+MIN_WINDOW = 1.0
+LOGIT_RANGE = 6.0  # the model card's and the old single-release figures' default half-width
+NOISE_STD = 2.0  # per count of the fit histogram; sensitivity 1, so also its noise multiplier
+LOCATE_NOISE_STD = 4.0  # per count of the locate histogram: it only needs where the logits are
 SENSITIVITY = 1.0
+SUPPORT_SDS = 3.0  # a bin counts when its noisy total is this many noise SDs above zero
 RULE = "youden"
 RULE_TEXT = "Youden's J (sensitivity + specificity - 1, maximised) on the calibrated validation histogram"
 HISTOGRAM_SCALE = 64.0  # counts are divided by this before SecAgg+ (whose clipping range is +-8 by default)
 
 
-def edges(bins: int = BINS, limit: float = LOGIT_RANGE) -> np.ndarray:
-    return np.linspace(-limit, limit, bins + 1)
+def edges(bins: int = BINS, lo: float = -LOGIT_RANGE, hi: float = LOGIT_RANGE) -> np.ndarray:
+    return np.linspace(lo, hi, bins + 1)
 
 
-def centres(bins: int = BINS, limit: float = LOGIT_RANGE) -> np.ndarray:
-    e = edges(bins, limit)
+def centres(bins: int = BINS, lo: float = -LOGIT_RANGE, hi: float = LOGIT_RANGE) -> np.ndarray:
+    e = edges(bins, lo, hi)
     return (e[:-1] + e[1:]) / 2
 
 
-def logit_histogram(logits: np.ndarray, y: np.ndarray, bins: int = BINS, limit: float = LOGIT_RANGE) -> np.ndarray:
+def _bin_index(logits: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
+    """Bins over [lo, hi]; logits beyond fall in the end bins."""
+    logits = np.clip(np.asarray(logits, dtype=float), lo, hi)
+    return np.clip(np.searchsorted(edges(bins, lo, hi), logits, side="right") - 1, 0, bins - 1)
+
+
+def logit_histogram(logits: np.ndarray, y: np.ndarray, bins: int = BINS, lo: float = -LOGIT_RANGE,
+                    hi: float = LOGIT_RANGE) -> np.ndarray:
     """(2, bins) counts: row 0 patients without the outcome, row 1 with it."""
-    logits = np.clip(np.asarray(logits, dtype=float), -limit, limit)
-    index = np.clip(np.searchsorted(edges(bins, limit), logits, side="right") - 1, 0, bins - 1)
     out = np.zeros((2, bins))
-    np.add.at(out, (np.asarray(y).astype(int), index), 1.0)
+    np.add.at(out, (np.asarray(y).astype(int), _bin_index(logits, bins, lo, hi)), 1.0)
     return out
+
+
+def locate_histogram(logits: np.ndarray) -> np.ndarray:
+    """(1, LOCATE_BINS) counts of the logits on the coarse grid, without labels."""
+    out = np.zeros((1, LOCATE_BINS))
+    np.add.at(out[0], _bin_index(logits, LOCATE_BINS, -LOCATE_RANGE, LOCATE_RANGE), 1.0)
+    return out
+
+
+def fit_histogram(logits: np.ndarray, y: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """(2, BINS + 2): an overflow bin below the window, BINS bins over it, an overflow bin above."""
+    lo, hi = window
+    logits = np.asarray(logits, dtype=float)
+    y = np.asarray(y).astype(int)
+    below = np.bincount(y[logits < lo], minlength=2)[:2].astype(float)
+    above = np.bincount(y[logits >= hi], minlength=2)[:2].astype(float)
+    inside = (logits >= lo) & (logits < hi)
+    inner = logit_histogram(logits[inside], y[inside], BINS, lo, hi)
+    return np.concatenate([below[:, None], inner, above[:, None]], axis=1)
+
+
+def locate(counts: np.ndarray, sites: int, noise_std: float = LOCATE_NOISE_STD) -> tuple[float, float]:
+    """The fit window: from the first to the last locate bin whose noisy count stands SUPPORT_SDS noise
+    SDs above zero (widened to MIN_WINDOW); DEFAULT_WINDOW when none does. Post-processing."""
+    counts = np.asarray(counts, dtype=float).reshape(-1)
+    clear = np.flatnonzero(counts > SUPPORT_SDS * noise_std * np.sqrt(max(sites, 1)))
+    if not len(clear):
+        return DEFAULT_WINDOW
+    e = edges(LOCATE_BINS, -LOCATE_RANGE, LOCATE_RANGE)
+    lo, hi = float(e[clear[0]]), float(e[clear[-1] + 1])
+    if hi - lo < MIN_WINDOW:
+        middle = (lo + hi) / 2
+        lo, hi = middle - MIN_WINDOW / 2, middle + MIN_WINDOW / 2
+    return lo, hi
 
 
 def noisy(histogram: np.ndarray, std: float = NOISE_STD, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -105,21 +154,20 @@ class Threshold:
     logit: float  # the same cut on the uncalibrated logit
 
 
-def youden_threshold(pos: np.ndarray, neg: np.ndarray, a: float, b: float,
-                     bins: int = BINS, limit: float = LOGIT_RANGE) -> Threshold:
-    """The bin edge maximising sensitivity + specificity - 1 (positive: logit >= edge); a > 0 keeps
-    the order, so the cut is the calibrated probability at that edge."""
+def youden_threshold(pos: np.ndarray, neg: np.ndarray, a: float, b: float, cuts: np.ndarray) -> Threshold:
+    """The cut maximising sensitivity + specificity - 1 (positive: logit >= cut); cuts[k - 1] is the
+    logit between columns k - 1 and k. a > 0 keeps the order, so the cut is the calibrated probability there."""
     pos, neg = np.clip(pos, 0, None), np.clip(neg, 0, None)
-    e = edges(bins, limit)
     best = None
-    for k in range(1, bins):  # inner edges: both sides non-empty
+    for k in range(1, len(pos)):  # both sides non-empty
         sens = pos[k:].sum() / pos.sum()
         spec = neg[:k].sum() / neg.sum()
         if best is None or sens + spec > best[0] + 1e-12:
             best = (sens + spec, k, sens, spec)
     assert best is not None
     _, k, sens, spec = best
-    return Threshold(float(sigmoid(a * e[k] + b)), RULE, float(sens), float(spec), float(e[k]))
+    cut = float(cuts[k - 1])
+    return Threshold(float(sigmoid(a * cut + b)), RULE, float(sens), float(spec), cut)
 
 
 def net_benefit_range(x: np.ndarray, pos: np.ndarray, neg: np.ndarray, a: float, b: float,
@@ -143,9 +191,6 @@ def net_benefit_range(x: np.ndarray, pos: np.ndarray, neg: np.ndarray, a: float,
             "thresholds_checked": [float(grid[0]), float(grid[-1]), 0.01], "points_better": len(better)}
 
 
-SUPPORT_SDS = 3.0  # a bin enters the fit when its noisy total is this many noise SDs above zero
-
-
 def support(histogram: np.ndarray, sites: int, noise_std: float = NOISE_STD, sds: float = SUPPORT_SDS) -> np.ndarray:
     """The bins whose noisy patient count (both rows) stands SUPPORT_SDS noise SDs above zero. The
     others are mostly noise: clipped to zero they would add phantom patients at extreme logits and
@@ -155,20 +200,27 @@ def support(histogram: np.ndarray, sites: int, noise_std: float = NOISE_STD, sds
     return total > sds * noise_std * np.sqrt(2 * max(sites, 1))
 
 
-def summarise(histogram: np.ndarray, sites: int, noise_std: float = NOISE_STD) -> dict:
-    """Everything the coordinator derives from the summed histogram (row 0 negatives, row 1 positives);
-    the map, threshold and decision curve use the bins in `support` only."""
+def summarise(histogram: np.ndarray, sites: int, window: tuple[float, float], noise_std: float = NOISE_STD) -> dict:
+    """Everything the coordinator derives from the summed fit histogram (row 0 negatives, row 1
+    positives; an overflow column at each end of the window's BINS). Only bins in `support` count;
+    Platt's map is fitted on the inner ones (the overflow columns have no centre)."""
     histogram = np.asarray(histogram, float)
+    lo, hi = window
     keep = support(histogram, sites, noise_std)
     neg, pos = np.where(keep, histogram[0], 0.0), np.where(keep, histogram[1], 0.0)
-    x = centres(len(pos))
-    a, b = platt_fit(x[keep], pos[keep], neg[keep])
-    threshold = youden_threshold(pos, neg, a, b, len(pos))
+    width = (hi - lo) / BINS
+    x = np.concatenate([[lo - width / 2], centres(BINS, lo, hi), [hi + width / 2]])
+    inner = keep.copy()
+    inner[[0, -1]] = False
+    if inner.sum() < 2:
+        raise ValueError(f"only {int(inner.sum())} bin(s) of the window stand clear of the noise; at least 2 are needed")
+    a, b = platt_fit(x[inner], pos[inner], neg[inner])
+    threshold = youden_threshold(pos, neg, a, b, edges(BINS, lo, hi))
     prevalence = float(np.clip(pos, 0, None).sum() / (np.clip(pos, 0, None).sum() + np.clip(neg, 0, None).sum()))
     return {
         "method": "platt", "a": a, "b": b,
-        "histogram": {"bins": len(pos), "logit_range": LOGIT_RANGE, "noise_std_per_count": noise_std,
-                      "sites": sites, "bins_fitted": int(keep.sum()), "support_sds": SUPPORT_SDS,
+        "histogram": {"bins": BINS, "window": [lo, hi], "overflow_bins": 2, "noise_std_per_count": noise_std,
+                      "sites": sites, "bins_fitted": int(inner.sum()), "support_sds": SUPPORT_SDS,
                       "negatives": [round(float(v), 3) for v in neg],
                       "positives": [round(float(v), 3) for v in pos]},
         "before": {"slope": a, "intercept": b, "brier": brier(x, pos, neg),

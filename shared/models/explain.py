@@ -86,6 +86,13 @@ def integrated_gradients(model: nn.Module, images: np.ndarray | None, features: 
     return out
 
 
+def saliency_peak(saliency: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the largest |attribution| in one view's map: where the explanation points
+    (what the page and explanations.json report, and what the pointing game scores)."""
+    row, col = np.unravel_index(int(np.argmax(np.abs(saliency))), saliency.shape)
+    return int(row), int(col)
+
+
 @dataclass(frozen=True)
 class Contribution:
     """One predictor's share of the logit difference, with the patient's value in the task's units."""
