@@ -105,7 +105,8 @@ def recalibrate(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | N
     model.pt and federation.json ({"status": "failed", "reason": ...} when too few sites answered or
     the fit failed)."""
     base: dict[str, Any] = {"rounds": [absolute_round, absolute_round + 1], "round": absolute_round + 1,
-                            "secure_aggregation": fit_workflow is not None}
+                            "secure_aggregation": fit_workflow is not None,
+                            "patients": "training and held-out (test)" if settings.dp else "held-out (test)"}
     locating = CalibrationStrategy(settings, sites, run_key, absolute_round, final, protocol.CALIBRATION_LOCATE)
     _round(grid, legacy, fit_workflow, locating, flower_round)
     if locating.histogram is None or len(locating.contributors) < settings.min_sites:

@@ -639,6 +639,7 @@ def recalibration(section: dict | None) -> dict[str, Any] | None:
     t = section["threshold"]
     return {"status": "fitted", "method": "Platt scaling", "a": section["a"], "b": section["b"],
             "secure_aggregation": section.get("secure_aggregation"), "sites": section.get("sites"),
+            "patients": section.get("patients", "held-out (test)"),
             "noise_std_per_count": section["histogram"]["noise_std_per_count"],
             "threshold": {"value": t["value"], "rule": t["rule"], "rule_text": t["rule_text"],
                           "sensitivity": t["sensitivity"], "specificity": t["specificity"]},
@@ -652,7 +653,7 @@ def recalibration_sentence(recal: dict[str, Any]) -> str:
     t, dc = recal["threshold"], recal["decision_curve"]
     how = "summed by secure aggregation" if recal["secure_aggregation"] else "summed WITHOUT secure aggregation"
     text = (f"Recalibration: after training, the sites' noised histograms of the model's scores on their "
-            f"validation patients ({how}, noise {recal['noise_std_per_count']:g} per count) fitted Platt scaling "
+            f"{recal['patients']} patients ({how}, noise {recal['noise_std_per_count']:g} per count) fitted Platt scaling "
             f"(slope {_f(recal['a'])}, intercept {_f(recal['b'])}); the model file's probabilities are the "
             f"recalibrated ones. Recommended threshold {t['value']:.2f}, by {t['rule_text']}: sensitivity "
             f"{_f(t['sensitivity'])}, specificity {_f(t['specificity'])} on that histogram.")
@@ -662,6 +663,12 @@ def recalibration_sentence(recal: dict[str, Any]) -> str:
         text += (f" On the held-out patients, before -> after: calibration slope {_f(b['slope'])} -> {_f(a['slope'])}, "
                  f"intercept {_f(b['intercept'])} -> {_f(a['intercept'])}, Brier {_f(b['brier'])} -> {_f(a['brier'])} "
                  f"(base rate {_f(a['base_rate_brier'])}); at the recommended threshold sensitivity "
+                 f"{_f(a['sensitivity'])}, specificity {_f(a['specificity'])}.")
+    external = recal["held_out"].get("external")
+    if external:  # patients no recalibration release counted: the out-of-sample check
+        b, a = external["before"], external["after"]
+        text += (f" On the external patients, which no release counted: slope {_f(b['slope'])} -> {_f(a['slope'])}, "
+                 f"Brier {_f(b['brier'])} -> {_f(a['brier'])} (base rate {_f(a['base_rate_brier'])}), sensitivity "
                  f"{_f(a['sensitivity'])}, specificity {_f(a['specificity'])}.")
     text += (f" The model beats treat-all and treat-none for thresholds {range_text(dc['from'], dc['to'])} on the "
              "summed histogram." if dc.get("from") is not None else

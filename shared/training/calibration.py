@@ -38,7 +38,7 @@ LOCATE_NOISE_STD = 4.0  # per count of the locate histogram: it only needs where
 SENSITIVITY = 1.0
 SUPPORT_SDS = 3.0  # a bin counts when its noisy total is this many noise SDs above zero
 RULE = "youden"
-RULE_TEXT = "Youden's J (sensitivity + specificity - 1, maximised) on the calibrated validation histogram"
+RULE_TEXT = "Youden's J (sensitivity + specificity - 1, maximised) on the sites' summed calibration histogram"
 HISTOGRAM_SCALE = 64.0  # counts are divided by this before SecAgg+ (whose clipping range is +-8 by default)
 
 
