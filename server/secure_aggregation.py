@@ -10,30 +10,130 @@ Ranges (Flower's SecAggPlusWorkflow quantises *full weights*, not DP-clipped gra
   error is at most clipping_range / quantization_range * max_weight / num_examples per weight
   (8 / 2**22 * 1000 / 100 ~ 2e-5 for a 100-patient site): far below DP-SGD's noise. max_weight
   must be at least the largest site's training-set size (1000 covers the consortium's cohorts).
-- Every selected site holds a share of every other's key (num_shares = all) and 2/3 of them are
-  needed to unmask: with 3 sites, one may drop out mid-round and the round still completes.
+- The masked sum is taken modulo 2**32 (Flower's largest modulus_range): each site's quantised
+  value is at most 2**22, so one aggregation holds at most 2**32 / 2**22 - 1 = 1023 sites before
+  the sum wraps around (MAX_SITES_PER_AGGREGATION): a scenario with more is refused, and a round
+  that selects more fails before any update is sent.
+
+Shares (`secagg_num_shares` k, `secagg_reconstruction_threshold` f, RunSettings): each site splits
+its two SecAgg+ secrets (its mask seed and its pairwise-mask key) into Shamir shares for its
+*neighbourhood*: every selected site while the round has at most k sites (Flower's num_shares =
+1.0), otherwise k sites including itself (Flower's integer num_shares), the neighbourhoods drawn by
+the coordinator's shuffle of the sites each round. round(f * shares) of them (at least 2) unmask a
+site, and a neighbourhood survives shares - threshold dropouts. With the defaults (k = 31,
+f = 0.67): up to 31 sites nothing changes from sharing with every site (3 sites: 2 unmask, one may
+drop out mid-round); beyond 31, each neighbourhood is 31 sites, 21 of which unmask and 10 of which
+may drop out. The cost is Shamir splitting (at each site) and combining (at the coordinator) in
+pure Python, ~shares x threshold field operations per secret per site: with every site sharing
+with every other it grows with the cube of the consortium (100 sites: ~1.5 CPU-s per site and
+round, a round took ~5 minutes on 2 cores), with a fixed k only linearly (k = 31: ~0.1 CPU-s).
+What k < sites gives up (README "Scale"): a coordinator that colludes with `threshold` of a site's
+k - 1 neighbours learns that site's individual update, instead of needing two thirds of the whole
+consortium.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
 
-from spine_fl.shared.config import RunSettings
+from spine_fl.shared.config import SECAGG_MAX_SITES, SECAGG_MODULUS_RANGE, SECAGG_QUANTIZATION_RANGE, RunSettings
 
-QUANTIZATION_RANGE = 2**22
-RECONSTRUCTION_FRACTION = 0.67
+QUANTIZATION_RANGE = SECAGG_QUANTIZATION_RANGE
+MODULUS_RANGE = SECAGG_MODULUS_RANGE  # Flower's default and its largest allowed
+MAX_SITES_PER_AGGREGATION = SECAGG_MAX_SITES  # 1023: with more, the masked sum can wrap around
+RECONSTRUCTION_FRACTION = RunSettings.secagg_reconstruction_threshold  # the default fraction (0.67)
+logger = logging.getLogger("spine_fl.server")
 
 
-def secagg_fit_workflow(run: RunSettings) -> SecAggPlusWorkflow | None:
+def neighbourhood(sites: int, num_shares: int, fraction: float) -> tuple[int, int]:
+    """(shares per site, shares needed to unmask a site) in a round of `sites` sites, as Flower
+    computes them from what SpineSecAggPlus hands it (secaggplus_workflow.setup_stage)."""
+    if sites <= num_shares:  # num_shares = 1.0: every selected site
+        shares = sites
+    else:
+        shares = num_shares + (1 - num_shares % 2)  # Flower makes an even count odd
+    return shares, max(round(fraction * shares), 2)
+
+
+class SpineSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAggPlusWorkflow with the share count decided per round from the sites selected:
+    all of them up to `max_shares` sites, `max_shares` neighbours beyond (module docstring).
+
+    Flower takes num_shares as a fraction of the selected sites (a float) or as a count (an int
+    that must be below the number of sites, or the threshold exceeds the neighbourhood and the
+    round fails); only after the strategy has selected this round's sites (in setup_stage, after
+    the pre-flight has dropped refusing sites) is it known which applies."""
+
+    def __init__(self, max_shares: int, reconstruction_fraction: float, **kwargs: Any) -> None:
+        super().__init__(num_shares=1.0, reconstruction_threshold=reconstruction_fraction, **kwargs)
+        self.max_shares = max_shares
+        self.reconstruction_fraction = reconstruction_fraction
+        self.last_round: dict[str, int] = {}  # sites, shares and threshold of the latest setup stage
+
+    def shares_for(self, sites: int) -> tuple[int, int]:
+        """(shares per site, threshold) in a round of `sites` sites."""
+        return neighbourhood(sites, self.max_shares, self.reconstruction_fraction)
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        strategy = context.strategy
+
+        def decide(selected: int) -> None:
+            self.num_shares = 1.0 if selected <= self.max_shares else self.max_shares
+
+        context.strategy = _Selection(strategy, decide)  # type: ignore[assignment]
+        try:
+            ready = super().setup_stage(grid, context, state)
+            if ready and len(state.sampled_node_ids) > MAX_SITES_PER_AGGREGATION:
+                logger.error("spine-fl: %d sites selected, more than the %d one SecAgg+ sum can hold; the round "
+                             "stops before any update is sent", len(state.sampled_node_ids), MAX_SITES_PER_AGGREGATION)
+                return False
+            return ready
+        finally:
+            context.strategy = strategy
+            self.num_shares = 1.0
+            chosen = {"sites": len(state.sampled_node_ids), "num_shares": state.num_shares,
+                      "threshold": state.threshold}
+            if chosen["sites"] and chosen != self.last_round:
+                logger.info("spine-fl: SecAgg+ over %d sites: each site's secrets in %d shares (%s), %d of them "
+                            "unmask it", chosen["sites"], chosen["num_shares"],
+                            "one per site" if chosen["num_shares"] >= chosen["sites"] else "its neighbourhood",
+                            chosen["threshold"])
+            self.last_round = chosen
+
+
+class _Selection:
+    """The run's strategy, telling `decide` how many sites its configure_fit selected; every other
+    attribute is the strategy's own (only configure_fit is called during Flower's setup stage)."""
+
+    def __init__(self, inner: Any, decide: Any) -> None:
+        self._inner, self._decide = inner, decide
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        chosen = self._inner.configure_fit(server_round, parameters, client_manager)
+        self._decide(len(chosen or []))
+        return chosen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def secagg_fit_workflow(run: RunSettings) -> SpineSecAggPlus | None:
     """None means Flower's plain fit workflow: only when the run explicitly sets secagg = false."""
     if not run.secagg:
         return None
-    return SecAggPlusWorkflow(
-        num_shares=1.0,
-        reconstruction_threshold=RECONSTRUCTION_FRACTION,
+    return SpineSecAggPlus(
+        run.secagg_num_shares,
+        run.secagg_reconstruction_threshold,
         max_weight=run.secagg_max_weight,
         clipping_range=run.secagg_clipping_range,
         quantization_range=QUANTIZATION_RANGE,
+        modulus_range=MODULUS_RANGE,
     )
 
 

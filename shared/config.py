@@ -48,6 +48,12 @@ OPTIMIZERS = ("sgd", "adam")
 SOURCES = ("synthetic", "vertebral_column", "folders")
 
 
+# SecAgg+ (server/secure_aggregation.py): weights quantised to 2**22 levels, masked sums taken modulo
+# 2**32 (Flower's largest modulus), so one aggregation holds at most 1023 sites before the sum wraps.
+SECAGG_QUANTIZATION_RANGE = 2**22
+SECAGG_MODULUS_RANGE = 2**32
+SECAGG_MAX_SITES = SECAGG_MODULUS_RANGE // SECAGG_QUANTIZATION_RANGE - 1
+
 RUN_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: the coordinator's name for a run, used in file names
 
 
@@ -106,6 +112,11 @@ class RunSettings:
     secagg: bool = True
     secagg_clipping_range: float = 8.0
     secagg_max_weight: float = 1000.0
+    # How many sites hold shares of each site's SecAgg+ secrets (itself included): every site while a
+    # round has at most this many, this many beyond (fewer shares: cheaper rounds, weaker against
+    # collusion; README "Scale"). The fraction of those shares that unmasks a site (above 1/2).
+    secagg_num_shares: int = 31
+    secagg_reconstruction_threshold: float = 0.67
     # A round that fails (e.g. a site vanished before SecAgg+ shared its keys) is retried this many times.
     round_retries: int = 2
     # How long a round waits for min_sites sites to be connected before the run ends with the reason.
@@ -225,6 +236,25 @@ def _run_privacy(run: RunSettings) -> list[str]:
     if run.secagg and not run.secagg_max_weight >= 1:
         out.append(problem("secagg_max_weight", run.secagg_max_weight, "must be at least 1 with secagg = true",
                            "set secagg_max_weight to the largest example count a site reports, e.g. 1000.0"))
+    return out + _secagg_shares(run)
+
+
+def _secagg_shares(run: RunSettings) -> list[str]:
+    """SecAgg+ neighbourhoods that Flower accepts and that a coordinator lying about dropouts cannot
+    unmask from honest sites' shares alone (that needs a threshold above half a neighbourhood)."""
+    out = []
+    if not run.secagg:
+        return out
+    if not (run.secagg_num_shares >= 3 and run.secagg_num_shares % 2 == 1):
+        out.append(problem("secagg_num_shares", run.secagg_num_shares, "must be an odd number, at least 3 "
+                           "(each site's neighbourhood is itself and as many sites on either side)",
+                           "set secagg_num_shares to the sites that hold shares of each site's secrets, e.g. 31"))
+    if not (math.isfinite(run.secagg_reconstruction_threshold) and 0.5 < run.secagg_reconstruction_threshold <= 1):
+        out.append(problem("secagg_reconstruction_threshold", run.secagg_reconstruction_threshold,
+                           "must be above 0.5 and at most 1 (the fraction of a neighbourhood's shares that unmasks "
+                           "a site; at 1/2 or below, a coordinator that lies about which sites dropped out can unmask "
+                           "a site from honest sites' shares)",
+                           "set secagg_reconstruction_threshold = 0.67 (two thirds; 1.0 tolerates no dropout)"))
     return out
 
 
@@ -264,13 +294,29 @@ class SimulationSettings:
 
     cpus_per_site: float = 1.0
     state_dir: str | None = None  # sites' ledgers and keys; default <out>/site-state
+    # An existing Ray cluster's address (host:port of its head, as `ray start --head` prints it) to run
+    # the virtual sites on, instead of a Ray instance of this process's own (README "Scale").
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         raise_problems(self.problems())
 
     def problems(self) -> list[str]:
         """Every value that cannot work."""
-        return _cpus_problems(self.cpus_per_site)
+        return [*_cpus_problems(self.cpus_per_site), *ray_address_problems(self.ray_address)]
+
+
+RAY_ADDRESS = re.compile(r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+
+
+def ray_address_problems(address: str | None) -> list[str]:
+    """A Ray cluster address must be host:port (the GCS address of its head node)."""
+    match = RAY_ADDRESS.fullmatch(address) if address is not None else None
+    if address is None or (match and 1 <= int(match["port"]) <= 65535):
+        return []
+    return [problem("ray_address", address, "not a Ray cluster address (host:port of the head node)",
+                    'write the address `ray start --head` printed, e.g. "10.0.0.5:6379", or remove ray_address '
+                    "to let the simulation start its own Ray")]
 
 
 def _cpus_problems(cpus_per_site: float) -> list[str]:
@@ -290,15 +336,17 @@ class Scenario:
     # [policy]: every virtual site's policy rules; [policy.<site>]: one site's overrides
     policy: dict[str, Any] = field(default_factory=dict)
     state_dir: str | None = None  # sites' ledgers and keys; default <out>/site-state
+    ray_address: str | None = None  # an existing Ray cluster to run on ([simulation] ray_address)
 
     def __post_init__(self) -> None:
-        raise_problems([*(f"[simulation] {p}" for p in _cpus_problems(self.cpus_per_site)),
+        raise_problems([*(f"[simulation] {p}" for p in [*_cpus_problems(self.cpus_per_site),
+                                                        *ray_address_problems(self.ray_address)]),
                         *scenario_problems(self.consortium, self.run, self.policy)])
 
     @property
     def simulation(self) -> SimulationSettings:
         """The [simulation] table."""
-        return SimulationSettings(self.cpus_per_site, self.state_dir)
+        return SimulationSettings(self.cpus_per_site, self.state_dir, self.ray_address)
 
     def site_policy(self, site: str) -> dict[str, Any]:
         common = {k: v for k, v in self.policy.items() if not isinstance(v, dict)}
@@ -312,8 +360,17 @@ class Scenario:
 
 def scenario_problems(consortium: ConsortiumSettings, run: RunSettings, policy: dict[str, Any]) -> list[str]:
     """What the sections get wrong together, each line naming its section."""
-    return [*min_sites_problems(run.min_sites, consortium.sites),
+    return [*min_sites_problems(run.min_sites, consortium.sites), *secagg_sites_problems(run, consortium.sites),
             *(f"{policy_table(name)}: {why}" for name in site_tables(policy) if (why := unsafe_site_name(name)))]
+
+
+def secagg_sites_problems(run: RunSettings, sites: int) -> list[str]:
+    """More sites than one SecAgg+ sum can hold: the masked sum would wrap around and the model be garbage."""
+    if not run.secagg or sites <= SECAGG_MAX_SITES:
+        return []
+    return [f"[consortium] sites = {sites}: more than the {SECAGG_MAX_SITES} sites one SecAgg+ aggregation can sum "
+            f"(weights quantised to 2**22 levels, sums modulo 2**32); run at most {SECAGG_MAX_SITES} sites per "
+            "federation, or set [run] secagg = false for a simulation without secure aggregation"]
 
 
 def min_sites_problems(min_sites: int, sites: int) -> list[str]:
@@ -375,7 +432,7 @@ def load_scenario(path: Path | str, site_names: SiteNames | None = None,
         problems += _policy_problems(path, policy, consortium, site_names, check_policy)
     raise_problems(problems)
     return Scenario(name=name, consortium=consortium, run=run, cpus_per_site=simulation.cpus_per_site,
-                    policy=policy, state_dir=simulation.state_dir)
+                    policy=policy, state_dir=simulation.state_dir, ray_address=simulation.ray_address)
 
 
 def run_from_table(table: Any, where: str, base: Path) -> RunSettings:

@@ -97,6 +97,30 @@ class _RunSimulationNotice(logging.Filter):
 
 
 RUN_SIMULATION_NOTICE = _RunSimulationNotice()  # one instance: adding it again is a no-op
+logger = logging.getLogger("spine_fl.simulations")
+
+
+def ray_address(scenario: Scenario) -> str | None:
+    """The existing Ray cluster to run on: [simulation] ray_address, else Ray's own RAY_ADDRESS
+    variable; None starts a Ray instance of this process's own."""
+    return scenario.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def backend_config(scenario: Scenario, n_sites: int) -> dict[str, Any]:
+    """Flower's Ray backend settings: each virtual site's share of a CPU (and GPU), and how Ray starts.
+
+    On an existing cluster (`ray_address`) Ray takes the CPUs from the cluster's nodes (`ray start
+    --num-cpus`): Ray refuses num_cpus when connecting, so only the address is passed. Without one,
+    a private Ray instance with this machine's cores. Either way Flower runs as many sites at once
+    as the cluster's CPUs hold `cpus_per_site` each; the rest wait in Flower's queue."""
+    gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
+    address = ray_address(scenario)
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if address:
+        init_args["address"] = address
+    else:
+        init_args["num_cpus"] = max(os.cpu_count() or 1, int(scenario.cpus_per_site))
+    return {"client_resources": {"num_cpus": scenario.cpus_per_site, "num_gpus": gpus}, "init_args": init_args}
 
 
 def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
@@ -105,17 +129,13 @@ def run_federation(scenario: Scenario, sites: list[Site], out_dir: Path,
 
     from spine_fl.client.app import build_client_app
 
-    gpus = 1.0 / len(sites) if torch.cuda.is_available() else 0.0
     logging.getLogger("flwr").addFilter(RUN_SIMULATION_NOTICE)
     run_simulation(
         server_app=build_server_app(scenario.run, [s.name for s in sites], out_dir, on_round,
                                     record_path=state_root(scenario, out_dir) / RECORD_FILE),
         client_app=build_client_app(sites, outer_mods),
         num_supernodes=len(sites),
-        backend_config={
-            "client_resources": {"num_cpus": scenario.cpus_per_site, "num_gpus": gpus},
-            "init_args": {"num_cpus": max(os.cpu_count() or 1, int(scenario.cpus_per_site)), "include_dashboard": False},
-        },
+        backend_config=backend_config(scenario, len(sites)),
     )
 
 
@@ -159,7 +179,8 @@ def _simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, A
     sites = {p.name: load_site(p, run.task_spec, run.image_size) for p in site_dirs}
 
     fed_started = time.perf_counter()
-    run_federation(scenario, virtual_sites(scenario, site_dirs, out_dir), out_dir, on_round, outer_mods)
+    run_federation(scenario, virtual_sites(scenario, site_dirs, out_dir), out_dir, timed_rounds(on_round, len(sites)),
+                   outer_mods)
     fed_seconds = time.perf_counter() - fed_started
     federation = json.loads((out_dir / FEDERATION_FILE).read_text())
 
@@ -205,6 +226,22 @@ def _simulate(scenario: Scenario, out_dir: Path, on_round: Callable[[dict[str, A
     save_importance(out_dir, model, run.task_spec, sites, device)  # the card's importance section (simulation only)
     write_model_card(out_dir)
     return metrics
+
+
+def timed_rounds(on_round: Callable[[dict[str, Any]], None] | None,
+                 n_sites: int) -> Callable[[dict[str, Any]], None]:
+    """`on_round`, after a log line with the round's seconds as it ends (a 100-site run takes minutes:
+    progress shows as it goes)."""
+
+    def report(entry: dict[str, Any]) -> None:
+        withheld = len(entry.get("withheld", ()))
+        logger.info("spine-fl: round %s took %.1f s (%d sites; %d reported held-out metrics%s)", entry["round"],
+                    entry.get("seconds", float("nan")), n_sites, len(entry.get("per_site", {})),
+                    f", {withheld} withheld them" if withheld else "")
+        if on_round is not None:
+            on_round(entry)
+
+    return report
 
 
 def calibration_result(section: dict[str, Any] | None, test: Any, external: Any) -> dict[str, Any] | None:

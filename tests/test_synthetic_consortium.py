@@ -110,3 +110,15 @@ def test_stenosis_columns_left_every_earlier_byte_unchanged(consortium: list[Pat
                 others.update(path.relative_to(site).as_posix().encode())
                 others.update(path.read_bytes())
         assert (hashlib.sha256(earlier.encode()).hexdigest(), others.hexdigest()) == BEFORE_STENOSIS[site.name]
+
+
+def test_repeated_profiles_get_their_own_patients(tmp_path: Path) -> None:
+    """Beyond the base profiles, sites repeat a profile under a numbered name; names whose character
+    codes sum alike (leiden11, leiden20) once got identical folders."""
+    from spine_fl.simulations.synthetic.consortium import site_profiles, synthesize_site
+
+    profiles = {p.name: p for p in site_profiles(100)}
+    for name in ("leiden11", "leiden20"):
+        synthesize_site(tmp_path / name, profiles[name], 7, ())
+    first, second = ((tmp_path / name / "clinical.csv").read_text() for name in ("leiden11", "leiden20"))
+    assert sum(map(ord, "leiden11")) == sum(map(ord, "leiden20")) and first != second

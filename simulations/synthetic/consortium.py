@@ -174,14 +174,22 @@ def _write_images(site_dir: Path, profile: SiteProfile, table: pd.DataFrame, nar
     return pd.DataFrame(rows, columns=["patient_id", "view", "path"])
 
 
+def _name_key(name: str) -> int:
+    """The site's own random stream: the sum of its name's character codes (the first profiles' data
+    depend on it), plus a term for a repeated profile's number, whose digits alone would collide
+    (leiden11 and leiden20 have the same sum: identical folders)."""
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return sum(map(ord, name)) + 7919 * int(digits or 0)
+
+
 def synthesize_site(site_dir: Path, profile: SiteProfile, seed: int, modalities: tuple[str, ...]) -> None:
     """Write one site atomically: built in a temporary folder, then renamed into place."""
-    rng = np.random.default_rng([seed, sum(map(ord, profile.name))])
+    rng = np.random.default_rng([seed, _name_key(profile.name)])
     site_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}-", dir=site_dir.parent))
     try:
         table, narrowing = _clinical_table(profile, rng)
-        stenosis_rng = np.random.default_rng([seed, sum(map(ord, profile.name)), 26])  # its own stream
+        stenosis_rng = np.random.default_rng([seed, _name_key(profile.name), 26])  # its own stream
         table = table.join(stenosis_surgery_columns(stenosis_rng, narrowing, table["age"].to_numpy(float),
                                                     table["bmi"].to_numpy(float), profile.lss_intercept))
         table.to_csv(tmp / CLINICAL_FILE, index=False)
