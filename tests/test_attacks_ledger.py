@@ -231,6 +231,28 @@ def test_the_dataset_id_never_reads_a_file_outside_the_site_folder(tmp_path: Pat
         dataset_id(site_dir)
 
 
+def test_a_symlink_retargeted_outside_after_the_identity_was_cached_is_refused(tmp_path: Path) -> None:
+    """The identity is cached per file (device, inode, size, mtime), but a path that comes to name
+    another file is resolved and checked again before that file is read: swapping an image's symlink
+    to a file outside the folder between two rounds is refused, not hashed from the cache."""
+    site_dir = tmp_path / "site"
+    (site_dir / "dicom").mkdir(parents=True)
+    (site_dir / "clinical.csv").write_text("patient_id\np1\n")
+    (site_dir / "dicom" / "real.dcm").write_bytes(b"the site's image")
+    (site_dir / "dicom" / "p1.dcm").symlink_to(site_dir / "dicom" / "real.dcm")
+    (site_dir / "manifest.csv").write_text("patient_id,view,path\np1,ap,dicom/p1.dcm\n")
+    first = dataset_id(site_dir)
+    assert dataset_id(site_dir) == first  # cached, same answer
+    (tmp_path / "secret.dcm").write_bytes(b"not the site's image at all")
+    (site_dir / "dicom" / "p1.dcm").unlink()
+    (site_dir / "dicom" / "p1.dcm").symlink_to(tmp_path / "secret.dcm")
+    with pytest.raises(PrivacyLedgerError, match=r"'dicom/p1\.dcm' resolves to .*outside the site folder"):
+        dataset_id(site_dir)
+    (site_dir / "dicom" / "p1.dcm").unlink()
+    (site_dir / "dicom" / "p1.dcm").write_bytes(b"another image inside")  # replaced in place: hashed again
+    assert dataset_id(site_dir) != first
+
+
 def test_a_ledger_verified_before_is_verified_again_in_full_when_an_earlier_line_changes(tmp_path: Path) -> None:
     """Verification is incremental within a process (only new lines' signatures are checked) but never
     blind: an earlier line edited after the process verified it is found, and named."""

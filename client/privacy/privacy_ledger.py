@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -94,30 +95,35 @@ def _read_table(path: Path, columns: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 _TABLES: dict[tuple, list[tuple[str, ...]]] = {}
-_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
+_FILE_HASHES: dict[tuple[str, int, int, int, int], str] = {}
 
 
-def _file_sha256(path: Path) -> str:
-    """SHA-256 of an image's bytes (cached per process by path, size, inode and mtime)."""
+def _image_sha256(root: Path, rel: str, manifest: Path) -> str:
+    """SHA-256 of a manifest image's bytes, cached per process by the file it names (device, inode,
+    size, mtime): a site's identity is asked for several times a round, and resolving every path
+    each time cost more than the round's DP training. A path is resolved and checked to stay inside
+    the site folder before its file is first read, and again whenever it names another file (a
+    symlink retargeted, a file replaced): no file outside the folder is ever read."""
+    named = root / rel
     try:
-        st = path.stat()
+        st = os.stat(named)
     except OSError:
-        raise DatasetIdError(f"{path} (in manifest.csv) is missing; the dataset's identity cannot be established. "
+        raise DatasetIdError(f"{named} (in manifest.csv) is missing; the dataset's identity cannot be established. "
                              "Restore the image or remove it from the manifest.") from None
-    key = (str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns)
+    key = (str(named), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
         h = hashlib.sha256()
-        with path.open("rb") as handle:
+        with _inside(root, rel, manifest).open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
         _FILE_HASHES[key] = h.hexdigest()
     return _FILE_HASHES[key]
 
 
-def _inside(site_dir: Path, rel: str, manifest: Path) -> Path:
-    """A manifest path, refused when it resolves outside the site folder (never read, never hashed)."""
-    path = (site_dir / rel).resolve()
-    if not path.is_relative_to(site_dir.resolve()):
+def _inside(root: Path, rel: str, manifest: Path) -> Path:
+    """A manifest path, refused when it resolves outside the (resolved) site folder."""
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
         raise DatasetIdError(f"{manifest}: path {rel!r} resolves to {path}, outside the site folder; the site reads "
                              "nothing outside its folder. Run `spine-fl validate` on the site folder.")
     return path
@@ -140,8 +146,8 @@ def dataset_id(site_dir: Path) -> str:
     manifest = site_dir / "manifest.csv"
     if manifest.exists():
         rows = _read_table(manifest, ("patient_id", "view", "path"))
-        identity["images"] = sorted([pid, view, _file_sha256(_inside(site_dir, rel, manifest))]
-                                    for pid, view, rel in rows)
+        root = site_dir.resolve()
+        identity["images"] = sorted([pid, view, _image_sha256(root, rel, manifest)] for pid, view, rel in rows)
     return hashlib.sha256(canonical(identity)).hexdigest()[:32]
 
 

@@ -64,7 +64,15 @@ class _ResNetEncoder(nn.Module):
         self.out_features = get_inplanes()[-1] * _block().expansion
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        """MONAI's ResNet.forward without its last `view(batch, -1)`, which an empty batch cannot
+        take; DP-SGD's Poisson sampling draws one now and then at a small site, and it must still go
+        through every layer (a noise-only step, with per-sample gradients of length 0)."""
+        net = self.net
+        x = net.act(net.bn1(net.conv1(images)))
+        if not net.no_max_pool:
+            x = net.maxpool(x)
+        x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        return torch.flatten(net.avgpool(x), 1)
 
 
 class _DenseNetEncoder(nn.Module):
