@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import Scalar
 
+from spine_fl.client.calibration import CalibrationWithheld, withheld_reply
 from spine_fl.client.calibration import release as calibration_release
 from spine_fl.client.privacy.charged_rounds import ChargedReply, keep_reply, model_sha256, replay
 from spine_fl.client.privacy.evaluation_budget import withhold_reason
@@ -119,10 +120,16 @@ class SiteClient(NumPyClient):
         if stage == protocol.CALIBRATION_FIT:
             window = (float(config.get(protocol.CALIBRATION_WINDOW_LO, 0.0)),
                       float(config.get(protocol.CALIBRATION_WINDOW_HI, 0.0)))
-        out = calibration_release(self.site, settings, model, data, run_key, server_round, self.device, stage, window)
         metrics: dict[str, Scalar] = {protocol.SITE_INDEX: self._site_index(config),
-                                      protocol.LEDGER_KEY: site_key_fingerprint(self.site.state_dir), **out.metrics}
-        return [out.histogram], 1, metrics  # 1 example each: the coordinator's mean x sites is the sum
+                                      protocol.LEDGER_KEY: site_key_fingerprint(self.site.state_dir)}
+        try:
+            out = calibration_release(self.site, settings, model, data, run_key, server_round, self.device, stage,
+                                      window)
+        except CalibrationWithheld as exc:  # the site's own rules: a clean refusal, counted by the coordinator
+            log.warning("spine-fl: %s round %s: recalibration histogram withheld: %s", self.site.name, server_round,
+                        exc.reason)
+            return [withheld_reply(stage)], 0, metrics  # 0 examples: zeros in place of a histogram, not counted
+        return [out.histogram], 1, metrics | out.metrics  # 1 example each: the mean x contributors is the sum
 
     def evaluate(self, parameters, config):
         _, model, data = self._prepare(parameters, config)

@@ -31,7 +31,26 @@ from spine_fl.shared.training.local import predict_logits
 
 
 class CalibrationRefused(RuntimeError):
-    """The site will not release its histogram (held-out rules or privacy budget); nothing leaves."""
+    """The site will not release its histogram; nothing computed on its patients leaves."""
+
+
+class CalibrationWithheld(CalibrationRefused):
+    """Refused by the site's own rules (held-out rules or privacy budget), not by a malformed instruction:
+    the site answers with `withheld_reply` instead (client/app.py), a clean refusal the coordinator counts."""
+
+    def __init__(self, site: str, reason: str):
+        super().__init__(f"{site}: no recalibration histogram: {reason}")
+        self.site, self.reason = site, reason
+
+
+def withheld_reply(stage: int) -> np.ndarray:
+    """What a withholding site sends in place of its histogram: zeros of the stage's shape, with 0 examples
+    (client/app.py). Under SecAgg+ a reply weighted 0 adds nothing to the sum and keeps the round whole (an
+    error reply would be a dropout: too many and the round fails); the 0 tells the coordinator not to
+    count the site (server/calibration.py)."""
+    shape = protocol.CALIBRATION_LOCATE_SHAPE if stage == protocol.CALIBRATION_LOCATE else \
+        protocol.CALIBRATION_HISTOGRAM_SHAPE
+    return np.zeros(shape, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -65,7 +84,7 @@ def release(site: Site, run: RunSettings, model: torch.nn.Module, data: SiteData
     held_out = data.subset("test")
     withheld = withhold_reason(site, held_out.y, run_key, server_round)  # checked before computing anything
     if withheld is not None:
-        raise CalibrationRefused(f"{site.name}: no recalibration histogram: {withheld}")
+        raise CalibrationWithheld(site.name, withheld)
     std = calibration.LOCATE_NOISE_STD if stage == protocol.CALIBRATION_LOCATE else calibration.NOISE_STD
     metrics: dict[str, float | int | str] = {protocol.DP: int(run.dp), protocol.CALIBRATION_NOISE: std}
     if run.dp:
@@ -88,15 +107,15 @@ def charge(site: Site, run: RunSettings, run_key: str, server_round: int, n_trai
     spend = histogram_spend(noise_std)
     assessed = assess_round(site, run, run_key, server_round, n_train, spend=spend)  # ledger verified, not deleted
     if not assessed.rounds_in_run:  # e.g. refused in the pre-flight, or a ledger deleted
-        raise CalibrationRefused(f"{site.name}: its privacy ledger holds no training round of run {run_key}; a site "
-                                 "that did not train in this run sends no recalibration histogram")
+        raise CalibrationWithheld(site.name, f"its privacy ledger holds no training round of run {run_key}; a site "
+                                  "that did not train in this run sends no recalibration histogram")
     if assessed.replay:
-        raise CalibrationRefused(f"{site.name}: round {server_round} of run {run_key} is already charged; "
-                                 "a second histogram would spend epsilon twice")
+        raise CalibrationWithheld(site.name, f"round {server_round} of run {run_key} is already charged; "
+                                  "a second histogram would spend epsilon twice")
     over = over_budget(site, assessed)
     if over is not None:
-        raise CalibrationRefused(f"{site.name}: the recalibration histogram would raise epsilon to {over.after:.3f}, "
-                                 f"over the {over.rule.replace('_', ' ')} budget {over.budget:g}")
+        raise CalibrationWithheld(site.name, f"the recalibration histogram would raise epsilon to {over.after:.3f}, "
+                                  f"over the {over.rule.replace('_', ' ')} budget {over.budget:g}")
     sigma, rate, steps = spend
     ledger = PrivacyLedger(site.state_dir, assessed.dataset)
     ledger.append(SpendRecord(run_key, server_round, sigma, rate, steps, calibration.SENSITIVITY, assessed.plan.delta,

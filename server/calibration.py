@@ -8,6 +8,12 @@ over that window split by outcome. Every site replies with 1 example, so SecAgg+
 the plain mean and, summed over the replies (each holds the same mean under SecAgg+; its own histogram
 without), the sum of the sites' histograms: the coordinator never sees one site's. It then fits Platt
 scaling and the recommended threshold on the sum.
+
+A site whose own rules forbid the release (too few held-out patients for its min_eval_patients /
+min_eval_per_class, its evaluation or privacy budget) withholds cleanly: it replies with zeros and 0
+examples (client/calibration.py withheld_reply), which add nothing to the sum and keep a SecAgg+ round
+whole. Such sites are counted as withheld, not as contributors; with fewer than min_sites contributors
+the recalibration is skipped and the model is published uncalibrated, the summary saying why.
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ class CalibrationStrategy(Strategy):
         self.histogram: np.ndarray | None = None
         self.contributors: list[str] = []
         self.privacy: dict[str, dict[str, float]] = {}
+        self.withheld: list[str] = []  # sites whose rules forbade the release (0 examples, zeros)
         self.failures = 0
+        self.aggregated = False  # the round reached aggregate_fit (a SecAgg+ round can halt before)
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return None
@@ -62,21 +70,46 @@ class CalibrationStrategy(Strategy):
         return [(client, FitIns(self.final, dict(config))) for client in clients]
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[override]
-        self.failures = len(failures)
-        if not results:
+        self.aggregated, self.failures = True, len(failures)
+        sent = []
+        for _, res in results:
+            site = _site_name(self.sites, res.metrics)
+            if res.num_examples == 0:  # withheld: zeros weighted 0, in the sum as nothing
+                self.withheld.append(site)
+                continue
+            sent.append((site, res))
+        if not sent:
             return None, {}
         total = None
-        for _, res in results:
+        for site, res in sent:
             array = parameters_to_ndarrays(res.parameters)
             if len(array) != 1 or tuple(array[0].shape) != self.shape:
                 logger.warning("spine-fl: a recalibration reply of the wrong shape; the round is discarded")
+                self.contributors, self.privacy = [], {}
                 return None, {}
+            # under SecAgg+ every reply holds the mean over the contributors (weight 1 each, withheld 0):
+            # summed over the contributors it is their sum; without SecAgg+ each holds its own histogram
             total = array[0] if total is None else total + array[0]
-            site = _site_name(self.sites, res.metrics)
             self.contributors.append(site)
             self.privacy[site] = {k: float(v) for k, v in res.metrics.items() if _numeric(v)}
         self.histogram = np.asarray(total, dtype=float) * calibration.HISTOGRAM_SCALE
         return None, {}  # the global model stays as it was
+
+    def shortfall(self, what: str) -> str | None:
+        """Why this round's sum cannot be used (too few contributors, with who withheld and who failed), or None."""
+        if self.histogram is not None and len(self.contributors) >= self.settings.min_sites:
+            return None
+        if not self.aggregated:
+            return (f"the round of {what}s did not complete (the secure aggregation halted: too few sites stayed "
+                    "to the end; the coordinator's log says why)")
+        said = f"{_sites(self.contributors)} sent {what}"
+        if self.withheld:
+            said += (f", {_sites(self.withheld)} withheld it by the site's own rules (too few held-out patients for "
+                     "its min_eval_patients / min_eval_per_class, or its evaluation or privacy budget spent; each "
+                     "site's log names its reason)")
+        if self.failures:
+            said += f", {self.failures} failed"
+        return f"{said}; fewer than min_sites = {self.settings.min_sites}"
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[override]
         return []
@@ -93,7 +126,10 @@ def _round(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | None, 
     inner, legacy.strategy = legacy.strategy, strategy
     try:
         legacy.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND] = flower_round
-        (fit_workflow or default_fit_workflow)(grid, legacy)
+        # every site withholding (weight 0 each) makes SecAgg+'s total weight 0: Flower divides by it and
+        # warns; the result is unused then (no contributor), so the warning is noise in the coordinator's log
+        with np.errstate(divide="ignore", invalid="ignore"):
+            (fit_workflow or default_fit_workflow)(grid, legacy)
     finally:
         legacy.strategy = inner
 
@@ -102,25 +138,26 @@ def recalibrate(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | N
                 sites: list[str], run_key: str, absolute_round: int, final: list[np.ndarray],
                 flower_round: int) -> dict[str, Any]:
     """Run the two recalibration rounds (absolute_round and the next); the calibration section for
-    model.pt and federation.json ({"status": "failed", "reason": ...} when too few sites answered or
-    the fit failed)."""
+    model.pt and federation.json: "fitted"; "skipped" (with the reason) when fewer than min_sites sites
+    sent their histogram because the others withheld it; "failed" when a site failed, the round halted
+    or the fit failed. "withheld" lists the sites that withheld."""
     base: dict[str, Any] = {"rounds": [absolute_round, absolute_round + 1], "round": absolute_round + 1,
                             "secure_aggregation": fit_workflow is not None,
                             "patients": "training and held-out (test)" if settings.dp else "held-out (test)"}
     locating = CalibrationStrategy(settings, sites, run_key, absolute_round, final, protocol.CALIBRATION_LOCATE)
     _round(grid, legacy, fit_workflow, locating, flower_round)
-    if locating.histogram is None or len(locating.contributors) < settings.min_sites:
-        return {**base, "sites": sorted(locating.contributors), "privacy": locating.privacy, "status": "failed",
-                "reason": f"{len(locating.contributors)} site(s) sent a locating histogram, fewer than min_sites = "
-                          f"{settings.min_sites} ({locating.failures} failure(s)); the model is uncalibrated"}
+    short = locating.shortfall("a locating histogram")
+    if short is not None:
+        return {**base, "sites": sorted(locating.contributors), "withheld": sorted(locating.withheld),
+                "privacy": locating.privacy, **_skipped(locating, short)}
     window = calibration.locate(locating.histogram, len(locating.contributors))
     fitting = CalibrationStrategy(settings, sites, run_key, absolute_round + 1, final, protocol.CALIBRATION_FIT, window)
     _round(grid, legacy, fit_workflow, fitting, flower_round + 1)
-    base |= {"sites": sorted(fitting.contributors), "privacy": fitting.privacy, "window": list(window)}
-    if fitting.histogram is None or len(fitting.contributors) < settings.min_sites:
-        return {**base, "status": "failed",
-                "reason": f"{len(fitting.contributors)} site(s) sent a histogram, fewer than min_sites = "
-                          f"{settings.min_sites} ({fitting.failures} failure(s)); the model is uncalibrated"}
+    base |= {"sites": sorted(fitting.contributors), "withheld": sorted(fitting.withheld), "privacy": fitting.privacy,
+             "window": list(window)}
+    short = fitting.shortfall("a histogram")
+    if short is not None:
+        return {**base, **_skipped(fitting, short)}
     try:
         fitted = calibration.summarise(fitting.histogram, len(fitting.contributors), window)
     except (ValueError, np.linalg.LinAlgError) as exc:
@@ -129,3 +166,15 @@ def recalibrate(grid: Grid, legacy: LegacyContext, fit_workflow: FitWorkflow | N
         return {**base, "status": "failed", "reason": f"the fitted slope {fitted['a']:.3f} is not positive: the "
                 "model ranks the calibration patients no better than chance; left uncalibrated"}
     return {**base, "status": "fitted", **fitted}
+
+
+def _sites(names: list[str]) -> str:
+    return f"{len(names)} site{'' if len(names) == 1 else 's'}" + (f" ({', '.join(sorted(names))})" if names else "")
+
+
+def _skipped(strategy: CalibrationStrategy, short: str) -> dict[str, Any]:
+    """Too few contributors: "skipped" when the sites withheld by their own rules, "failed" when a site
+    failed or the round halted; either way the model is published as trained."""
+    status = "skipped" if strategy.aggregated and not strategy.failures else "failed"
+    logger.warning("spine-fl: recalibration %s, the model is published uncalibrated: %s", status, short)
+    return {"status": status, "reason": f"{short}: recalibration {status}"}

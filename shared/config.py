@@ -89,7 +89,9 @@ class RunSettings:
     # The task's canonical JSON (shared/contract/task_file.py), so every site gets the exact definition;
     # empty means the shipped file of `task`. A site approves it by name and SHA-256 (allowed_tasks).
     task_definition: str = ""
-    image_size: int = 64
+    # The image side in pixels; unset (None), the task model's own size (shared/models/registry.py
+    # image_size: 64 for the small CNN, 224 for the MONAI networks). Always a number once built.
+    image_size: int | None = None
     strategy: str = "fedavg"
     rounds: int = 10
     local_epochs: int = 2
@@ -123,6 +125,8 @@ class RunSettings:
     site_wait_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", _model_image_size(self))
         raise_problems(self.problems())
         task = self.task_spec
         object.__setattr__(self, "task_definition", canonical_json(task))
@@ -161,6 +165,17 @@ _RUN_COUNTS = {
     "min_sites": "set min_sites to the number of sites every round needs, e.g. 2",
     "image_size": "set image_size to the model's input size in pixels, e.g. 64",
 }
+
+
+def _model_image_size(run: RunSettings) -> int:
+    """The image side the run's task model is made for; 64 (the small CNN's) for a task without images
+    (no image is read) or an unknown task (a problem reported on its own)."""
+    from spine_fl.shared.models.registry import SMALL_IMAGE_PX, image_size, model_of_task
+
+    task = _task_or_problems(run)
+    if not isinstance(task, Task) or task.image is None:
+        return SMALL_IMAGE_PX
+    return image_size(*model_of_task(task))
 
 
 def _task_or_problems(run: RunSettings) -> Task | list[str]:

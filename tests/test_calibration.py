@@ -4,6 +4,7 @@ before/after, and `spine-fl predict` uses the threshold."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -176,3 +177,74 @@ def test_a_tiny_consortium_is_recalibrated_end_to_end(tmp_path: Path) -> None:
     assert predicted.exit_code == 0, predicted.output
     csv = (tmp_path / "pred" / "predictions.csv").read_text()
     assert f"{threshold['value']:g}" in csv or f"{threshold['value']:.4f}"[:5] in csv
+
+
+# -- a site whose own rules forbid the release withholds cleanly; too few left: recalibration skipped -------
+
+def _calibration_reply(tmp_path: Path, name: str, site_dir: Path, policy: SitePolicy, run: RunSettings,
+                       index: int, sites: str):
+    """One site's answer to the locating round, as its ClientApp gives it (weights, examples, metrics)."""
+    from flwr.app import Context, RecordDict
+
+    from spine_fl.client.app import SiteClient
+    from spine_fl.client.site_config import Site
+    from spine_fl.shared.models.registry import build_model
+    from spine_fl.shared.training.local import get_weights
+
+    site = Site(name, site_dir, tmp_path / "state" / name, policy)
+    client = SiteClient(site, Context(run_id=1, node_id=index + 1, node_config={}, state=RecordDict(), run_config={}))
+    config = {**run.to_run_config(), protocol.ROUND: 4, protocol.SITES: sites, protocol.RUN_KEY: "a" * 32,
+              protocol.CALIBRATION: protocol.CALIBRATION_LOCATE}
+    return client.fit(get_weights(build_model(run.task_spec, run.seed)), config)
+
+
+def test_a_site_with_too_few_held_out_patients_withholds_cleanly_and_is_counted(tmp_path: Path, caplog,
+                                                                                monkeypatch) -> None:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from spine_fl.server import calibration as server_calibration
+    from spine_fl.simulations.synthetic.vertebral_column import write_sites
+
+    names = ["boston", "leiden", "lyon"]
+    dirs = write_sites(tmp_path / "sites", 3, 7)
+    run = RunSettings(task="vertebral_column", rounds=3, min_sites=3, dp=False)
+    lenient = SitePolicy(require_dp=False, min_eval_patients=5, min_eval_per_class=1)
+    strict = SitePolicy(require_dp=False, min_eval_patients=10_000)  # more held-out patients than any site has
+    replies = {}
+    with caplog.at_level("WARNING", logger="spine_fl.client"):
+        for i, name in enumerate(names):
+            replies[name] = _calibration_reply(tmp_path, name, dirs[i], lenient if name == "boston" else strict, run,
+                                               i, ",".join(names))
+    # the withholding site: zeros of the stage's shape, 0 examples, no release metrics, one warning line
+    arrays, examples, metrics = replies["leiden"]
+    assert examples == 0 and len(arrays) == 1 and arrays[0].shape == protocol.CALIBRATION_LOCATE_SHAPE
+    assert not arrays[0].any() and set(metrics) == {protocol.SITE_INDEX, protocol.LEDGER_KEY}
+    withheld = [r for r in caplog.records if "recalibration histogram withheld" in r.getMessage()]
+    assert [r.getMessage().split(":")[1].strip() for r in withheld] == ["leiden round 4", "lyon round 4"]
+    assert all("fewer than min_eval_patients = 10000" in r.getMessage() and not r.exc_info for r in withheld)
+    assert replies["boston"][1] == 1 and replies["boston"][0][0].any()  # a real histogram, counted once
+
+    # the coordinator counts the refusals and, with fewer than min_sites histograms, skips the recalibration
+    def fake_round(grid, legacy, fit_workflow, strategy, flower_round):  # the fit workflow, without Flower
+        results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(a), n, m)) for a, n, m in replies.values()]
+        strategy.aggregate_fit(flower_round, results, [])
+
+    monkeypatch.setattr(server_calibration, "_round", fake_round)
+    section = server_calibration.recalibrate(None, None, None, run, names, "a" * 32, 4, [], 4)  # type: ignore[arg-type]
+    assert section["status"] == "skipped" and section["sites"] == ["boston"]
+    assert section["withheld"] == ["leiden", "lyon"] and set(section["privacy"]) == {"boston"}
+    assert section["reason"].startswith("1 site (boston) sent a locating histogram, 2 sites (leiden, lyon) withheld "
+                                        "it by the site's own rules (too few held-out patients")
+    assert section["reason"].endswith("fewer than min_sites = 3: recalibration skipped")
+
+    from spine_fl.server.reporting.model_card import recalibration, recalibration_sentence
+    sentence = recalibration_sentence(recalibration(section))
+    assert sentence.startswith("Recalibration: not applied (1 site (boston) sent a locating histogram, 2 sites")
+    assert "the probabilities are uncalibrated" in sentence
+
+    # with enough sites sending, the withheld zeros add nothing: the sum is the senders' histograms
+    summed = server_calibration.CalibrationStrategy(dataclasses.replace(run, min_sites=1), names, "a" * 32, 4, [],
+                                                    protocol.CALIBRATION_LOCATE)
+    fake_round(None, None, None, summed, 4)
+    assert summed.shortfall("a locating histogram") is None and summed.contributors == ["boston"]
+    np.testing.assert_allclose(summed.histogram, replies["boston"][0][0] * calibration.HISTOGRAM_SCALE)

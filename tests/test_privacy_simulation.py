@@ -109,6 +109,32 @@ def test_policy_violations_are_refused_with_the_rule_named(tmp_path: Path) -> No
         assert not list((tmp_path / "policy" / "site-state" / site).glob("privacy/*.jsonl"))
 
 
+def test_an_edited_task_file_is_refused_by_a_site_that_approved_the_old_hash(tmp_path: Path) -> None:
+    """The approval is of one definition: a site that allows rbp_tabular@<old sha> refuses the run when the
+    coordinator's task file was edited since (new sha), naming both hashes, before anything is spent."""
+    from spine_fl.shared.contract.task_file import load_task_file, task_sha256
+    from spine_fl.shared.contract.tasks import SHIPPED_SHA256, shipped_task_files
+
+    old = SHIPPED_SHA256["rbp_tabular"]
+    edited = tmp_path / "rbp_edited.toml"
+    text = shipped_task_files()["rbp_tabular"].read_text()
+    assert "scale = 3.5" in text
+    edited.write_text(text.replace("scale = 3.5", "scale = 4.0", 1))  # one predictor's scaling changed
+    new = task_sha256(load_task_file(edited))
+    assert new != old
+    metrics = run_scenario(tmp_path, "edited", run={"task": str(edited), "secagg": False, "rounds": 1},
+                           policy={"require_secagg": False, "zurich": {"allowed_tasks": [f"rbp_tabular@{old}"]}})
+    [refusal] = [r for r in metrics["privacy"]["refusals"] if r["site"] == "zurich"]
+    assert refusal["rule"] == "allowed_tasks"
+    assert f"definition sha256 {new}" in refusal["message"] and f"only with sha256 {old}" in refusal["message"]
+    assert f'"rbp_tabular@{new}"' in refusal["message"]  # what to add to accept the edited definition
+    assert not any(r["site"] != "zurich" for r in metrics["privacy"]["refusals"])  # the others approve the file
+    assert metrics["status"] == "stopped" and "fewer than min_sites" in metrics["stop_reason"]
+    assert not any(p["trained"] for p in metrics["privacy"]["per_site"].values())
+    for site in metrics["sites"]:  # refused in the pre-flight: nobody trained, no privacy spent
+        assert not list((tmp_path / "edited" / "site-state" / site).glob("privacy/*.jsonl"))
+
+
 def _as_trained(bundle: dict) -> dict:
     """model.pt's weights with the recalibration map taken out of the output layer again (each run fits
     its own map on noisy histograms; the aggregation is what is compared here)."""

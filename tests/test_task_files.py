@@ -210,6 +210,33 @@ units = "years"
                                     'column = "y"\n[[predictors]]\nname = "y"\n')
     assert any('[label] kind = "binary": unknown label kind; did you mean binary_column?' in p for p in kind)
 
+    # a name sites cannot approve (allowed_tasks entries are name@sha256): letters, digits, _ and - only
+    for name, suggested in (("abnormal spine", "abnormal_spine"), ("spine@v2", "spine_v2")):
+        (line,) = _task_problems(tmp_path, f'name = "{name}"\ntitle = "X"\ndescription = "d"\n[label]\n'
+                                           'kind = "binary_column"\ncolumn = "y"\n[[predictors]]\nname = "a"\n')
+        assert line == (f'{tmp_path / "bad.toml"} name = "{name}": a task name may hold only letters, digits, _ and - '
+                        "(sites approve it as name@sha256 in allowed_tasks, which no other character can spell); "
+                        f'rename the task, e.g. name = "{suggested}"')
+
+
+def test_a_task_file_missing_a_key_reports_every_other_problem_too(tmp_path: Path) -> None:
+    """One pass: a missing required key does not hide the problems in the tables that are there."""
+    problems = _task_problems(tmp_path, 'name = "bad task"\n[label]\nkind = "binary_colum"\ncolumn = "c"\n'
+                                        '[[predictors]]\nname = "a"\nscale = 0\ncenter = "x"\n'
+                                        '[[predictors]]\nname = "c"\n[model]\nname = "densenet"\n')
+    text = "\n".join(problems)
+    assert "missing setting(s) title, description" in text
+    assert 'name = "bad task": a task name may hold only letters' in text
+    assert '[label] kind = "binary_colum": unknown label kind; did you mean binary_column?' in text
+    assert "[[predictors]] 1 (a) scale = 0: must be above 0" in text and '(a) center = "x": expected a number' in text
+    assert '[model] name = "densenet": unknown model; did you mean densenet121?' in text
+    assert len(problems) == 6, problems
+    # with the label right, what the pieces get wrong together is in the same pass (c is the outcome)
+    together = _task_problems(tmp_path, 'name = "x"\n[label]\nkind = "binary_column"\ncolumn = "c"\n'
+                                        '[[predictors]]\nname = "c"\n')
+    assert any("missing setting(s) title, description" in p for p in together)
+    assert any("predictors = [\"c\"]: c cannot be a predictor" in p for p in together), together
+
 
 def test_all_of_label_needs_every_condition(tmp_path: Path) -> None:
     path = tmp_path / "zcq.toml"
@@ -231,6 +258,34 @@ name = "bmi"
     data, report = validate_and_load(site, task)
     assert data is not None and list(data.y) == [1, 0, 0, 1, 1, 0, 1]  # P7: sev missing, unlabelled
     assert any("sev missing" in w.what for w in report.warnings)
+
+
+def _mri_task_file(folder: Path, model: str) -> Path:
+    path = folder / f"mri_{model}.toml"
+    path.write_text((CONFIGS / "tfesi_mri.toml").read_text().replace('name = "tfesi_mri"', f'name = "mri_{model}"')
+                    .replace('name = "small_cnn"', f'name = "{model}"'))
+    return path
+
+
+@pytest.mark.parametrize("model, size", [("resnet18", 224), ("resnet34", 224), ("densenet121", 224),
+                                         ("small_cnn", 64)])
+def test_a_run_without_image_size_trains_at_its_models_own_size(tmp_path: Path, model: str, size: int) -> None:
+    task_file = _mri_task_file(tmp_path, model)
+    (tmp_path / "s.toml").write_text(f'[run]\ntask = "{task_file.name}"\n')
+    run = load_scenario(tmp_path / "s.toml").run
+    assert run.task_spec.model.name == model and run.image_size == size
+    assert RunSettings.from_run_config(run.to_run_config()).image_size == size  # what the sites receive
+    # an explicit image_size still wins; one too small for the model is still refused
+    (tmp_path / "s.toml").write_text(f'[run]\ntask = "{task_file.name}"\nimage_size = 96\n')
+    assert load_scenario(tmp_path / "s.toml").run.image_size == 96
+    (tmp_path / "s.toml").write_text(f'[run]\ntask = "{task_file.name}"\nimage_size = 4\n')
+    with pytest.raises(ConfigError, match="image_size = 4: too small"):
+        load_scenario(tmp_path / "s.toml")
+
+
+def test_the_default_demo_and_table_tasks_keep_64_px() -> None:
+    assert RunSettings().image_size == 64 and RunSettings(task="tfesi_mri").image_size == 64
+    assert RunSettings(task="vertebral_column").image_size == 64  # no images read: the value is unused
 
 
 # -- a consortium's own study: three folders, one task file, one scenario --------------------------------------

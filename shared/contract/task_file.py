@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +28,7 @@ from spine_fl.shared.typed_table import (
     ConfigError,
     choice,
     collect,
+    problem,
     raise_problems,
     read_toml,
     toml_value,
@@ -56,20 +58,68 @@ class _AllOfTable:
 
 
 def task_from_table(raw: Any, where: str) -> Task:
-    """A task file's table as a Task; one ConfigError with every problem, each naming `where` and the key."""
-    top = typed_from_table(_TaskTable, raw, where)
+    """A task file's table as a Task; one ConfigError with every problem, each naming `where` and the key.
+
+    A missing or mistyped top-level key does not hide the rest: the tables it does have ([label],
+    [[predictors]], [image], [model]) and the name are checked in the same pass."""
     problems: list[str] = []
-    label = _label(top.label, f"{where} [label]", problems)
+    top = collect(problems, typed_from_table, _TaskTable, raw, where)
+    if top is None and not isinstance(raw, dict):
+        raise_problems(problems)
+    parts = _parts(top, raw)
+    problems += _name_problems(parts["name"], where)
+    label = None if parts["label"] is None else _label(parts["label"], f"{where} [label]", problems)
     features = tuple(collect(problems, typed_from_table, Feature, table,
                              f"{where} [[predictors]] {i} ({table.get('name', '?')})")
-                     for i, table in enumerate(top.predictors, 1))
-    image = None if top.image is None else collect(problems, typed_from_table, ImageInput, top.image,
-                                                   f"{where} [image]")
-    model = collect(problems, typed_from_table, ModelSpec, top.model, f"{where} [model]")
+                     for i, table in enumerate(parts["predictors"], 1))
+    image = None if parts["image"] is None else collect(problems, typed_from_table, ImageInput, parts["image"],
+                                                        f"{where} [image]")
+    model = collect(problems, typed_from_table, ModelSpec, parts["model"], f"{where} [model]")
+    whole = (parts["shaped"] and label is not None and None not in features
+             and (parts["image"] is None or image is not None))
+    if whole:  # what the pieces get wrong together, reported with the rest
+        task = Task(parts["name"] or "", top.title if top else "", top.description if top else "", label, features,
+                    image, parts["subgroups"], model or ModelSpec())
+        problems += [f"{where} {line}" for line in task.problems()]
     raise_problems(problems)
-    task = Task(top.name, top.title, top.description, label, features, image, top.subgroups, model)
-    raise_problems([f"{where} {line}" for line in task.problems()])
     return task
+
+
+# A task's name: letters, digits, _ and -; a site approves it as `name@sha256` in allowed_tasks, and
+# runs, ledgers and model cards name it, so a space, "@" or "/" would make it unapprovable or unsafe.
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _name_problems(name: Any, where: str) -> list[str]:
+    if not isinstance(name, str) or TASK_NAME.fullmatch(name):
+        return []  # a missing or mistyped name is reported by typed_from_table
+    return [f"{where} " + problem("name", name, "a task name may hold only letters, digits, _ and - (sites approve "
+                                  "it as name@sha256 in allowed_tasks, which no other character can spell)",
+                                  f"rename the task, e.g. name = {toml_value(_suggested_name(name))}")]
+
+
+def _suggested_name(name: str) -> str:
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_-]", "_", name)).strip("_") or "my_task"
+
+
+def _parts(top: _TaskTable | None, raw: Any) -> dict[str, Any]:
+    """The pieces to check: the typed table's, or (when a top-level key is missing or mistyped) the raw
+    table's that have the right shape (the others are reported by typed_from_table already)."""
+    if top is not None:
+        return {"name": top.name, "label": top.label, "predictors": top.predictors, "image": top.image,
+                "model": top.model, "subgroups": top.subgroups, "shaped": True}
+
+    def table(key: str) -> dict | None:
+        return raw[key] if isinstance(raw.get(key), dict) else None
+
+    predictors, subgroups = raw.get("predictors", []), raw.get("subgroups", [])
+    listed = isinstance(predictors, list) and all(isinstance(p, dict) for p in predictors)
+    grouped = isinstance(subgroups, list) and all(isinstance(g, str) for g in subgroups)
+    return {"shaped": listed and grouped and isinstance(raw.get("image", {}), dict),
+            "name": raw.get("name") if isinstance(raw.get("name"), str) else None, "label": table("label"),
+            "predictors": tuple(predictors) if listed else (),
+            "image": table("image"), "model": table("model") or {},
+            "subgroups": tuple(subgroups) if grouped else ()}
 
 
 def _label(raw: dict[str, Any], where: str, problems: list[str]) -> Any:
