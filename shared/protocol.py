@@ -39,7 +39,12 @@ Pre-flight, coordinator -> site, before every round's training (message type "qu
     intact and holding the coordinator's head — either a refusal or the config record
     PREFLIGHT_REPLY: SITE, READY = 1, LEDGER_KEY and, with DP, its current privacy-ledger head.
     Only sites that answered ready, with the pinned key, are sent the round: nobody trains (or
-    spends epsilon) in a round that cannot reach min_sites.
+    spends epsilon) in a round that cannot reach min_sites. The request also carries
+    PREFLIGHT_NONCE (32 hex digits, fresh per request) and the reply proves the key: it carries
+    LEDGER_PUBLIC_KEY and an Ed25519 signature by that key (PREFLIGHT_SIGNATURE_R and _S, its two
+    32-byte halves in hex) over the canonical JSON (sorted keys, no spaces) of PREFLIGHT_CONTEXT
+    under "context", RUN_KEY, ROUND and PREFLIGHT_NONCE of the request, and the reply's
+    PREFLIGHT_SIGNED fields (None where absent).
 
 Refusal, site -> coordinator: an Error reply with code REFUSAL_CODE whose reason is
     REFUSAL_PREFIX + JSON of `shared.refusal.Refusal` (rule, message, epsilon figures).
@@ -100,7 +105,11 @@ LEDGER_DATASET: Final = "ledger_dataset"  # the privacy ledger's dataset id (32 
 LEDGER_LINES: Final = "ledger_lines"  # its number of lines
 LEDGER_SHA256: Final = "ledger_sha256"  # SHA-256 of its last line (64 hex digits)
 LEDGER_HEAD: Final = (LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256)
-LEDGER_TEXT: Final = (LEDGER_KEY, LEDGER_DATASET, LEDGER_SHA256)
+LEDGER_PUBLIC_KEY: Final = "ledger_public_key"  # pre-flight reply: the raw Ed25519 public key (64 hex digits)
+PREFLIGHT_SIGNATURE_R: Final = "preflight_signature_r"  # pre-flight reply: the signature's R half (64 hex digits)
+PREFLIGHT_SIGNATURE_S: Final = "preflight_signature_s"  # pre-flight reply: the signature's S half (64 hex digits)
+LEDGER_TEXT: Final = (LEDGER_KEY, LEDGER_DATASET, LEDGER_SHA256, LEDGER_PUBLIC_KEY, PREFLIGHT_SIGNATURE_R,
+                      PREFLIGHT_SIGNATURE_S)
 CALIBRATION_NOISE: Final = "calibration_noise_std"  # recalibration reply: Gaussian noise std per count
 TRAIN_METRICS: Final = (SITE_INDEX, DP, *PRIVACY_METRICS, *LEDGER_HEAD, LEDGER_KEY, CALIBRATION_NOISE)
 CALIBRATION: Final = "calibration"  # instruction: CALIBRATION_LOCATE or CALIBRATION_FIT (module docstring)
@@ -120,6 +129,9 @@ PREFLIGHT_REPLY: Final = "spine-fl.preflight-reply"
 LEDGER_HEADS: Final = "ledger_heads"
 SITE: Final = "site"
 READY: Final = "ready"
+PREFLIGHT_NONCE: Final = "preflight_nonce"  # request: 32 hex digits, fresh per request
+PREFLIGHT_CONTEXT: Final = "spine-fl pre-flight v1"  # signed under "context": no ledger line or head has that key
+PREFLIGHT_SIGNED: Final = (SITE, READY, LEDGER_KEY, LEDGER_PUBLIC_KEY, LEDGER_DATASET, LEDGER_LINES, LEDGER_SHA256)
 
 # Evaluate reply metrics (shared.metrics.binary_metrics without its count), averaged per round by
 # the coordinator, example-weighted.

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import parameters_to_ndarrays
+from flwr.common import FitIns, Parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 from test_attacks_site import RUN_KEY, instruction, make_site, run_settings, send
 from test_privacy_simulation import run_scenario
@@ -38,7 +38,9 @@ from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, dataset_id
 from spine_fl.client.privacy.signed_log import KEY_FILE, PUBLIC_KEY_FILE, site_key_fingerprint
 from spine_fl.client.site_config import Site
-from spine_fl.server.coordinator_record import CoordinatorRecord
+from spine_fl.server.coordinator_record import CoordinatorRecord, preflight_statement
+from spine_fl.server.preflight import preflight as server_preflight
+from spine_fl.server.strategy import RoundLog
 from spine_fl.shared import protocol
 from spine_fl.shared.refusal import Refusal
 
@@ -201,6 +203,148 @@ def test_an_enrolled_key_wins_over_one_seen_first(tmp_path: Path) -> None:
         CoordinatorRecord.load(tmp_path / "r.json")
 
 
+# --- the pre-flight proves the key: a signature over (run key, round, fresh nonce) ----------------
+
+class SiteGrid:
+    """The Grid the coordinator's pre-flight talks through (server/preflight.py), delivering each
+    message to one site's real ClientApp; `tamper(request, reply)` may put another reply on the wire."""
+
+    def __init__(self, site: Site, tamper=None):
+        self.site, self.tamper, self.replies = site, tamper, []
+
+    def send_and_receive(self, messages, timeout):
+        out = []
+        for sent in messages:
+            metadata = Metadata(run_id=1, message_id=f"m{time.time_ns()}", src_node_id=0,
+                                dst_node_id=sent.metadata.dst_node_id, reply_to_message_id="",
+                                group_id=sent.metadata.group_id, created_at=time.time(), ttl=3600,
+                                message_type=MessageType.QUERY)
+            request = Message(content=sent.content, metadata=metadata)
+            context = Context(run_id=1, node_id=sent.metadata.dst_node_id, node_config={"partition-id": 0},
+                              state=RecordDict(), run_config={})
+            reply = build_client_app([self.site])(request, context)
+            if self.tamper is not None:
+                reply = self.tamper(request, reply)
+            self.replies.append(reply)
+            out.append(reply)
+        return out
+
+
+class Proxy:
+    def __init__(self, grid: SiteGrid, node_id: int = 7):
+        self.grid, self.node_id = grid, node_id
+
+
+def coordinator_preflight(site: Site, record: CoordinatorRecord, server_round: int = 1, tamper=None,
+                          grid: SiteGrid | None = None):
+    """server/preflight.py's pre-flight of one round for one site; (sites chosen, the round's log, grid)."""
+    grid = grid or SiteGrid(site, tamper)
+    grid.tamper = tamper
+    config = dict(instruction(MessageType.TRAIN, RUN, site, server_round).content.config_records[protocol.FIT_CONFIG])
+    log = RoundLog(sites=[site.name], min_sites=1)
+    chosen = server_preflight([(Proxy(grid), FitIns(Parameters([], "numpy.ndarray"), config))], server_round,
+                              server_round, record, log)
+    return chosen, log, grid
+
+
+def answer_of(reply: Message) -> dict:
+    return dict(reply.content.config_records[protocol.PREFLIGHT_REPLY])
+
+
+def reply_with(request: Message, answer: dict) -> Message:
+    return Message(RecordDict({protocol.PREFLIGHT_REPLY: ConfigRecord(answer)}), reply_to=request)
+
+
+@pytest.fixture
+def in_a_server_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's Message(dst_node_id=...) needs the ServerApp's run id, as inside a ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def test_the_honest_site_proves_its_key_and_is_pinned_on_first_use(tmp_path: Path, in_a_server_app) -> None:
+    site = make_site(tmp_path)
+    record = CoordinatorRecord(tmp_path / "coordinator-record.json")
+    chosen, log, grid = coordinator_preflight(site, record)
+    assert len(chosen) == 1 and not log.refusals and not log.stopped
+    answer = answer_of(grid.replies[0])
+    assert answer[protocol.LEDGER_KEY] == site_key_fingerprint(site.state_dir)
+    assert record.pinned_key(site.name) == (site_key_fingerprint(site.state_dir), "first reply")  # trust on first use
+    assert record.pinned_public_key(site.name) == answer[protocol.LEDGER_PUBLIC_KEY]
+    again = CoordinatorRecord.load(record.path)  # the public key is kept in the record, across runs
+    chosen, log, _ = coordinator_preflight(site, again, server_round=2)
+    assert len(chosen) == 1 and not log.refusals
+    assert again.pinned_public_key(site.name) == answer[protocol.LEDGER_PUBLIC_KEY]
+    enrolled = CoordinatorRecord.load(None, {site.name: answer[protocol.LEDGER_PUBLIC_KEY]})  # enrolled as public key
+    assert enrolled.pinned_key(site.name) == (site_key_fingerprint(site.state_dir), "enrolment")
+    assert len(coordinator_preflight(site, enrolled)[0]) == 1
+
+
+def test_a_forged_fingerprint_without_the_key_is_left_out(tmp_path: Path, in_a_server_app) -> None:
+    """Whoever answers in the site's name (an insider with a new key, a machine posing as the site)
+    knows the protocol, the request's nonce and the pinned fingerprint and public key (both public),
+    but not the pinned private key: it claims the fingerprint, and signs with a key of its own."""
+    site = make_site(tmp_path)
+    record = CoordinatorRecord(tmp_path / "coordinator-record.json")
+    _, _, grid = coordinator_preflight(site, record)
+    pinned = answer_of(grid.replies[0])
+    own = Ed25519PrivateKey.generate()
+    own_public = own.public_key().public_bytes_raw().hex()
+
+    def forged(request, claims: dict) -> Message:
+        config = request.content.config_records[protocol.PREFLIGHT]
+        answer = {**pinned, **claims}
+        signature = own.sign(preflight_statement(answer, str(config[protocol.RUN_KEY]), int(config[protocol.ROUND]),
+                                                 str(config[protocol.PREFLIGHT_NONCE])))
+        return reply_with(request, {**answer, protocol.PREFLIGHT_SIGNATURE_R: signature[:32].hex(),
+                                    protocol.PREFLIGHT_SIGNATURE_S: signature[32:].hex()})
+
+    def claim_fingerprint(request, reply):  # its own public key, the pinned fingerprint
+        return forged(request, {protocol.LEDGER_PUBLIC_KEY: own_public})
+
+    def claim_public_key(request, reply):  # the pinned fingerprint and public key; signed by its own key
+        return forged(request, {})
+
+    def no_proof(request, reply):  # a fingerprint and nothing else, as before the signature
+        return reply_with(request, {k: pinned[k] for k in (protocol.SITE, protocol.READY, protocol.LEDGER_KEY)})
+
+    for tamper, says in ((claim_fingerprint, "a copied fingerprint proves nothing"),
+                         (claim_public_key, "forged, or replayed"), (no_proof, "carries no Ed25519 public key")):
+        chosen, log, _ = coordinator_preflight(site, record, server_round=2, tamper=tamper)
+        assert chosen == [] and "pre-flight" in log.stopped, tamper.__name__  # left out: nobody trains
+        (refusal,) = log.refusals
+        assert refusal["rule"] == "ledger_key" and refusal["by"] == "coordinator" and says in refusal["message"]
+    assert record.pinned_key(site.name) == (pinned[protocol.LEDGER_KEY], "first reply")  # the pin stands
+    assert record.pinned_public_key(site.name) == pinned[protocol.LEDGER_PUBLIC_KEY]
+
+    stranger = CoordinatorRecord(None)  # trust on first use pins only a key that signed its reply
+    assert coordinator_preflight(site, stranger, tamper=no_proof)[0] == []
+    assert stranger.pinned_key(site.name) == (None, None)
+
+
+def test_a_replayed_preflight_signature_is_left_out(tmp_path: Path, in_a_server_app) -> None:
+    """Someone who saw an honest reply (a proxy, a stolen log) re-sends it for a later request."""
+    site = make_site(tmp_path)
+    record = CoordinatorRecord(tmp_path / "coordinator-record.json")
+    chosen, _, grid = coordinator_preflight(site, record)
+    assert len(chosen) == 1
+    recorded = answer_of(grid.replies[0])
+
+    def replay(request, reply):
+        return reply_with(request, recorded)
+
+    for server_round in (1, 2):  # the same round asked again (a fresh nonce), and the next one
+        chosen, log, _ = coordinator_preflight(site, record, server_round=server_round, tamper=replay)
+        assert chosen == [], server_round
+        (refusal,) = log.refusals
+        assert refusal["rule"] == "ledger_key" and "replayed" in refusal["message"]
+    chosen, log, _ = coordinator_preflight(site, record, server_round=2)  # the honest site still takes part
+    assert len(chosen) == 1 and not log.refusals
+
+
 # --- whole federations, state kept across runs ----------------------------------------------------
 
 @pytest.mark.slow
@@ -238,7 +382,10 @@ def test_a_site_with_a_new_key_is_refused_by_the_coordinator_in_the_next_run(tmp
     assert pinned and first["ledgers"]["zurich"]["key_pinned_by"] == "first reply"
     _replace_key(state / "zurich")
     second = run_scenario(tmp_path, "second", run=plain, policy=policy, state_dir=state)
-    (refusal,) = [r for r in second["privacy"]["refusals"] if r["site"] == "zurich"]
+    refusals = [r for r in second["privacy"]["refusals"] if r["site"] == "zurich"]
+    (refusal,) = [r for r in refusals if r.get("by") == "coordinator"]
+    # its evaluation budget, signed by the old key, no longer verifies: no held-out figure leaves either
+    assert {r["rule"] for r in refusals if r is not refusal} <= {"evaluation_budget"}
     assert refusal["rule"] == "ledger_key" and refusal["by"] == "coordinator" and pinned in refusal["message"]
     assert second["status"] == "completed" and not second["privacy"]["per_site"]["zurich"]["trained"]
     assert second["ledgers"]["zurich"]["ledger_key"] == pinned  # the pin stands

@@ -7,6 +7,12 @@ allows. With write access to `<state_dir>` and the site folder they can:
   error names the first broken line, and the site refuses to train (rule privacy_ledger);
 - re-save clinical.csv (another column order, CRLF line endings) hoping for a new dataset id: the id
   comes from the patients, not the bytes, so the earlier spending still counts;
+- add a dummy patient row to clinical.csv (or remove a patient): that is a new dataset id and an
+  empty ledger, but the budget follows the patients: every ledger that used any of the current
+  patients is composed in (its signed patient-set record says whose data it spent), so the earlier
+  spending counts and an exhausted budget stays exhausted; only a cohort sharing no patient gets its
+  own budget. A patient-set record edited or re-signed (another key, or the site's own key: the
+  ledger's signed lines name its digest) is refused (rule privacy_ledger);
 - delete `<state_dir>/privacy/`: the egress ledger still shows the DP replies that spent epsilon, so
   the next DP round is refused (rule privacy_ledger), with the epsilon the egress ledger shows.
 Not stopped by the site's own files: replacing the site key and re-signing everything, and deleting
@@ -184,18 +190,198 @@ def test_deleting_the_privacy_ledger_after_a_dp_round_is_refused(tmp_path: Path)
     assert verify(site.state_dir).ok  # the refusal itself is recorded before it leaves
 
 
-def test_other_patients_after_a_dp_round_get_their_own_budget(tmp_path: Path) -> None:
-    """New patients are a new dataset: the egress ledger's spending is accounted for by the old
-    dataset's privacy ledger, so this is not mistaken for a deletion."""
+def _with_dummy_patient(site_dir: Path) -> None:
+    table = pd.read_csv(site_dir / "clinical.csv", dtype=str, keep_default_na=False)
+    pd.concat([table, table.iloc[[0]].assign(patient_id="dummy")]).to_csv(site_dir / "clinical.csv", index=False)
+
+
+def _without_a_patient(site_dir: Path) -> None:
+    table = pd.read_csv(site_dir / "clinical.csv", dtype=str, keep_default_na=False)
+    table.drop(index=table.index[table.split == "train"][0]).to_csv(site_dir / "clinical.csv", index=False)
+
+
+def _other_cohort(site_dir: Path) -> None:
+    """Every patient another: no patient shared with the data before."""
+    table = pd.read_csv(site_dir / "clinical.csv", dtype=str, keep_default_na=False)
+    table.assign(patient_id="other-" + table.patient_id).to_csv(site_dir / "clinical.csv", index=False)
+
+
+def _n_train(site: Site) -> int:
+    return int((pd.read_csv(site.data_dir / "clinical.csv", dtype=str).split == "train").sum())
+
+
+def _trained_once(site: Site) -> float:
+    """One DP round through the ClientApp; the lifetime epsilon its reply reported."""
+    reply = send(site, MessageType.TRAIN, run_settings())
+    assert not reply.has_error(), reply.error
+    return dict(reply.content.config_records[protocol.FIT_METRICS])[protocol.EPSILON_LIFETIME]
+
+
+@pytest.mark.parametrize("change", [_with_dummy_patient, _without_a_patient])
+def test_adding_or_removing_a_patient_does_not_reset_the_budget(tmp_path: Path, change) -> None:
+    """The insider's attack: one dummy row in clinical.csv (or one patient dropped) is another dataset
+    id and so another, empty ledger; but the same real patients. Their earlier spending still counts,
+    lifetime and per run, and a budget that was exhausted stays exhausted."""
+    from spine_fl.client.privacy.privacy_ledger import spent_for_patients
+    from test_attacks_site import RUN_KEY
+
+    site = make_site(tmp_path / "a")
+    fresh = make_site(tmp_path / "b")  # the same synthetic patients, nothing spent
+    spent = _trained_once(site)
+    before = dataset_id(site.data_dir)
+    old = PrivacyLedger(site.state_dir, before)
+    change(site.data_dir)
+    change(fresh.data_dir)
+    assert dataset_id(site.data_dir) != before  # a new dataset id: an empty ledger of its own
+
+    assessed = assess_round(site, run_settings(), RUN_KEY, 2, _n_train(site))
+    unspent = assess_round(fresh, run_settings(), RUN_KEY, 2, _n_train(fresh))
+    assert assessed.epsilon_lifetime_after > unspent.epsilon_lifetime_after  # the earlier round counts
+    assert assessed.epsilon_run_after > unspent.epsilon_run_after  # and in the run it was spent in
+    composed = spent_for_patients(site.state_dir, assessed.dataset)
+    assert composed.also == (before,) and composed.lines == 0  # the old ledger composed in, nothing charged yet
+    assert composed.lifetime.epsilon(assessed.plan.delta, "rdp") == pytest.approx(
+        old.epsilon(assessed.plan.delta, "rdp"))
+
+    tight = Site(site.name, site.data_dir, site.state_dir,
+                 SitePolicy(require_secagg=False, epsilon_lifetime=spent * 1.01))  # exhausted by round 1
+    refusal = _refusal(tight, server_round=2)
+    assert refusal["rule"] == "epsilon_lifetime"  # spent so far: round 1's, at this round's delta
+    assert refusal["epsilon_spent"] == pytest.approx(old.epsilon(refusal["delta"], "rdp"), abs=1e-5)
+    assert not PrivacyLedger(site.state_dir, assessed.dataset).path.exists()  # nothing trained on a fresh budget
+    tight_run = Site(site.name, site.data_dir, site.state_dir,
+                     SitePolicy(require_secagg=False, epsilon_per_run=spent * 1.01))
+    assert _refusal(tight_run, server_round=2)["rule"] == "epsilon_per_run"
+
+
+def test_adding_a_patient_after_a_round_charged_to_the_new_dataset_still_counts_both(tmp_path: Path) -> None:
+    """The budget keeps following the patients across several changes: back and forth, every ledger
+    that used them counts, and the reported lifetime epsilon only grows."""
     site = make_site(tmp_path)
-    assert not send(site, MessageType.TRAIN, run_settings()).has_error()
-    table = pd.read_csv(site.data_dir / "clinical.csv", dtype=str, keep_default_na=False)
-    pd.concat([table, table.iloc[[0]].assign(patient_id="new-patient")]).to_csv(site.data_dir / "clinical.csv",
-                                                                                index=False)
-    assessed = assess_round(site, run_settings(), RUN, 1, n_train=129)
+    first = _trained_once(site)
+    _with_dummy_patient(site.data_dir)
+    reply = send(site, MessageType.TRAIN, run_settings(), server_round=2)
+    assert not reply.has_error()
+    second = dict(reply.content.config_records[protocol.FIT_METRICS])[protocol.EPSILON_LIFETIME]
+    assert second > first
+    _without_a_patient(site.data_dir)  # a third dataset id
+    third = assess_round(site, run_settings(), RUN, 1, _n_train(site))
+    assert third.epsilon_lifetime_after > second
+    assert len(list((site.state_dir / "privacy").glob("*.jsonl"))) == 2
+
+
+def test_a_disjoint_cohort_gets_its_own_budget(tmp_path: Path) -> None:
+    """Patients who share no one with any ledger's patients are a new cohort: their own budget. And
+    this is not mistaken for a deletion: the egress ledger's spending is the old dataset's ledger's."""
+    from spine_fl.client.privacy.privacy_ledger import spent_for_patients
+
+    site = make_site(tmp_path / "a")
+    fresh = make_site(tmp_path / "b")
+    _trained_once(site)
+    _other_cohort(site.data_dir)
+    _other_cohort(fresh.data_dir)
+    assessed = assess_round(site, run_settings(), RUN, 1, _n_train(site))
     assert assessed.epsilon_lifetime_after == assessed.epsilon_run_after  # a fresh budget for other patients
-    records = [json.loads(x) for x in next((site.state_dir / "privacy").glob("*.jsonl")).read_text().splitlines()]
-    assert {"seq", "prev_sha256", "signature"} <= set(records[0])  # the old dataset's signed ledger remains
+    assert assessed.epsilon_lifetime_after == assess_round(fresh, run_settings(), RUN, 1,
+                                                           _n_train(fresh)).epsilon_lifetime_after
+    assert spent_for_patients(site.state_dir, assessed.dataset).also == ()
+    assert not send(site, MessageType.TRAIN, run_settings(), server_round=2).has_error()
+    records = [json.loads(x) for x in next(iter(sorted((site.state_dir / "privacy").glob("*.jsonl")))).read_text()
+               .splitlines()]
+    assert {"seq", "prev_sha256", "signature", "patients"} <= set(records[0])  # signed lines name their patients
+
+
+def test_a_ledger_without_a_patient_record_counts_for_every_cohort(tmp_path: Path) -> None:
+    """A ledger written before the patient-set record existed (or whose record was deleted) may have
+    used any patient: it is counted, even for a cohort that shares no patient with it."""
+    from spine_fl.client.privacy.privacy_ledger import patient_set_path, spent_for_patients
+
+    site = make_site(tmp_path)
+    legacy = _ledger_of(site)  # appended without a record: lines that name no patient set
+    _other_cohort(site.data_dir)
+    assessed = assess_round(site, run_settings(), "o" * 32, 1, _n_train(site))  # another run: its own run budget
+    assert spent_for_patients(site.state_dir, assessed.dataset).also == (legacy.dataset,)
+    assert assessed.epsilon_lifetime_after > assessed.epsilon_run_after > 0
+
+    other = make_site(tmp_path / "deleted")
+    _trained_once(other)
+    old = dataset_id(other.data_dir)
+    patient_set_path(other.state_dir, old).unlink()  # the record deleted: whose data it spent is unknown
+    _other_cohort(other.data_dir)
+    assessed = assess_round(other, run_settings(), RUN, 1, _n_train(other))
+    assert spent_for_patients(other.state_dir, assessed.dataset).also == (old,)
+
+
+def _forged_record(state_dir: Path, dataset: str, key: Ed25519PrivateKey | None) -> None:
+    """The old dataset's patient-set record rewritten to name patients no one has (so it looks disjoint
+    from the current cohort), signed by `key` (None: the signature left as it was)."""
+    import base64
+
+    from spine_fl.client.privacy.privacy_ledger import patient_set_path
+    from spine_fl.client.privacy.signed_log import canonical
+
+    path = patient_set_path(state_dir, dataset)
+    record = json.loads(path.read_bytes())
+    record["patients_sha256"] = sorted("0" * 63 + str(i) for i in range(3))
+    if key is not None:
+        record.pop("signature")
+        record["signature"] = base64.b64encode(key.sign(canonical(record))).decode()
+    path.write_bytes(canonical(record))
+
+
+def _site_key(state_dir: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key((state_dir / KEY_FILE).read_bytes(), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    return key
+
+
+@pytest.mark.parametrize("signer,problem", [
+    ("none", "signature does not match"),        # edited, the signature left
+    ("another", "signature does not match"),     # re-signed with another key
+    ("site", "not the patient-set record that the signed lines"),  # re-signed with the site's own key
+])
+def test_a_forged_patient_record_is_refused(tmp_path: Path, signer: str, problem: str) -> None:
+    """The insider adds a dummy patient and rewrites the old ledger's patient-set record so that it no
+    longer shares a patient with the new cohort: the record's signature, or (re-signed with the
+    site's own key) the digest the old ledger's signed lines name, gives it away."""
+    site = make_site(tmp_path)
+    _trained_once(site)
+    old = dataset_id(site.data_dir)
+    key = {"none": None, "another": Ed25519PrivateKey.generate(), "site": _site_key(site.state_dir)}[signer]
+    _forged_record(site.state_dir, old, key)
+    _with_dummy_patient(site.data_dir)
+    with pytest.raises(PrivacyLedgerError, match=problem):
+        assess_round(site, run_settings(), RUN, 1, _n_train(site))
+    refusal = _refusal(site, server_round=2)
+    assert refusal["rule"] == "privacy_ledger" and f"{old}.patients" in refusal["message"]
+    assert "Restore" in refusal["message"]
+
+
+def test_the_current_datasets_patient_record_must_match_its_patients(tmp_path: Path) -> None:
+    """The record of the dataset being trained is checked against the data at every round: a record
+    re-signed with the site's key naming other patients is refused, not trusted."""
+    site = make_site(tmp_path)
+    _trained_once(site)
+    _forged_record(site.state_dir, dataset_id(site.data_dir), _site_key(site.state_dir))
+    refusal = _refusal(site, server_round=2)
+    assert refusal["rule"] == "privacy_ledger" and "does not record the patients" in refusal["message"]
+
+
+@pytest.mark.slow
+def test_a_privacy_ledger_deleted_alone_fails_the_sites_audit(tmp_path: Path) -> None:
+    """The reviewer's check: `<state_dir>/privacy/` deleted after a DP round, the egress ledger kept:
+    the site's own audit says FAIL (the egress ledger shows DP replies no privacy ledger accounts for)."""
+    import shutil
+
+    from spine_fl.client.audit.run import run_audit
+
+    site = make_site(tmp_path)
+    _trained_once(site)
+    shutil.rmtree(site.state_dir / "privacy")
+    report = run_audit(site, tmp_path / "audit", shadow_models=0, bootstrap=100)
+    assert report["verdict"]["verdict"] == "fail", report["verdict"]
+    fails = [r["text"] for r in report["verdict"]["reasons"] if r["level"] == "fail"]
+    assert any("privacy spending is not in the privacy ledger" in text for text in fails), fails
 
 
 def test_a_kill_between_a_line_and_its_head_is_recovered_but_truncation_is_not(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -42,6 +43,7 @@ from spine_fl.client.privacy.evaluation_budget import EvaluationBudget
 from spine_fl.client.privacy.plan import plan_round
 from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, dataset_id
+from spine_fl.client.privacy.signed_log import SignedLog, load_or_create_key
 from spine_fl.client.site_config import Site, policy_from_table
 from spine_fl.server.strategy import RoundLog, weighted_mean
 from spine_fl.shared import protocol
@@ -174,6 +176,35 @@ def test_a_client_app_that_raises_still_leaves_a_recorded_error_reply(tmp_path: 
     assert verify(site.state_dir).ok
 
 
+def test_an_egress_ledger_truncated_and_re_signed_fails_the_audit_naming_the_missing_rounds(tmp_path: Path) -> None:
+    """The insider holds the site's key: dropping the last replies and re-signing the head leaves a
+    ledger that verifies on its own. The privacy ledger (and the coordinator's record) still count
+    every DP reply that left, each of which named its privacy-ledger line."""
+    from spine_fl.client.audit.run import run_audit
+    from spine_fl.client.privacy.signed_log import site_key_fingerprint
+
+    site = make_site(tmp_path)
+    for r in (1, 2, 3):
+        reply = send(site, MessageType.TRAIN, run_settings(rounds=3), server_round=r)
+        assert not reply.has_error(), reply.error
+    last = reply_metrics(reply, protocol.FIT_METRICS)
+    truncate_and_re_sign(EgressLedger(site.state_dir).log, site.state_dir, 2)  # rounds 2 and 3 gone
+    assert verify(site.state_dir).ok and len(ledger_lines(site.state_dir)) == 1
+
+    recorded = {"ledger_key": site_key_fingerprint(site.state_dir), "key_pinned_by": "first reply",
+                **{k: last[k] for k in protocol.LEDGER_HEAD}}
+    report = run_audit(site, tmp_path / "audit", shadow_models=0, bootstrap=100, coordinator_record=recorded,
+                       coordinator_record_source="test")
+    assert report["verdict"]["verdict"] == "fail"
+    fails = {r["topic"]: r["text"] for r in report["verdict"]["reasons"] if r["level"] == "fail"}
+    assert f"run {RUN_KEY} round(s) 2, 3" in fails["ledger"] and "line(s) 2, 3" in fails["ledger"]
+    assert "lacks 2 of them" in fails["coordinator record"] and "line(s) 2, 3" in fails["coordinator record"]
+    assert [m["round"] for m in report["integrity"]["activity"]["dp_replies_missing"]] == [2, 3]
+
+    without = run_audit(site, tmp_path / "audit2", shadow_models=0, bootstrap=100)  # no run result: still FAIL
+    assert without["verdict"]["verdict"] == "fail"
+
+
 # --- 3. small-site protection ---------------------------------------------------------------------
 
 WITHHELD_KEYS = {protocol.evaluate_metric(protocol.SITE_INDEX), protocol.evaluate_metric(protocol.WITHHELD),
@@ -216,8 +247,54 @@ def test_the_evaluation_budget_per_dataset_cannot_be_reset_by_a_new_run(tmp_path
     fresh = make_site(tmp_path / "corrupt")
     bad = EvaluationBudget(fresh.state_dir, dataset_id(fresh.data_dir)).path
     bad.parent.mkdir(parents=True)
-    bad.write_text("{not json\n")  # an unreadable count withholds; it never restarts at zero
-    assert_withheld(send(fresh, MessageType.EVALUATE, run_settings()), ledger_lines(fresh.state_dir)[-1])
+    bad.write_text("{not json\n")  # an unreadable count refuses; it never restarts at zero
+    assert evaluation_refusal(send(fresh, MessageType.EVALUATE, run_settings()))["rule"] == "evaluation_budget"
+
+
+def evaluation_refusal(reply: Message) -> dict:
+    """The refusal an evaluate reply carries (rule evaluation_budget): no figure left the site."""
+    assert reply.has_error(), reply.content
+    assert reply.error.code == protocol.REFUSAL_CODE, reply.error  # a refusal, not a crash
+    refusal = Refusal.parse(reply.error.reason)
+    assert refusal is not None and refusal["rule"] == "evaluation_budget", reply.error.reason
+    return refusal
+
+
+def truncate_and_re_sign(log: SignedLog, state_dir: Path, drop: int) -> None:
+    """The insider, who holds the site's key: drop the last `drop` lines and sign a matching head."""
+    raw = log.raw_lines()[:-drop]
+    log.path.write_bytes(b"".join(line + b"\n" for line in raw))
+    log._write_head(load_or_create_key(state_dir), len(raw) - 1, hashlib.sha256(raw[-1]).hexdigest())
+    assert log.verify().ok  # it verifies on its own
+
+
+@pytest.mark.parametrize("attack", ["delete", "truncate", "truncate_and_re_sign", "edit"])
+def test_an_evaluation_budget_deleted_truncated_or_edited_is_refused(tmp_path: Path, attack: str) -> None:
+    site = make_site(tmp_path, max_evaluations=3)
+    for r in (1, 2):
+        reply = send(site, MessageType.EVALUATE, run_settings(), server_round=r)
+        assert protocol.WITHHELD not in reply_metrics(reply, protocol.EVALUATE_METRICS)
+    budget = EvaluationBudget(site.state_dir, dataset_id(site.data_dir))
+    assert budget.used() == 2 and budget.log.verify().ok  # signed and chained like the ledgers
+    if attack == "delete":  # the count would restart at zero
+        budget.path.unlink()
+        budget.head.unlink()
+    elif attack == "truncate":
+        budget.path.write_bytes(budget.path.read_bytes().splitlines(keepends=True)[0])
+    elif attack == "truncate_and_re_sign":
+        truncate_and_re_sign(budget.log, site.state_dir, 1)
+    else:
+        budget.path.write_text(budget.path.read_text().replace('"round":2', '"round":7'))
+    before = len(ledger_lines(site.state_dir))
+    refusal = evaluation_refusal(send(site, MessageType.EVALUATE, run_settings(), server_round=3))
+    assert refusal["site"] == site.name and str(budget.path) in refusal["message"]
+    expected = {"delete": "is missing, yet the egress ledger records 2 release(s)",
+                "truncate": "does not verify", "edit": "does not verify at line 2",
+                "truncate_and_re_sign": "holds 1 line(s), yet the egress ledger records 2 release(s)"}[attack]
+    assert expected in refusal["message"] and "Restore the evaluation budget" in refusal["message"]
+    (line,) = ledger_lines(site.state_dir)[before:]  # the refusal is recorded; no held-out figure left
+    assert line["error"] and not any(k.startswith(protocol.EVALUATE_METRICS) for k in line["metrics"])
+    assert not budget.path.exists() or len(budget.log.raw_lines()) < 3  # nothing taken
 
 
 def test_train_replies_carry_no_train_loss(tmp_path: Path) -> None:

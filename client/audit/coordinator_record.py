@@ -5,7 +5,10 @@ edited copies: each ledger then verifies on its own. The coordinator's run resul
 the fingerprint of the ledger key it pinned (at enrolment or on the site's first reply) and the last
 privacy-ledger head the site's replies carried. This check compares the site's files with them:
 another key, a missing ledger or a ledger that no longer holds the recorded head is a failure; an
-egress ledger that is empty while the coordinator recorded activity is one too. Without the run
+egress ledger that is empty while the coordinator recorded activity is one too, and so is one that
+lacks any of the DP replies the recorded head counts (a head of n lines means n DP replies left the
+site, each carrying its line number: an egress ledger truncated and re-signed with the site's own
+key verifies on its own, but no longer holds them all). Without the run
 result (`--run-result`, or `--run-dir` of a simulation) the comparison cannot be made, and the
 verdict says so.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from spine_fl.client.audit.inputs import AuditInputs, Reason, reason
+from spine_fl.client.audit.ledger_integrity import dp_reply_heads
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedger
 from spine_fl.client.privacy.signed_log import load_public_key
 from spine_fl.shared import protocol
@@ -39,6 +43,8 @@ def run(audit: AuditInputs, report: Mapping[str, Any]) -> dict[str, Any]:
         section["head"] = {**head, "ledger": str(ledger.path), "ledger_lines_now": lines,
                            "held": ledger.log.contains(int(head[protocol.LEDGER_LINES]),
                                                        str(head[protocol.LEDGER_SHA256]))}
+        sent = dp_reply_heads(audit.lines, str(head[protocol.LEDGER_DATASET]))
+        section["head"]["replies_missing"] = [n for n in range(1, int(head[protocol.LEDGER_LINES]) + 1) if n not in sent]
     section["egress_lines"] = report["integrity"]["lines"]
     return {"coordinator_record": section}
 
@@ -64,6 +70,13 @@ def reasons(report: Mapping[str, Any]) -> list[Reason]:
     if head is not None and section["egress_lines"] == 0:
         out.append(reason("fail", "coordinator record", "The egress ledger is missing or empty, yet the coordinator "
                           "recorded DP training replies from this site: the record of what left it was deleted."))
+    elif head is not None and head.get("replies_missing"):
+        missing = head["replies_missing"]
+        shown = ", ".join(str(n) for n in missing[:20]) + (", ..." if len(missing) > 20 else "")
+        out.append(reason("fail", "coordinator record", f"The coordinator recorded a reply from this site whose "
+                          f"privacy-ledger head counts {head[protocol.LEDGER_LINES]} DP repl(ies); the egress ledger "
+                          f"lacks {len(missing)} of them (those naming privacy-ledger line(s) {shown}): lines were "
+                          "removed from it and its head re-signed, so it no longer records everything that left."))
     if not out:
         pinned = f"the key pinned at {section['key_pinned_by']}" if section["pinned_key"] else "no pinned key"
         held = "holds the last head the coordinator recorded" if head else "(no head recorded by the coordinator)"

@@ -6,7 +6,11 @@ the file says), but the summary states that they are unverified. Each line names
 the audit groups lines by run key (one run across coordinator restarts) where the site knows it.
 A ledger that is missing or empty although the site's other records show it took part (DP rounds
 in its privacy ledger, final models it received) is a failure, not an empty record: the record of
-what left the site was deleted or never written.
+what left the site was deleted or never written. So is a ledger that lacks some of those replies: every
+privacy-ledger spending is a DP reply that left (its reply carries the privacy ledger's head after
+it: dataset, line number, line hash), and a spending whose reply the egress ledger does not hold
+means lines were dropped from it (truncated, or edited and re-signed with the site's own key, which
+an insider holds: the signatures alone cannot tell).
 The check writes two report sections: "integrity" and "egress" (what left).
 """
 
@@ -18,6 +22,8 @@ from typing import Any, Mapping
 
 from spine_fl.client.audit.inputs import AuditInputs, Reason, reason
 from spine_fl.client.privacy.egress_ledger import LEDGER_FILE, verify
+from spine_fl.client.privacy.privacy_ledger import SpendRecord
+from spine_fl.shared import protocol
 
 SECTIONS = ("integrity", "egress")
 
@@ -71,11 +77,65 @@ def egress_summary(lines: list[dict[str, Any]], first_broken_line: int | None = 
     return {"lines": len(lines), "runs": summary, "unverified": unverified}
 
 
+HEAD_DATASET, HEAD_LINES, HEAD_SHA256, STEPS_RUN = (protocol.fit_metric(k) for k in (
+    protocol.LEDGER_DATASET, protocol.LEDGER_LINES, protocol.LEDGER_SHA256, protocol.STEPS_RUN))
+
+
+def dp_reply_heads(lines: list[dict[str, Any]], dataset: str) -> set[int]:
+    """The privacy-ledger line numbers (of `dataset`) that the egress ledger's DP replies carried as
+    their head: each DP train or recalibration reply names the privacy-ledger line of its own spending."""
+    heads = set()
+    for entry in lines:
+        metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
+        if entry.get("error") or str(metrics.get(HEAD_DATASET, "")) != dataset:
+            continue
+        try:
+            heads.add(int(metrics[HEAD_LINES]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return heads
+
+
+def _dp_reply_steps(lines: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """(run, the run's cumulative DP steps) of every DP reply: how replies sent before they carried the
+    privacy ledger's head name their round."""
+    out = set()
+    for entry in lines:
+        metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
+        if not entry.get("error") and isinstance(metrics.get(STEPS_RUN), (int, float)):
+            out.add((str(entry.get("run")), int(metrics[STEPS_RUN])))
+    return out
+
+
+def spending_without_reply(records: list[SpendRecord], lines: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
+    """Privacy-ledger spendings (line, run, round) whose DP reply is not in the egress ledger: the mirror
+    of the budget check's "reported without ledger record". A reply matches by the privacy-ledger head
+    it carried or, for replies without one, by run and cumulative steps."""
+    heads, steps = dp_reply_heads(lines, dataset), _dp_reply_steps(lines)
+    run_steps: dict[str, int] = {}
+    missing = []
+    for number, record in enumerate(records, start=1):
+        run_steps[record.run_id] = run_steps.get(record.run_id, 0) + record.steps
+        if number not in heads and (record.run_id, run_steps[record.run_id]) not in steps:
+            missing.append({"privacy_ledger_line": number, "run_id": record.run_id, "round": record.round})
+    return missing
+
+
 def activity(audit: AuditInputs) -> dict[str, Any]:
     """What the site's other records say it did: every reply it sent should be in the egress ledger."""
     records = audit.privacy_records
     return {"dp_rounds_recorded": len(records), "dp_runs_recorded": list(dict.fromkeys(r.run_id for r in records)),
-            "final_models_received": len(audit.received)}
+            "final_models_received": len(audit.received),
+            "dp_replies_missing": spending_without_reply(records, audit.lines, audit.dataset_id),
+            "dp_reply_heads": sorted(dp_reply_heads(audit.lines, audit.dataset_id))}
+
+
+def _rounds(missing: list[dict[str, Any]]) -> str:
+    """"run r1 round(s) 2, 3; run r2 round(s) 1"."""
+    runs: dict[str, list[str]] = {}
+    for item in missing:
+        runs.setdefault(str(item["run_id"]), []).append(str(item["round"]))
+    return "; ".join(f"run {run} round(s) {', '.join(rounds)}" for run, rounds in runs.items())
 
 
 def run(audit: AuditInputs, report: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,5 +165,13 @@ def reasons(report: Mapping[str, Any]) -> list[Reason]:
                            "site was deleted or never written, so nothing that left it can be checked.")]
         return [reason("attention", "ledger", "The egress ledger is empty: nothing is recorded as having left "
                        "this site. If the site took part in a run, its ledger is missing.")]
+    missing = (check.get("activity") or {}).get("dp_replies_missing") or []
+    if missing:
+        lines = ", ".join(str(m["privacy_ledger_line"]) for m in missing)
+        return [reason("fail", "ledger", f"The egress ledger ({check['ledger']}) lacks the DP replies of "
+                       f"{len(missing)} spending(s) in the privacy ledger: {_rounds(missing)} (privacy-ledger "
+                       f"line(s) {lines}). Each of those updates left the site, yet its record is gone: lines were "
+                       "removed from the egress ledger and its head re-signed (with the site's key), so its "
+                       "signatures prove nothing about what left the site.")]
     return [reason("pass", "ledger", f"Egress ledger intact: all {check['lines']} lines carry a valid "
-                   "signature and hash link.")]
+                   "signature and hash link, and every spending in the privacy ledger has its reply there.")]

@@ -13,60 +13,121 @@ count whatever the task or run) in `<state_dir>/privacy/evaluations/<dataset>.js
 release, appended and fsync'd under a file lock before the metrics are computed. A file of its
 own rather than records in the privacy ledger: every line of the privacy ledger is a DP-SGD spend
 composed into epsilon (the audit reads it so too), and an evaluation is not a DP mechanism that
-could enter that sum. A count that cannot be read withholds the metrics; it never restarts at zero.
+could enter that sum.
+
+The file is a SignedLog like both ledgers (client/privacy/signed_log.py: the site's Ed25519 key,
+hash chain, a signed head `<dataset>.head`), so an edited line or lines dropped from its end stop
+it verifying. Deleting it (with its head), or truncating it and re-signing the head with the site's
+own key (an insider holds it), would still restart the count; so before every release the count is
+held to the egress ledger, whose replies show every release that left (an evaluate reply with
+held-out metrics, a recalibration histogram): every release took a line in some dataset's budget
+before it left, so the egress ledger can never show more releases than the budgets hold lines. A
+budget that does not verify, or holds fewer lines than the egress ledger shows releases, refuses
+the evaluation (rule `evaluation_budget`, EvaluationBudgetRefused): it never restarts at zero.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
-import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from spine_fl.client.privacy.egress_ledger import EgressLedger
 from spine_fl.client.privacy.policy import SitePolicy
 from spine_fl.client.privacy.privacy_ledger import dataset_id
+from spine_fl.client.privacy.signed_log import SignedLog
 from spine_fl.client.site_config import Site
+from spine_fl.shared import protocol
+from spine_fl.shared.refusal import Refusal
 
 EVALUATIONS_DIR = "evaluations"
+RULE = "evaluation_budget"
+RESTORE = ("Restore the evaluation budget (the .jsonl and its .head) from backup; never delete or edit it to reset "
+           "the count.")
+
+
+class EvaluationBudgetRefused(RuntimeError):
+    """The number of releases cannot be established: the evaluation is refused. Its text is the
+    refusal's wire form (shared/refusal.py), so the coordinator and the audit read it as a refusal."""
+
+    def __init__(self, refusal: Refusal):
+        super().__init__(refusal.to_reason())
+        self.refusal = refusal
+
+
+def _is_release(entry: dict[str, Any]) -> bool:
+    """An egress-ledger line that carried figures computed on held-out patients: an evaluate reply with
+    metrics (not withheld) or a recalibration histogram."""
+    metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
+    if entry.get("error"):
+        return False
+    if str(entry.get("kind", "")) == "evaluate":
+        return not metrics.get(protocol.evaluate_metric(protocol.WITHHELD)) and bool(entry.get("num_examples"))
+    return protocol.fit_metric(protocol.CALIBRATION_NOISE) in metrics
+
+
+def releases_sent(state_dir: Path) -> int:
+    """Releases of held-out figures the egress ledger records. When it does not verify its readable
+    lines are still counted: releases they show are evidence, not something to trust away."""
+    log = EgressLedger(state_dir).log
+    result, snapshot = log.snapshot()
+    lines = snapshot.payloads if result.ok else [e for e in log.readable_lines() if e is not None]
+    return sum(1 for entry in lines if _is_release(entry))
 
 
 class EvaluationBudget:
     """Releases of held-out metrics of one dataset, over every run ever."""
 
     def __init__(self, state_dir: Path, dataset: str):
-        self.path = Path(state_dir) / "privacy" / EVALUATIONS_DIR / f"{dataset}.jsonl"
+        self.state_dir = Path(state_dir)
+        self.dataset = dataset
+        self.path = self.state_dir / "privacy" / EVALUATIONS_DIR / f"{dataset}.jsonl"
+        self.head = self.path.with_suffix(".head")
+        self.log = SignedLog(self.path, self.head, self.state_dir, self.path.parent / ".evaluations.lock")
+
+    def _refuse(self, why: str) -> EvaluationBudgetRefused:
+        return EvaluationBudgetRefused(Refusal(RULE, f"{self.path}: {why}. The number of held-out evaluations "
+                                               f"released cannot be established, so none is made. {RESTORE}"))
 
     def used(self) -> int:
-        """Releases so far; ValueError naming the file and line when a line is unreadable."""
-        if not self.path.exists():
+        """Releases so far, after verifying the file; EvaluationBudgetRefused when it does not verify."""
+        if not self.log.exists():
             return 0
-        count = 0
-        with self.path.open() as handle:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    json.loads(line)["run_key"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{self.path} line {number} is unreadable; the number of evaluations "
-                                     "released cannot be established (restore it from backup)") from None
-                count += 1
-        return count
+        result = self.log.verify()
+        if not result.ok:
+            where = f"line {result.first_broken_line}" if result.first_broken_line else "its head"
+            raise self._refuse(f"does not verify at {where} ({result.problem})")
+        return result.lines
+
+    def _lines_elsewhere(self) -> int:
+        """Lines in the other datasets' budgets at this site (releases of earlier data)."""
+        return sum(len(path.read_bytes().splitlines()) for path in self.path.parent.glob("*.jsonl")
+                   if path != self.path)
+
+    def check_against_egress(self, used: int) -> None:
+        """EvaluationBudgetRefused when the egress ledger shows more releases than the budgets hold."""
+        sent = releases_sent(self.state_dir)
+        held = used + self._lines_elsewhere()
+        if sent > held:
+            what = "is missing" if not self.log.exists() else f"holds {used} line(s)"
+            raise self._refuse(f"{what}, yet the egress ledger records {sent} release(s) of held-out figures "
+                               f"and this site's evaluation budgets hold only {held}: it was deleted or truncated "
+                               "(its head re-signed)")
 
     def take(self, limit: int, run_key: str, server_round: int, patients: int) -> bool:
-        """Record one release if fewer than `limit` were made (False: the budget is spent)."""
+        """Record one release if fewer than `limit` were made (False: the budget is spent);
+        EvaluationBudgetRefused when the count cannot be established."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.parent / ".evaluations.lock", "w") as lock:
+        with open(self.path.parent / f".{self.dataset}.take.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.used() >= limit:
+            used = self.used()
+            self.check_against_egress(used)
+            if used >= limit:
                 return False
-            line = json.dumps({"run_key": run_key, "round": server_round, "patients": patients,
-                               "time": time.time()}, sort_keys=True) + "\n"
-            with self.path.open("a") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
+            self.log.append({"run_key": run_key, "round": server_round, "patients": patients, "time": time.time()})
         return True
 
 
@@ -84,7 +145,9 @@ def too_small(policy: SitePolicy, labels: np.ndarray) -> str | None:
 
 def withhold_reason(site: Site, labels: np.ndarray, run_key: str, server_round: int) -> str | None:
     """None when this evaluation's held-out metrics may leave (the release is then recorded);
-    otherwise why they are withheld. Checked before anything is computed on the held-out patients."""
+    otherwise why they are withheld. Checked before anything is computed on the held-out patients.
+    EvaluationBudgetRefused (rule evaluation_budget) when the count of releases cannot be established:
+    the budget does not verify, or holds fewer releases than the egress ledger shows left."""
     small = too_small(site.policy, labels)
     if small is not None:
         return small
@@ -93,6 +156,6 @@ def withhold_reason(site: Site, labels: np.ndarray, run_key: str, server_round: 
         if not budget.take(site.policy.max_evaluations, run_key, server_round, len(labels)):
             return (f"the dataset's evaluation budget is spent: {site.policy.max_evaluations} releases of "
                     f"held-out metrics (max_evaluations), counted in {budget.path}")
-    except ValueError as exc:
-        return str(exc)
+    except EvaluationBudgetRefused as exc:
+        raise EvaluationBudgetRefused(Refusal(exc.refusal.rule, exc.refusal.message, site=site.name)) from None
     return None

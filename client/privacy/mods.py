@@ -20,6 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
 from spine_fl.client.privacy.charged_rounds import ReplayRefused
+from spine_fl.client.privacy.evaluation_budget import EvaluationBudgetRefused
 from spine_fl.client.privacy.egress_ledger import EgressLedger
 from spine_fl.client.privacy.egress_record import describe
 from spine_fl.client.privacy.preflight import answer_preflight, is_preflight
@@ -81,6 +82,9 @@ def make_egress_ledger_mod(resolve: SiteResolver) -> Mod:
         except ReplayRefused as exc:
             log.error("spine-fl: %s refuses: %s", site.name, exc)
             reply = refuse(msg, site, Refusal("round_already_charged", str(exc)))
+        except EvaluationBudgetRefused as exc:  # the count of held-out releases cannot be established
+            log.error("spine-fl: %s refuses: %s", site.name, exc.refusal.message)
+            reply = refuse(msg, site, exc.refusal)
         except Exception as exc:  # noqa: BLE001 - Flower would send it as an error reply, unrecorded
             log.exception("spine-fl: %s %s failed; the error reply is recorded and sent", site.name, kind)
             reply = exception_reply(msg, exc)

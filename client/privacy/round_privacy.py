@@ -10,6 +10,12 @@ The pre-flight asks the same question at the same ledger head: its epsilons are 
 reused (spent_budget.Spent.figures). The recalibration release is assessed by the same function,
 with its own spend (`assess_round(..., spend=...)`).
 
+The figures are the current patients' (issue 10), not only the current dataset id's: adding a dummy
+row to clinical.csv, or removing a patient, is another dataset id with an empty ledger, so the round
+is checked against that ledger composed with every other ledger that used any of the same patients
+(privacy_ledger.spent_for_patients). The dataset's signed patient-set record is written before its
+first round (privacy_ledger.record_patients), and checked against the data at every assessment.
+
 Before a DP round, a missing or empty privacy ledger is checked against the egress ledger: a site
 whose egress ledger shows DP train replies that no privacy ledger at the site accounts for had its
 privacy ledger deleted, and refuses to train (`check_ledger_not_deleted`). Deleting both ledgers is
@@ -33,7 +39,8 @@ from flwr.app import ConfigRecord, Context
 
 from spine_fl.client.privacy.egress_ledger import dp_train_spending
 from spine_fl.client.privacy.plan import DpPlan, plan_round
-from spine_fl.client.privacy.privacy_ledger import RESTORE, PrivacyLedger, PrivacyLedgerError, dataset_id
+from spine_fl.client.privacy.privacy_ledger import (RESTORE, PrivacyLedger, PrivacyLedgerError, dataset_patients,
+                                                    record_patients, spent_for_patients)
 from spine_fl.client.privacy.spent_budget import Step
 from spine_fl.client.site_config import Site
 from spine_fl.shared.config import RunSettings
@@ -59,7 +66,7 @@ class RoundPrivacy:
 
     def epsilon_spent(self, accountant: str, site: Site, per_run: bool) -> float:
         """Spent before this round; only needed to explain a refusal, so computed only then."""
-        spent = PrivacyLedger(site.state_dir, self.dataset).spent()
+        spent = spent_for_patients(site.state_dir, self.dataset)
         return (spent.run(self.run_key) if per_run else spent.lifetime).epsilon(self.plan.delta, accountant)
 
 
@@ -68,10 +75,16 @@ def assess_round(site: Site, run: RunSettings, run_key: str, server_round: int, 
     """The round's plan and what the run and the lifetime will have spent after it: a training round
     spends the plan's DP-SGD steps, another release (the recalibration histogram) its own `spend`."""
     plan = plan_round(run, n_train, site.policy.max_delta)  # never a larger delta than the site's own
-    ledger = PrivacyLedger(site.state_dir, dataset_id(site.data_dir))
-    spent = ledger.spent()
-    if not spent.lines:
+    dataset, patients = dataset_patients(site.data_dir)
+    ledger = PrivacyLedger(site.state_dir, dataset)
+    own = ledger.spent()
+    if not own.lines:
         check_ledger_not_deleted(ledger)
+    recorded = record_patients(site.state_dir, dataset, patients)
+    if own.patients is not None and own.patients != recorded.digest:
+        raise PrivacyLedgerError(f"{ledger.path}'s signed lines name another patient-set record than the one of "
+                                 f"its patients. {RESTORE}")
+    spent = spent_for_patients(site.state_dir, dataset)  # every ledger that used any of these patients
     step = plan.round_spend
     replay = spent.charged(run_key, server_round)
     charge = spend if spend is not None else (step.noise_multiplier, step.sample_rate, step.steps)

@@ -10,6 +10,12 @@ independent of the ledger's length; `figures` answers a round's budget question 
 A Spent is only ever built from lines that verified (PrivacyLedger.spent), and only extended when
 the verified ledger still holds its head; so it always equals a full recomputation of the ledger as
 it stands (tests/test_privacy_accounting.py checks both agree to the last bit).
+
+A patient's privacy loss is the composition of every release that used that patient, whichever
+dataset id (ledger) it was charged to (issue 10: one dummy row in clinical.csv is a new dataset id, an
+empty ledger). `plus` adds other ledgers' compositions to this one's lifetime and per-run figures
+(privacy_ledger.spent_for_patients decides which ledgers count); the rounds charged, the line count and
+the head stay this ledger's own, so a replay is still judged against the ledger the round is charged to.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ class Spent:
     lifetime: Composition = EMPTY
     runs: Mapping[str, Composition] = field(default_factory=lambda: MappingProxyType({}))
     rounds: Mapping[str, frozenset[int]] = field(default_factory=lambda: MappingProxyType({}))
+    # the patient-set digest every line of the ledger names (privacy_ledger: the signed record of whose
+    # data it spent), None when a line names none (written before issue 10) or lines disagree
+    patients: str | None = None
+    also: tuple[str, ...] = ()  # other ledgers (dataset ids) whose spending `plus` composed in
     # figures already computed at this head: the pre-flight's and the training round's checks ask alike
     _asked: dict[tuple, Figures] = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -70,6 +80,18 @@ class Spent:
             rounds[run_key] = rounds.get(run_key, frozenset()) | charged
         lifetime = compose(((sigma, rate, steps) for _, _, sigma, rate, steps in lines), self.lifetime)
         return Spent(count, last_sha256, lifetime, MappingProxyType(runs), MappingProxyType(rounds))
+
+    def plus(self, others: Iterable[tuple[str, Spent]]) -> Spent:
+        """This ledger's composition with every (dataset id, Spent) of `others` composed into its lifetime
+        and per-run figures; its head, rounds charged and patient digest unchanged."""
+        lifetime, runs, also = self.lifetime, dict(self.runs), list(self.also)
+        for name, other in others:
+            lifetime = compose(other.lifetime.mechanisms, lifetime)
+            for run_key, composition in other.runs.items():
+                runs[run_key] = compose(composition.mechanisms, runs.get(run_key, EMPTY))
+            also.append(name)
+        return Spent(self.lines, self.last_sha256, lifetime, MappingProxyType(runs), self.rounds, self.patients,
+                     tuple(also))
 
     def figures(self, run_key: str, step: Step | None, delta: float, accountant: str) -> Figures:
         """Epsilon of the run and the lifetime after `step` (None: nothing more is spent), at `delta`;
