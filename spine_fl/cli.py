@@ -44,11 +44,12 @@ def synth(
 def validate(
     site_dir: Path = typer.Argument(..., help="the site folder (clinical.csv, manifest.csv, DICOM files)"),
     task: str = typer.Option(..., "--task", "-t", help="a shipped task (e.g. tfesi_radiograph) or a task file (.toml)"),
-    image_size: int = typer.Option(64, help="model input size the images are prepared for"),
+    image_size: int = typer.Option(64, help="model input size the images are prepared for (pixels; at least 8 "
+                                   "for an image task, as the run's image_size)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Check a site's data against the task's contract; list every problem; exit 1 if unusable."""
-    from spine_fl.shared.config import ConfigError
+    from spine_fl.shared.config import MIN_IMAGE_SIZE, ConfigError
     from spine_fl.shared.contract.data_contract import validate_and_load
     from spine_fl.shared.contract.task_file import task_sha256
     from spine_fl.shared.contract.tasks import UnknownTaskError, resolve_task
@@ -58,6 +59,12 @@ def validate(
     except (UnknownTaskError, ConfigError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--task") from None
     task = task_def.name
+    # the bounds the run's configuration enforces on image_size (shared/config.py)
+    if image_size < 1 or (task_def.image is not None and image_size < MIN_IMAGE_SIZE):
+        why = (f"the {task} model needs at least {MIN_IMAGE_SIZE} pixels (its CNN halves the image three times)"
+               if task_def.image is not None else "an image size is a number of pixels, 1 or more")
+        raise typer.BadParameter(f"{image_size} is too small: {why}; give the run's image_size, e.g. 64 (the "
+                                 "default)", param_hint="--image-size")
     with console.status(f"validating {site_dir} for {task}..."):
         _, report = validate_and_load(site_dir, task_def, image_size)
     if as_json:
@@ -103,7 +110,10 @@ def predict(
     (Integrated Gradients) in OUT/explanations/. Uses CUDA when present, else the CPU.
 
     Exit 0: scored. Exit 1: the folder is not usable for the model's task (the validator's report).
-    Exit 2: the model file cannot be read, or --patient names no patient that can be scored."""
+    Exit 2: the model file cannot be read, its run did not complete (stopped, or trained no round:
+    such weights score no patient), or --patient names no patient that can be scored.
+
+    The image size is the one the run trained at, read from the model file."""
     from spine_fl.client.prediction.predict import (
         ModelFileError,
         UnknownPatientError,
@@ -285,13 +295,17 @@ def server(
     bundle: Optional[Path] = typer.Option(None, help="submit this app bundle (.fab) instead of building one "
                                           "from this checkout"),
 ) -> None:
-    """Coordinate a real federation: start a SuperLink, wait for the enrolled sites, run, write results."""
+    """Coordinate a real federation: start a SuperLink, wait for the enrolled sites, run, write results.
+
+    The results folder's run_status.json says "running" during the run, then "completed", "stopped"
+    or "failed" with the reason: a folder left by a failed run is never reported as a result."""
     import ssl
 
     import httpx
 
     from spine_fl.server.deployment.coordinator import run_coordinator
     from spine_fl.server.deployment.federation_config import load_federation
+    from spine_fl.server.deployment.run_result import run_with_status
     from spine_fl.server.deployment.serverapp_worker import ServerAppTaskError
     from spine_fl.shared.config import ConfigError
     from spine_fl.shared.runtime.bundle import BundleError
@@ -303,8 +317,9 @@ def server(
                       "patient data.[/]")
     try:
         fed = load_federation(config)
-        result = run_coordinator(fed, insecure, on_round=_round_line, say=lambda m: console.print(m, highlight=False),
-                                 bundle_file=bundle)
+        # out_dir/run_status.json: running, then completed/stopped, or failed with the reason (as simulate writes it)
+        result = run_with_status(fed.out_dir, lambda: run_coordinator(
+            fed, insecure, on_round=_round_line, say=lambda m: console.print(m, highlight=False), bundle_file=bundle))
     except (ConfigError, CredentialsError, BundleError, FileNotFoundError, ProcessStartError) as exc:
         console.print(f"[red]cannot start:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None

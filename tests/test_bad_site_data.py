@@ -250,6 +250,35 @@ def _clinical_folder(site: Path) -> None:
     (site / "clinical.csv").mkdir()
 
 
+def _victim_path(path: str) -> Callable[[Path], None]:
+    """The victim's manifest row lists `path` (any characters) instead of its file."""
+    return _rows(lambda ls: [f"{VICTIM},T2_AXIAL,{path}" if x.startswith(f"{VICTIM},") else x for x in ls],
+                 "manifest.csv")
+
+
+def _utf16(encoding: str) -> Callable[[Path], None]:
+    def edit(site: Path) -> None:
+        path = site / "clinical.csv"
+        path.write_bytes(path.read_text().encode(encoding))
+    return edit
+
+
+def _site_is_file(site: Path) -> None:
+    shutil.rmtree(site)
+    site.write_text("not a folder")
+
+
+def _table_linked(name: str, outside: bool) -> Callable[[Path], None]:
+    """clinical.csv / manifest.csv as a symbolic link to a copy outside (or inside) the site folder."""
+    def edit(site: Path) -> None:
+        target = (site.parent if outside else site / "exports") / f"linked_{name}"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(site / name, target)
+        (site / name).unlink()
+        (site / name).symlink_to(target)
+    return edit
+
+
 # ---------------------------------------------------------------- the corpus
 
 
@@ -261,6 +290,7 @@ class Case:
     needles: tuple[str, ...]  # all appear in one problem (where, what, action) of the expected severity
     excluded: str | None = None  # a patient the site must drop (usable cases)
     task: str = IMAGE_TASK
+    absent: tuple[str, ...] = ()  # misleading words no finding may contain
 
 
 VICTIM_FILE = f"dicom/{VICTIM}.dcm"
@@ -291,6 +321,15 @@ CASES = [
     Case("dicom_implausible_spacing", _tags(PixelSpacing=["0.0001", "0.0001"]), True,
          (VICTIM_FILE, "pixel spacing 0.0001 mm is implausible"), VICTIM),
     Case("dicom_fifo", _victim_file(_fifo), True, (VICTIM_FILE, "not a regular file"), VICTIM),
+    # No Modality tag: one file's problem, never the whole site's. Read when the SOP class says MR (a
+    # warning); excluded, with the fix, when nothing in the header says the modality.
+    Case("dicom_no_modality", _tags(Modality=None), True, (VICTIM_FILE, "Modality (0008,0060) missing", "read as MR"),
+         absent=("right series",)),
+    Case("dicom_no_modality_secondary_capture", _tags(Modality=None, SOPClassUID="1.2.840.10008.5.1.4.1.1.7"), True,
+         (VICTIM_FILE, "Modality (0008,0060) missing", "full header"), VICTIM),
+    # An uncompressed file whose header contradicts its pixels: no decoder would help.
+    Case("dicom_bits_allocated_12", _tags(BitsAllocated=12), True, (VICTIM_FILE, "inconsistent header", "BitsAllocated"),
+         VICTIM, absent=("decoder",)),
     # A multi-frame file or 3-D volume is read (middle frame) with a warning naming the file.
     Case("dicom_multiframe_real", _copy_testdata("emri_small.dcm"), True, (VICTIM_FILE, "10 frames", "middle frame")),
     Case("dicom_volume", _victim_file(lambda p: write_mr(p, frames=24)), True, (VICTIM_FILE, "24 frames", "middle frame")),
@@ -316,7 +355,24 @@ CASES = [
     Case("manifest_symlink_file", _symlink_file, False, ("manifest.csv line 4", VICTIM_FILE, "outside the site folder")),
     Case("manifest_symlink_folder", _symlink_folder, False,
          ("manifest.csv line 4", "dicom/linked/secret.dcm", "outside the site folder")),
+    Case("manifest_nul_in_path", _victim_path(f"dicom/{VICTIM}.dcm\x00x"), False,
+         ("manifest.csv line 4, column path", "NUL byte")),
+    Case("manifest_path_too_long", _victim_path("dicom/" + "a" * 5000 + ".dcm"), False,
+         ("manifest.csv line 4, column path", "too long", "5010 characters")),
+    Case("manifest_backslashes", _victim_path(f"dicom\\{VICTIM}.dcm"), True, ("file missing", "manifest paths with '/'",
+                                                                          f"dicom/{VICTIM}.dcm"), VICTIM),
+    Case("manifest_symlink_outside", _table_linked("manifest.csv", outside=True), False,
+         ("manifest.csv", "symbolic link", "outside the site folder")),
+    Case("manifest_symlink_inside", _table_linked("manifest.csv", outside=False), True, ()),
+    # the site folder itself
+    Case("site_is_a_file", _site_is_file, False, ("is a file, not a folder",), absent=("does not exist",)),
     # clinical.csv
+    Case("clinical_symlink_outside", _table_linked("clinical.csv", outside=True), False,
+         ("clinical.csv", "symbolic link", "outside the site folder")),
+    Case("clinical_symlink_inside", _table_linked("clinical.csv", outside=False), True, ()),
+    Case("clinical_utf16", _utf16("utf-16"), False, ("clinical.csv line 1", "UTF-16", "UTF-8"), absent=("Latin-1",)),
+    Case("clinical_utf16_without_bom", _utf16("utf-16-le"), False, ("clinical.csv", "UTF-16", "UTF-8"),
+         absent=("Latin-1",)),
     Case("clinical_duplicate_id", _rows(lambda ls: [*ls, ls[3]]), False, ("clinical.csv line 12", f"patient {VICTIM} already on line 4")),
     Case("clinical_blank_id", _set("patient_id", ""), False, ("clinical.csv line 4, column patient_id", "empty patient id")),
     Case("clinical_label_column_missing", _drop_column("clinical.csv", "nrs_2months"), False,
@@ -393,6 +449,8 @@ def test_bad_input_gets_a_verdict_naming_the_culprit(template: Path, tmp_path: P
         assert data is not None and case.excluded not in set(data.patient_ids)
         assert len(data) == N_PATIENTS - 1
     assert all(p.action.strip() for p in report.problems)  # every finding says what to do
+    misleading = [str(p) for p in report.problems if any(word in str(p) for word in case.absent)]
+    assert not misleading, misleading
     # The CLI gives the same verdict, without a traceback.
     result = RUNNER.invoke(app, ["validate", str(site), "--task", case.task, "--image-size", "32"])
     assert result.exit_code == (0 if case.usable else 1), result.output
@@ -528,3 +586,45 @@ def test_a_value_that_looks_like_markup_is_printed_not_raised(template: Path, tm
     result = RUNNER.invoke(app, ["validate", str(site), "--task", IMAGE_TASK])
     assert result.exit_code == 1 and "[/bold]" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+@pytest.mark.parametrize("size", ["-3", "0", "7"])
+def test_an_image_size_below_the_models_minimum_is_a_usage_error(template: Path, size: str) -> None:
+    """`--image-size` gets the bounds the run's configuration enforces (shared/config.py MIN_IMAGE_SIZE):
+    never a traceback (-3), never every DICOM blamed as corrupt (0)."""
+    from spine_fl.shared.config import MIN_IMAGE_SIZE
+
+    result = RUNNER.invoke(app, ["validate", str(template), "--task", IMAGE_TASK, "--image-size", size])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "--image-size" in text and f"at least {MIN_IMAGE_SIZE} pixels" in text, text
+    assert "corrupt" not in text and "Traceback" not in text
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+def test_the_smallest_allowed_image_size_validates(template: Path) -> None:
+    from spine_fl.shared.config import MIN_IMAGE_SIZE
+
+    result = RUNNER.invoke(app, ["validate", str(template), "--task", IMAGE_TASK, "--image-size", str(MIN_IMAGE_SIZE)])
+    assert result.exit_code == 0, result.output
+
+
+def test_predict_refuses_a_model_file_with_an_image_size_below_the_minimum(template: Path, tmp_path: Path) -> None:
+    """predict has no --image-size: it takes the run's from the model file, whose settings are checked on
+    reading with the same bound (a model-file error, exit 2)."""
+    from spine_fl.shared.config import RunSettings
+    from spine_fl.shared.models.model_file import save_model
+    from spine_fl.shared.models.registry import build_model
+    from spine_fl.shared.training.local import get_weights
+
+    settings = RunSettings(task=IMAGE_TASK, image_size=32)
+    save_model(tmp_path / "model.pt", settings, get_weights(build_model(settings.task_spec, settings.seed)))
+    import torch
+
+    bundle = torch.load(tmp_path / "model.pt", weights_only=True)
+    bundle["settings"]["image-size" if "image-size" in bundle["settings"] else "image_size"] = 4
+    torch.save(bundle, tmp_path / "model.pt")
+    result = RUNNER.invoke(app, ["predict", str(tmp_path / "model.pt"), "--site-dir", str(template),
+                                 "--out", str(tmp_path / "out")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "image_size" in text and "4" in text and "Traceback" not in text, result.output

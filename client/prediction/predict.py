@@ -45,7 +45,13 @@ from spine_fl.shared.contract.data_contract import SiteData, ValidationReport, v
 from spine_fl.shared.contract.tasks import AllOfLabel, BinaryColumnLabel, RelativeReductionLabel, Task
 from spine_fl.shared.files import atomic_write_bytes, atomic_write_json
 from spine_fl.shared.metrics import THRESHOLD
-from spine_fl.shared.models.model_file import MODEL_FILE, ModelFileError, model_from_bundle, read_model_bundle
+from spine_fl.shared.models.model_file import (
+    MODEL_FILE,
+    ModelFileError,
+    model_from_bundle,
+    read_model_bundle,
+    usability_problem,
+)
 
 __all__ = ["DEFAULT_EXPLAIN", "ModelFileError", "Prediction", "Threshold", "UnknownPatientError",
            "UnusableSiteError", "find_threshold", "model_path", "outcome_words", "predict_site"]
@@ -254,18 +260,22 @@ def predict_site(model_given: Path, site_dir: Path, out_dir: Path, patient: str 
                  explain: int = DEFAULT_EXPLAIN, device: torch.device | None = None) -> Prediction:
     """Score every usable patient in `site_dir`; explain the first `explain` of them, or only `patient`.
 
-    ModelFileError: the model cannot be read. UnusableSiteError: the folder fails validation (its
+    ModelFileError: the model cannot be read, or its run did not complete (stopped, or no round
+    trained: see model_file.usability_problem). UnusableSiteError: the folder fails validation (its
     report). UnknownPatientError: `patient` is not among the scored patients."""
     from spine_fl.shared.models.registry import pick_device
 
     device = device or pick_device()
     path = model_path(model_given)
     bundle = read_model_bundle(path)
+    unfinished = usability_problem(path, bundle)  # a stopped run's (or untrained) weights score no patient
+    if unfinished:
+        raise ModelFileError(unfinished)
     try:
         model, settings = model_from_bundle(bundle)
     except (ConfigError, RuntimeError, KeyError, TypeError, ValueError) as exc:  # settings or weights that do not fit
         raise ModelFileError(f"{path}: the model file's settings or weights cannot be used: {exc}") from None
-    task = settings.task_spec
+    task = settings.task_spec  # (the settings were checked on reading: an image_size below the minimum is refused)
     threshold = find_threshold(path, bundle)
     data, report = validate_and_load(site_dir, task, settings.image_size, labels=False)
     if data is None:

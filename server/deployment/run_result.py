@@ -6,12 +6,13 @@ and local-only baselines exist only in simulation."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from spine_fl.server.deployment.federation_config import FederationConfig
 from spine_fl.server.reporting import plots
 from spine_fl.server.reporting.federation_record import FEDERATION_FILE
-from spine_fl.server.reporting.run_result import RunResult, write_run_result
+from spine_fl.server.reporting.run_result import RunResult, write_run_result, write_run_status
 from spine_fl.shared import protocol
 
 
@@ -57,4 +58,23 @@ def write_deployment_results(fed: FederationConfig, bundle_sha256: str, seconds:
     write_run_result(fed.out_dir, result)
     if result.rounds:
         plots.metric_per_round(fed.out_dir / "auroc_per_round.png", result.rounds, {})
+    return result
+
+
+def run_with_status(out_dir: Path, run: Callable[[], RunResult]) -> RunResult:
+    """Run the coordinator with the results folder's run_status.json kept true, as `spine-fl simulate`
+    does: "running" until the end, then the result's status ("completed" or "stopped", with its
+    reason), or "failed" with the reason when the run raised or was interrupted. A crashed rerun into
+    an old results folder thus never leaves the old metrics.json looking current (`spine-fl report`
+    refuses a folder whose run is running or failed)."""
+    write_run_status(out_dir, "running")
+    try:
+        result = run()
+    except KeyboardInterrupt:
+        write_run_status(out_dir, "failed", "interrupted (KeyboardInterrupt) before the run finished")
+        raise
+    except BaseException as exc:
+        write_run_status(out_dir, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    write_run_status(out_dir, result.status, result.stop_reason)
     return result

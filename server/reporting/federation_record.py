@@ -57,7 +57,9 @@ def write_federation_results(out_dir: Path, settings: RunSettings, sites: list[s
     `calibration`: the recalibration round's section (server/calibration.py); a fitted map is folded
     into model.pt's output layer and recorded beside the weights with the recommended threshold."""
     privacy = privacy_section(settings, sites, log, calibration)
-    save_model(out_dir / MODEL_FILE, settings, weights, calibration, privacy_record(privacy["per_site"]))
+    save_model(out_dir / MODEL_FILE, settings, weights, calibration, privacy_record(privacy["per_site"]),
+               run_status="stopped" if log.stopped else "completed", stop_reason=log.stopped or None,
+               rounds_trained=len(log.trained_rounds))  # a stopped run's weights are never scored as a result
     atomic_write_json(out_dir / FEDERATION_FILE, {
         "task": settings.task, "sites": sites, "config": settings.to_run_config(),
         "status": "stopped" if log.stopped else "completed", "stop_reason": log.stopped or None,

@@ -478,10 +478,19 @@ def _findings(card: dict) -> dict[str, str]:
                            f"threshold probabilities {ranges}." if ranges else "Decision curve: at no threshold does "
                            "acting on the model beat treating everyone or no one.")
     privacy = card["privacy"]
-    if privacy["dp"]:
+    # per site "trained" (federation record): whether it trained in this run at all; absent in older records
+    sites = privacy.get("per_site") or {}
+    trained = [s for s, v in sites.items() if v.get("trained", True)]
+    if sites and not trained:
+        out["privacy"] = ("Privacy: no site trained in this run (it stopped before any site trained): the model "
+                          "learned nothing from patients, its weights are the initial ones, and no differential-privacy "
+                          "training took place.")
+    elif privacy["dp"]:
         eps = ("DP-SGD" if privacy["max_epsilon"] is None
                else f"at most epsilon = {privacy['max_epsilon']:.2f} per site")
-        out["privacy"] = (f"Privacy: every site trained with differential privacy ({eps} in this run)"
+        who = ("every site" if len(trained) == len(sites)
+               else f"every site that trained ({len(trained)} of {len(sites)}: {', '.join(sorted(trained))})")
+        out["privacy"] = (f"Privacy: {who} trained with differential privacy ({eps} in this run)"
                           + ("; updates were combined by secure aggregation." if privacy["secagg"] else "."))
     else:
         out["privacy"] = ("Privacy: this run trained WITHOUT differential privacy"

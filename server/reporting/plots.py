@@ -1,7 +1,11 @@
-"""Result plots (matplotlib, headless): ROC per site, calibration, metric per round."""
+"""Result plots (matplotlib, headless): ROC per site, calibration, metric per round.
+
+Each PNG is rendered into memory and written atomically (temporary file, then rename): a crash or
+a full disk never leaves a half-written plot under its final name."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,19 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from spine_fl.shared.files import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    """Render the figure to PNG bytes, close it, and write the file atomically."""
+    buffer = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
 
 def roc_per_site(path: Path, scores: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -23,9 +40,7 @@ def roc_per_site(path: Path, scores: dict[str, tuple[np.ndarray, np.ndarray]], t
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def calibration(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
@@ -36,9 +51,7 @@ def calibration(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], ti
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="predicted probability", ylabel="observed frequency", title=title)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def metric_per_round(path: Path, rounds: list[dict[str, Any]], references: dict[str, float], metric: str = "auroc") -> None:
@@ -52,6 +65,4 @@ def metric_per_round(path: Path, rounds: list[dict[str, Any]], references: dict[
         ax.axhline(value, ls="--", lw=1, color="grey" if name == "local_only" else "black", label=name)
     ax.set(xlabel="round", ylabel=metric.upper())
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

@@ -9,7 +9,9 @@ exports commonly produce instead is recognised and refused with the fix, never g
   mis-guess silently changes numbers. The message says to export comma-separated values with
   decimal points; a decimal comma inside a quoted value is named where it occurs;
 - an Excel workbook renamed .csv (zip "PK\\x03\\x04", or the older OLE2 .xls) is named as such;
-- bytes that are not UTF-8 (a Latin-1 / Windows-1252 export) are refused, naming the line;
+- UTF-16 text (a UTF-16 byte-order mark, or a zero byte beside every character: Excel's
+  "Unicode Text", Notepad's "Unicode") is refused as UTF-16, with the fix (re-save as UTF-8);
+- other bytes that are not UTF-8 (a Latin-1 / Windows-1252 export) are refused, naming the line;
 - a row with more or fewer fields than the header is refused, naming the line;
 - an empty file is refused; blank lines (and rows of empty fields) are skipped.
 
@@ -33,8 +35,29 @@ OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # legacy .xls
 SAVE_AS_CSV = "in Excel use Save As -> 'CSV UTF-8 (comma delimited)'"
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian (Excel's "Unicode Text", Notepad's "Unicode")
+
+
+def _utf16(raw: bytes) -> str | None:
+    """"UTF-16" when the bytes are UTF-16 text: a UTF-16 byte-order mark, or (without one) ASCII text
+    with a zero byte beside every character; None otherwise."""
+    if raw.startswith(UTF16_BOMS):
+        return "UTF-16 (it starts with a UTF-16 byte-order mark)"
+    head = raw[:4096]
+    even, odd = head[0::2], head[1::2]
+    if len(odd) >= 2 and ((odd.count(0) > 0.9 * len(odd) and even.count(0) < 0.1 * len(even))
+                          or (even.count(0) > 0.9 * len(even) and odd.count(0) < 0.1 * len(odd))):
+        return "UTF-16 (every other byte is zero)"
+    return None
+
+
 def _decode(path: Path, raw: bytes, report: ValidationReport) -> str | None:
     """UTF-8 text with a leading byte-order mark removed, or an error naming the first bad line."""
+    wide = _utf16(raw)
+    if wide:
+        report.error(f"{path} line 1", f"the file is {wide}, not UTF-8 text",
+                     f"re-save the file as UTF-8: {SAVE_AS_CSV} (not 'Unicode Text')")
+        return None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -30,6 +30,7 @@ and the file is never opened. How the CSV files are read, and which spreadsheet 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import re
@@ -268,6 +269,8 @@ def _manifest_paths(site_dir: Path, task: Task,
                     report: ValidationReport) -> dict[tuple[str, str], tuple[Path, int]] | None:
     """(patient, view) -> (file, manifest line); None when the manifest itself is unusable (an error)."""
     manifest_path = site_dir / MANIFEST_FILE
+    if not _table_inside_site(site_dir, manifest_path, report):
+        return None
     manifest = read_csv_table(manifest_path, report, "image manifest (patient_id, view, path)")
     if manifest is None:
         return None
@@ -293,14 +296,72 @@ def _manifest_paths(site_dir: Path, task: Task,
     return paths
 
 
+def _table_inside_site(site_dir: Path, path: Path, report: ValidationReport) -> bool:
+    """clinical.csv / manifest.csv themselves: a symbolic link leading out of the site folder is
+    refused like a manifest path outside it (the file is never opened); a missing file is left to
+    the reader, which names it."""
+    if not path.is_symlink():
+        return True
+    root = site_dir.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symbolic-link loop
+        report.error(str(path), "a symbolic link that cannot be resolved (a loop of symbolic links)",
+                     f"put the real {path.name} into the site folder")
+        return False
+    if resolved.is_relative_to(root):
+        return True
+    report.error(str(path), f"a symbolic link to {resolved}, outside the site folder {root}",
+                 f"a site reads only files inside its own folder: copy the real {path.name} into the site folder "
+                 "instead of linking to it")
+    return False
+
+
+MAX_SHOWN_PATH = 80  # a manifest path longer than this is shown cut, with its length
+
+
+def _shown(rel: str) -> str:
+    """A manifest path as a finding quotes it: repr (NUL and backslashes visible), long ones cut."""
+    if len(rel) <= MAX_SHOWN_PATH:
+        return repr(rel)
+    return f"{rel[:MAX_SHOWN_PATH]!r}... ({len(rel)} characters)"
+
+
 def _inside_site(site_dir: Path, root: Path, rel: str, where: str, report: ValidationReport) -> bool:
-    """True when the manifest path resolves (links followed) inside the site folder; else an error."""
+    """True when the manifest path resolves (links followed) inside the site folder; else an error.
+
+    A path the operating system cannot even look up (a NUL byte, a name longer than the file
+    system allows) is an error naming the manifest line too: it can never be a real file."""
+    if "\0" in rel:
+        report.error(where, f"path {_shown(rel)} contains a NUL byte (\\x00), which no file name can hold",
+                     "correct the path in the manifest (re-export it as plain text; the file is probably damaged)")
+        return False
     target = site_dir / rel
     try:
         resolved = target.resolve()
-    except (OSError, RuntimeError):  # a symbolic-link loop
-        report.error(where, f"path {rel!r} cannot be resolved (a loop of symbolic links)",
+        target.lstat()  # ENAMETOOLONG and the like surface here, not as a missing file
+    except FileNotFoundError:
+        pass  # a missing file: reported per patient (file missing)
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG,):
+            report.error(where, f"path {_shown(rel)} is too long for the file system (a name in it, or the whole "
+                         f"path, exceeds the limit: {exc.strerror})",
+                         "correct the path in the manifest: list the image's real path relative to the site folder")
+            return False
+        if exc.errno == errno.ELOOP:
+            report.error(where, f"path {_shown(rel)} cannot be resolved (a loop of symbolic links)",
+                         "list a real file inside the site folder")
+            return False
+        if exc.errno != errno.ENOTDIR:  # ENOTDIR: a file used as a folder - simply missing
+            report.error(where, f"path {_shown(rel)} cannot be looked up ({exc.strerror})",
+                         "check the path and the folder's permissions")
+            return False
+    except RuntimeError:  # a symbolic-link loop (older Pythons)
+        report.error(where, f"path {_shown(rel)} cannot be resolved (a loop of symbolic links)",
                      "list a real file inside the site folder")
+        return False
+    except ValueError as exc:  # anything else the OS refuses as a path
+        report.error(where, f"path {_shown(rel)} is not a valid file path ({exc})", "correct the path in the manifest")
         return False
     if resolved == root or resolved.is_relative_to(root):
         return True
@@ -354,16 +415,26 @@ def _read_images(site_dir: Path, task: Task, patient_ids: list[str], lines: list
                 continue
             path, manifest_line = entry
             rel = path.relative_to(site_dir) if path.is_relative_to(site_dir) else path
-            if not path.exists():  # a dangling link too; a folder or a pipe is refused by the reader
+            try:
+                present, lookup = path.exists(), ""  # a dangling link too; a folder or a pipe is refused by the reader
+            except OSError as exc:  # e.g. a folder on the way that cannot be searched
+                present, lookup = False, f": cannot be looked up ({exc.strerror})"
+            if not present:
+                hint = ""
+                if "\\" in str(rel):  # a Windows export: dicom\P01\T2.dcm is one odd file name here
+                    hint = ("; the path uses backslashes ('\\'): write manifest paths with '/' (e.g. "
+                            f"{str(rel).replace(chr(92), '/')})")
                 failures.setdefault(pid, []).append(_ImageFailure(
-                    pid, view, str(path), f"file missing ({view} image of patient {pid}, {MANIFEST_FILE} line {manifest_line})",
-                    f"{excluded}; copy the file into the site folder or correct the path in the manifest",
+                    pid, view, str(path), f"file missing{lookup} ({view} image of patient {pid}, {MANIFEST_FILE} line "
+                    f"{manifest_line})",
+                    f"{excluded}; copy the file into the site folder or correct the path in the manifest{hint}",
                     f"{view}: {rel} missing"))
                 continue
             try:
                 image = read_dicom_image(path, size, task.image.field_of_view_mm, task.image.modalities)
             except DicomModalityError as exc:  # the wrong series exported: an error for the site, not one patient
-                report.error(str(path), f"modality {exc.modality or 'missing'}; task {task.name} needs "
+                # (a file without a Modality tag is judged per file by the reader: a DicomError below)
+                report.error(str(path), f"modality {exc.modality}; task {task.name} needs "
                              f"{'/'.join(task.image.modalities)} ({view} image of patient {pid}, {MANIFEST_FILE} line "
                              f"{manifest_line})", "check that the right series was exported")
                 continue
@@ -435,10 +506,15 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64,
     site_dir = Path(site_dir)
     report = ValidationReport(site_dir, task.name)
     if not site_dir.is_dir():
-        report.error(str(site_dir), "site folder does not exist", "pass the folder that holds clinical.csv")
+        if site_dir.exists():
+            report.error(str(site_dir), "is a file, not a folder",
+                         "pass the site folder that holds clinical.csv (and manifest.csv), not a file")
+        else:
+            report.error(str(site_dir), "site folder does not exist", "pass the folder that holds clinical.csv")
         return None, report
     clinical_path = site_dir / CLINICAL_FILE
-    table = read_csv_table(clinical_path, report, "clinical table (one row per patient)")
+    table = (read_csv_table(clinical_path, report, "clinical table (one row per patient)")
+             if _table_inside_site(site_dir, clinical_path, report) else None)
     if table is None:
         return None, report
     if table.empty and report.usable:  # (rows refused as ragged already have their own errors)

@@ -11,7 +11,9 @@ depends on the scanner.
 Every file is judged by its header before any pixel is decoded, so a bad file costs neither time
 nor memory: folders, pipes and empty files are refused unopened; the header is read with large
 elements deferred; objects without pixels (RT plans, reports, DICOMDIR), colour images, a missing
-photometric interpretation, the wrong modality, matrices above 8192 x 8192 pixels (MAX_PIXELS) or
+photometric interpretation, the wrong modality (a missing Modality tag is read, with a warning,
+only when the SOP class says an accepted modality), a BitsAllocated no uncompressed layout has,
+matrices above 8192 x 8192 pixels (MAX_PIXELS) or
 below 32 pixels a side (MIN_SIDE), pixel data above 1 GiB (MAX_PIXEL_BYTES) and pixel data shorter
 than the header promises (a truncated file) are refused with a message naming the file and the fix.
 A multi-frame file (a 3-D volume) is read one frame, the middle one, with a warning. Anything
@@ -150,10 +152,61 @@ def _check_matrix(ds: pydicom.Dataset, path: Path) -> tuple[int, int, int]:
     return rows, cols, max(frames, 1)
 
 
-def _check_modality(ds: pydicom.Dataset, path: Path, modalities: tuple[str, ...]) -> None:
+# The image storage SOP classes that say the modality by themselves (DICOM PS3.4 B.5); a file
+# without its Modality tag whose SOP class names an accepted modality is read, with a warning.
+SOP_CLASS_MODALITY = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1": "DX",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX",  # Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.2": "CT",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1": "CT",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.4": "MR",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.1": "MR",  # Enhanced MR Image Storage
+}
+
+
+def _check_modality(ds: pydicom.Dataset, path: Path, modalities: tuple[str, ...]) -> str | None:
+    """Another modality than the view's: DicomModalityError (the wrong series). No Modality tag: read
+    when the SOP class says an accepted modality (a warning, returned), else a DicomError for this file."""
     modality = str(ds.get("Modality", "")).strip()
-    if modalities and modality not in modalities:
-        raise DicomModalityError(f"{path}: modality {modality or 'missing'}; expected {'/'.join(modalities)}", modality)
+    if not modalities or modality in modalities:
+        return None
+    if modality:
+        raise DicomModalityError(f"{path}: modality {modality}; expected {'/'.join(modalities)}", modality)
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    implied = SOP_CLASS_MODALITY.get(str(uid or "").strip())
+    if implied in modalities:
+        return (f"{path}: Modality (0008,0060) missing from the header; its SOP class ({_sop_class_name(ds)}) "
+                f"says {implied}, which the view accepts, so it is read as {implied}")
+    said = f"its SOP class ({_sop_class_name(ds)}) says {implied}" if implied else \
+        f"its SOP class ({_sop_class_name(ds)}) does not say the modality either"
+    raise DicomError(f"{path}: Modality (0008,0060) missing from the header and {said}; the view needs "
+                     f"{'/'.join(modalities)}: re-export the image with its full header (anonymisation tools "
+                     "sometimes strip the Modality tag), or check that it is the right series")
+
+
+def _encapsulated(ds: pydicom.Dataset) -> bool:
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    return bool(getattr(syntax, "is_encapsulated", False))
+
+
+def _check_bits(ds: pydicom.Dataset, path: Path) -> None:
+    """Uncompressed pixels are laid out as BitsAllocated says: a value that no layout has (e.g. 12)
+    is a header that contradicts its own pixel data, not a missing decoder."""
+    if _encapsulated(ds) or "BitsAllocated" not in ds:
+        return
+    try:
+        bits = int(ds.BitsAllocated)
+    except (TypeError, ValueError):
+        bits = -1
+    stored = ds.get("BitsStored")
+    if bits == 1 or (bits > 0 and bits % 8 == 0 and bits <= 64):
+        return
+    also = f" (BitsStored {stored})" if stored is not None else ""
+    raise DicomError(f"{path}: inconsistent header: BitsAllocated (0028,0100) is {ds.BitsAllocated}{also}, but "
+                     "uncompressed pixel data are stored in 1, 8, 16, 32 or 64 bits per sample; the header does not "
+                     "describe its own pixels (often a tool that rewrote BitsStored into BitsAllocated): re-export "
+                     "the image from the original study")
 
 
 def _check_length(ds: pydicom.Dataset, path: Path, rows: int, cols: int, frames: int) -> None:
@@ -195,6 +248,11 @@ def _decode(ds: pydicom.Dataset, path: Path, frames: int) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/ValueError by codec
         name = getattr(syntax, "name", str(syntax))
+        if not _encapsulated(ds):  # uncompressed: no decoder is involved; the header and the pixels disagree
+            raise DicomError(
+                f"{path}: cannot read the uncompressed pixel data (transfer syntax {name}): {exc}. The header is "
+                "inconsistent with its pixel data: re-export the image from the original study."
+            ) from exc
         raise DicomError(
             f"{path}: cannot decode pixel data (transfer syntax {name}): {exc}. "
             "Install the matching decoder (pylibjpeg-openjpeg for JPEG 2000, pylibjpeg-libjpeg "
@@ -265,11 +323,12 @@ def _read(path: Path, size: int, field_of_view_mm: float, modalities: tuple[str,
     _check_pixels_present(ds, path)
     _check_photometric(ds, path)
     rows, cols, frames = _check_matrix(ds, path)
-    _check_modality(ds, path, modalities)
+    modality_warning = _check_modality(ds, path, modalities)
+    _check_bits(ds, path)
     _check_length(ds, path, rows, cols, frames)
     spacing = _pixel_spacing_mm(ds)
     _fov_pixels(spacing, field_of_view_mm, path)
-    warnings: list[str] = []
+    warnings: list[str] = [modality_warning] if modality_warning else []
     if frames > 1:
         warnings.append(f"{path}: {frames} frames (a multi-frame file or 3-D volume); the middle frame "
                         f"({frames // 2}) is used: export the one slice the task needs if that is not it")

@@ -4,6 +4,12 @@ The settings carry the task's definition (`RunSettings.task_definition`), so who
 file (the coordinator's model card, a site scoring its own patients with `spine-fl predict`)
 rebuilds exactly the network the run trained, for exactly its task, without the task file.
 The coordinator writes it (server/reporting/federation_record.py); anyone may read it.
+
+The file records how its run ended (`run_status`: "completed" or "stopped", with `stop_reason`)
+and how many rounds trained the weights (`rounds_trained`): a stopped run still writes its
+model.pt (the results say why it stopped), and whoever scores patients must be able to tell that
+those weights are unfinished, or the initial random ones (`usability_problem`). Files written
+before these fields existed carry neither and are read as before.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from spine_fl.shared.models.registry import build_model
 from spine_fl.shared.training.local import fold_calibration, set_weights
 
 __all__ = ["MODEL_FILE", "ModelFileError", "load_model", "model_from_bundle", "privacy_record", "read_model_bundle",
-           "save_model"]
+           "run_record", "save_model", "usability_problem"]
 
 MODEL_FILE = "model.pt"
 
@@ -34,17 +40,26 @@ class ModelFileError(ValueError):
 
 
 def save_model(path: Path, settings: RunSettings, weights: list[np.ndarray],
-               calibration: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None) -> None:
+               calibration: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None, *,
+               run_status: str | None = None, rounds_trained: int | None = None,
+               stop_reason: str | None = None) -> None:
     """With a fitted calibration (server/calibration.py, status "fitted"), Platt's map is folded into
     the output layer (the file's model outputs a * logit + b: its probabilities are calibrated) and
     recorded beside the weights as `calibration` {method, a, b, folded}, with `recommended_threshold`
     {value, rule, sensitivity, specificity} on the calibrated probability. `privacy` (`privacy_record`)
-    travels with the weights, so whoever scores patients with the file knows its guarantee."""
+    travels with the weights, so whoever scores patients with the file knows its guarantee.
+    `run_status` ("completed" / "stopped"), `stop_reason` and `rounds_trained` record how the run
+    ended, so a stopped run's weights are never mistaken for a result (`usability_problem`)."""
     model = build_model(get_task(settings.task), settings.seed)
     set_weights(model, weights)
     bundle: dict[str, Any] = {"task": settings.task, "settings": settings.to_run_config()}
     if privacy is not None:
         bundle["privacy"] = privacy
+    if run_status is not None:
+        bundle["run_status"] = str(run_status)
+        bundle["stop_reason"] = None if stop_reason is None else str(stop_reason)
+    if rounds_trained is not None:
+        bundle["rounds_trained"] = int(rounds_trained)
     if calibration and calibration.get("status") == "fitted":
         a, b = float(calibration["a"]), float(calibration["b"])
         folded = fold_calibration(model, a, b)
@@ -88,6 +103,38 @@ def read_model_bundle(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a spine-fl model file (no run settings and weights); give the "
                              f"{MODEL_FILE} a run wrote")
     return bundle
+
+
+def run_record(bundle: dict[str, Any]) -> dict[str, Any]:
+    """How the file's run ended: {"status", "stop_reason", "rounds_trained", "rounds"}; status and
+    rounds_trained are None in a file written before they were recorded."""
+    settings = bundle.get("settings") if isinstance(bundle.get("settings"), dict) else {}
+    rounds = settings.get("rounds")
+    trained = bundle.get("rounds_trained")
+    return {"status": bundle.get("run_status"), "stop_reason": bundle.get("stop_reason"),
+            "rounds_trained": trained if isinstance(trained, int) and not isinstance(trained, bool) else None,
+            "rounds": rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None}
+
+
+def usability_problem(path: Path, bundle: dict[str, Any]) -> str | None:
+    """Why the file's weights must not score patients (its run did not complete, or trained no
+    round), naming the file and what to do; None when the file records a completed run, or records
+    nothing (a file written before the run's status was recorded)."""
+    record = run_record(bundle)
+    status, trained = record["status"], record["rounds_trained"]
+    if status is None and trained is None:
+        return None
+    of = f" of {record['rounds']}" if record["rounds"] is not None else ""
+    reason = f" ({record['stop_reason']})" if record["stop_reason"] else ""
+    if status is not None and status != "completed":
+        what = f"run status {status!r}{reason}" + ("" if trained is None else f", {trained}{of} round(s) trained")
+    elif trained == 0:
+        what = f"run status {status or 'not recorded'}, but 0{of} rounds trained: the weights are the untrained initial ones"
+    else:
+        return None
+    return (f"{path}: {what}; a model whose run did not complete is not a result and must not score patients. "
+            "Use the model.pt of a run that completed (its run_status.json says \"completed\"), or fix the "
+            "reason above and run the federation again")
 
 
 def model_from_bundle(bundle: dict[str, Any]) -> tuple[torch.nn.Module, RunSettings]:
