@@ -2,7 +2,8 @@
 
 A patient without every required view (manifest row missing, file missing, file undecodable) is
 excluded with a warning naming the patient and the file; a site left with no patient to train on
-is unusable.
+is unusable. A site whose policy sets max_missing_image_share refuses to take part (before training)
+when a larger share of its patients is excluded so.
 """
 
 from __future__ import annotations
@@ -145,3 +146,98 @@ def test_train_split_emptied_by_missing_images_is_an_error(consortium: list[Path
     assert data is None
     [error] = [p for p in report.errors if "no patient left" in p.what]
     assert error.what.startswith(f"no patient left in the train split: {len(train_ids)} patient(s) excluded")
+
+
+# -- site policy max_missing_image_share: too many patients lost to missing images -> the site refuses ---------
+
+def _ten_patients_three_without_images(consortium: list[Path], tmp_path: Path, name: str) -> Path:
+    """A 10-patient copy of a site (both outcomes in train and test among the 7 left) whose 3 other
+    patients each lost their LAT image file."""
+    site = _copy(consortium, tmp_path, name)
+    data, report = validate_and_load(site, get_task(TASK), 16)
+    assert report.usable and data is not None
+    picked: list[str] = []
+    for split, outcome, n in (("train", 1, 2), ("train", 0, 2), ("test", 1, 2), ("test", 0, 1), ("train", 1, 3)):
+        ids = [p for p, s, y in zip(data.patient_ids, data.split, data.y) if s == split and y == outcome]
+        picked += [p for p in ids if p not in picked][:n]
+    victims = picked[7:]
+    table = pd.read_csv(site / "clinical.csv", dtype=str, keep_default_na=False)
+    table[table.patient_id.isin(picked)].to_csv(site / "clinical.csv", index=False)
+    manifest = pd.read_csv(site / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest[manifest.patient_id.isin(picked)].to_csv(site / "manifest.csv", index=False)
+    for rel in manifest.loc[manifest.patient_id.isin(victims) & (manifest.view == "LAT"), "path"]:
+        (site / rel).unlink()
+    return site
+
+
+def _decide(site_dir: Path, tmp_path: Path, **policy: object):
+    from spine_fl.client.privacy.round_checks import decide_round
+    from spine_fl.client.site_config import Site, policy_from_table
+    from spine_fl.shared.config import RunSettings
+
+    site = Site("leiden", site_dir, tmp_path / "state",
+                policy_from_table({"require_dp": False, "require_secagg": False, **policy}, "test [policy]"))
+    run = RunSettings(task=TASK, image_size=16, dp=False)
+    return decide_round(site, run, "run-1", 1, secagg_in_use=True, training=True)
+
+
+def test_more_missing_images_than_the_policy_allows_is_refused_before_training(consortium: list[Path],
+                                                                               tmp_path: Path) -> None:
+    site = _ten_patients_three_without_images(consortium, tmp_path, "missing30")
+    data, report = validate_and_load(site, get_task(TASK), 16)
+    assert report.usable and data is not None and len(data) == 7  # excluded by name, the rest usable
+    assert (data.patients_listed, data.images_missing) == (10, 3)
+    assert (data.subset("train").patients_listed, data.subset("train").images_missing) == (10, 3)
+
+    refusal = _decide(site, tmp_path, max_missing_image_share=0.2).refusal
+    assert refusal is not None and refusal.rule == "max_missing_image_share"
+    assert "3 of this site's 10 patients (30 %) are excluded because a required image is missing or " \
+           "unreadable" in refusal.message
+    assert "max_missing_image_share 0.2 (20 %)" in refusal.message
+    assert "restore the missing images" in refusal.message and "raise max_missing_image_share" in refusal.message
+    # As the coordinator reads it: machine-readable, the rule named.
+    from spine_fl.shared.refusal import Refusal
+    assert Refusal.parse(refusal.to_reason())["rule"] == "max_missing_image_share"
+    # Evaluation is refused alike: the site does not take part at all.
+    from spine_fl.client.privacy.policy import SitePolicy
+    from spine_fl.client.privacy.round_checks import decide_round
+    from spine_fl.client.site_config import Site
+    from spine_fl.shared.config import RunSettings
+    evaluation = decide_round(Site("leiden", site, tmp_path / "state", SitePolicy(max_missing_image_share=0.2)),
+                              RunSettings(task=TASK, image_size=16), "run-1", 1, True, training=False)
+    assert evaluation.refusal is not None and evaluation.refusal.rule == "max_missing_image_share"
+
+
+def test_missing_images_within_the_policy_share_pass(consortium: list[Path], tmp_path: Path) -> None:
+    site = _ten_patients_three_without_images(consortium, tmp_path, "missing30_ok")
+    assert _decide(site, tmp_path, max_missing_image_share=0.5).refusal is None
+    assert _decide(site, tmp_path, max_missing_image_share=0.3).refusal is None  # at the limit: not above it
+    # The default keeps today's behaviour: excluded with a warning, whatever the share.
+    assert _decide(site, tmp_path).refusal is None
+
+
+def test_the_share_rule_counts_and_the_default_never_refuses() -> None:
+    from spine_fl.client.privacy.policy import SitePolicy, missing_images_refusal
+
+    assert SitePolicy().max_missing_image_share == 1.0
+    assert missing_images_refusal(SitePolicy(), 9, 10) is None
+    assert missing_images_refusal(SitePolicy(max_missing_image_share=0.0), 0, 10) is None
+    assert missing_images_refusal(SitePolicy(max_missing_image_share=0.0), 1, 10).rule == "max_missing_image_share"
+    refusal = missing_images_refusal(SitePolicy(max_missing_image_share=0.25), 1, 3)
+    assert refusal is not None and "1 of this site's 3 patients (33.3 %)" in refusal.message
+
+
+@pytest.mark.parametrize(("bad", "why"), [
+    (1.5, "1.5: must be a number from 0 to 1; set max_missing_image_share to the largest share"),
+    (-0.1, "-0.1: must be a number from 0 to 1; set max_missing_image_share to the largest share"),
+    ("x", '"x": expected a number'),
+    (True, "true: expected a number"),
+    (float("nan"), "nan: expected a finite number"),
+])
+def test_a_bad_max_missing_image_share_is_a_policy_error(bad: object, why: str) -> None:
+    from spine_fl.client.site_config import policy_from_table
+    from spine_fl.shared.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        policy_from_table({"max_missing_image_share": bad}, "test [policy]")
+    assert str(caught.value).startswith(f"test [policy] max_missing_image_share = {why}")

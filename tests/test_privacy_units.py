@@ -176,3 +176,19 @@ def test_a_round_is_assessed_once_and_agrees_with_a_full_recomputation(tmp_path:
     assert refusal is not None and refusal.rule == "epsilon_lifetime"
     assert refusal.epsilon_after == pytest.approx(assessed.epsilon_lifetime_after, abs=1e-6)
     assert budget_refusal(site, run, assessed) is None
+
+
+def test_max_missing_image_share_is_parsed_and_range_checked() -> None:
+    from spine_fl.client.site_config import policy_from_table
+    from spine_fl.shared.config import ConfigError
+
+    assert SitePolicy().max_missing_image_share == 1.0  # default: exclude with a warning, whatever the share
+    assert policy_from_table({"max_missing_image_share": 0.2}, "p").max_missing_image_share == 0.2
+    assert policy_from_table({"max_missing_image_share": 0}, "p").max_missing_image_share == 0.0
+    with pytest.raises(ConfigError, match=r"leiden.toml \[policy\] max_missing_image_share = 2: must be a number "
+                                          r"from 0 to 1; set max_missing_image_share to"):
+        policy_from_table({"max_missing_image_share": 2}, "leiden.toml [policy]")
+    with pytest.raises(ConfigError, match=r'max_missing_image_share = "20%": expected a number'):
+        policy_from_table({"max_missing_image_share": "20%"}, "leiden.toml [policy]")
+    with pytest.raises(ConfigError, match="max_missing_image_share"):
+        SitePolicy(max_missing_image_share=-0.5)

@@ -8,6 +8,11 @@ budget is refused with the numbers. Both travel to the coordinator as a machine-
 `max_delta` when set; a run asking for more is refused (rule `max_delta`). Held-out metrics leave
 only from a large enough held-out split (`min_eval_patients`, `min_eval_per_class`) and only
 `max_evaluations` times per dataset (evaluation_budget.py); otherwise the site withholds them.
+
+An image task's patients whose required views are missing or unreadable are excluded with a warning
+(shared/contract/data_contract.py: never a placeholder image; none left to train on is an error).
+When the excluded share of the site's patients exceeds `max_missing_image_share` (default 1.0:
+whatever the share), the site refuses to take part before training (rule `max_missing_image_share`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class SitePolicy:
     min_eval_per_class: int = 5
     # Releases of held-out metrics per dataset, over every run ever; past it they are withheld.
     max_evaluations: int = 2000
+    # The largest share (0 to 1) of this site's patients that an image task may exclude because a
+    # required image is missing or unreadable; above it the site refuses to take part. 1.0: exclude
+    # them with a warning whatever the share (a site with no patient left is unusable regardless).
+    max_missing_image_share: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_tasks", tuple(self.allowed_tasks))
@@ -120,6 +129,13 @@ def _budget_problems(policy: SitePolicy) -> list[str]:
     if not (math.isfinite(policy.min_noise_multiplier) and policy.min_noise_multiplier >= 0):
         out.append(problem("min_noise_multiplier", policy.min_noise_multiplier, "must be 0 or more",
                            "set min_noise_multiplier to the least DP noise this site accepts, e.g. 0.5"))
+    share = policy.max_missing_image_share
+    if not (isinstance(share, (int, float)) and not isinstance(share, bool) and math.isfinite(share)
+            and 0 <= share <= 1):
+        out.append(problem("max_missing_image_share", share, "must be a number from 0 to 1",
+                           "set max_missing_image_share to the largest share of this site's patients that may be "
+                           "excluded for missing or unreadable images, e.g. 0.2, or leave it out (1.0: exclude "
+                           "them with a warning whatever the share)"))
     return out
 
 
@@ -147,6 +163,27 @@ def delta_refusal(policy: SitePolicy, run: RunSettings, n_train: int) -> Refusal
     return Refusal("max_delta", f"the run asks for delta = {run.delta:g}; this site allows at most "
                        f"{allowed:.3g} ({source}). Set delta = 0 to let each site use its own",
                        delta_asked=run.delta, delta_allowed=allowed)
+
+
+def _percent(share: float) -> str:
+    text = f"{100 * share:.1f}".rstrip("0").rstrip(".")
+    return f"{text} %"
+
+
+def missing_images_refusal(policy: SitePolicy, excluded: int, patients: int) -> Refusal | None:
+    """Rule max_missing_image_share: too many of the site's patients excluded for missing or unreadable
+    images (an image task; `excluded` of its `patients`) and the site does not take part."""
+    if patients <= 0 or excluded <= 0:
+        return None
+    share = excluded / patients
+    limit = policy.max_missing_image_share
+    if share <= limit:
+        return None
+    return Refusal("max_missing_image_share",
+                   f"{excluded} of this site's {patients} patients ({_percent(share)}) are excluded because a "
+                   f"required image is missing or unreadable, more than the site policy's max_missing_image_share "
+                   f"{limit:g} ({_percent(limit)}); restore the missing images (`spine-fl validate` lists each "
+                   "patient and file), or raise max_missing_image_share in the site's policy")
 
 
 def rule_violations(policy: SitePolicy, run: RunSettings, secagg_in_use: bool) -> list[Refusal]:

@@ -1,10 +1,11 @@
 """The checks a site makes before a round, in one place: before training (the site-policy mod) and
 when the coordinator asks ahead (the pre-flight, client/privacy/preflight.py) they must agree.
 
-In order: the site's policy rules; then, for a DP training round, the delta the site allows for
-its training-set size; the privacy ledger (intact, not deleted, holding the head the coordinator
-recorded); a round already charged only as a replay of the kept reply; the lifetime and per-run
-budgets.
+In order: the site's policy rules; for an image task, the share of the site's patients excluded for
+missing or unreadable images (policy max_missing_image_share); then, for a DP training round, the
+delta the site allows for its training-set size; the privacy ledger (intact, not deleted, holding
+the head the coordinator recorded); a round already charged only as a replay of the kept reply; the
+lifetime and per-run budgets.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 from flwr.app import Error, Message
 
 from spine_fl.client.privacy.charged_rounds import keeps_reply
-from spine_fl.client.privacy.policy import delta_refusal, rule_violations
+from spine_fl.client.privacy.policy import delta_refusal, missing_images_refusal, rule_violations
 from spine_fl.client.privacy.privacy_ledger import PrivacyLedgerError
 from spine_fl.client.privacy.round_privacy import RoundPrivacy, assess_round, check_coordinator_head
 from spine_fl.client.site_config import Site
 from spine_fl.client.site_data import site_data
 from spine_fl.shared.config import RunSettings
+from spine_fl.shared.contract.data_contract import SiteDataError
+from spine_fl.shared.contract.tasks import get_task
 from spine_fl.shared.protocol import REFUSAL_CODE
 from spine_fl.shared.refusal import Refusal
 
@@ -39,6 +42,17 @@ def decide_round(site: Site, run: RunSettings, run_key: str, server_round: int, 
     violations = rule_violations(site.policy, run, secagg_in_use)
     if violations:
         return RoundDecision(violations[0])
+    if get_task(run.task).image is not None:  # (loaded once per process: the round uses these arrays)
+        try:
+            data = site_data(site, run.task, run.image_size)
+        except SiteDataError:
+            if training and run.dp:
+                raise
+            return RoundDecision()  # unusable data fail the round where they always did, with every error
+        refusal = missing_images_refusal(site.policy, data.images_missing, data.patients_listed)
+        if refusal is not None:
+            log.error("spine-fl: %s refuses: %s", site.name, refusal.message)
+            return RoundDecision(refusal)
     if not (training and run.dp):
         return RoundDecision()
     data = site_data(site, run.task, run.image_size)

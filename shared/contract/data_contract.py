@@ -65,6 +65,11 @@ class SiteData:
     features: np.ndarray  # float32 (n, n_features)
     images: np.ndarray | None  # float32 (n, n_views, size, size)
     subgroups: pd.DataFrame  # age, sex (may hold NaN: excluded from subgroup metrics only)
+    # Of the site (not of a subset): its patients in clinical.csv, and those of them an image task
+    # excluded because a required image is missing or unreadable (the site policy's
+    # max_missing_image_share is checked against their ratio before a round).
+    patients_listed: int = 0
+    images_missing: int = 0
 
     def subset(self, *splits: str) -> "SiteData":
         keep = np.isin(self.split, splits)
@@ -75,6 +80,8 @@ class SiteData:
             self.features[keep],
             None if self.images is None else self.images[keep],
             self.subgroups[keep].reset_index(drop=True),
+            self.patients_listed,
+            self.images_missing,
         )
 
     def __len__(self) -> int:
@@ -565,6 +572,7 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64,
     if task.image is not None:
         stacks, failures = _read_images(site_dir, task, [r[0] for r in rows], [r[6] for r in rows],
                                         image_size, report)
+    n_listed = len(rows)
     labelled_rows = [r for r in rows if r[3] is not None]
     # An image task keeps only patients with every required view decoded: never a placeholder.
     rows = [r for r in labelled_rows if task.image is None or r[0] in stacks]
@@ -613,6 +621,8 @@ def validate_and_load(site_dir: Path | str, task: Task, image_size: int = 64,
         np.asarray(feats, dtype=np.float32).reshape(len(ids), task.n_features),
         images,
         pd.DataFrame({"age": ages, "sex": sexes}),
+        n_listed,
+        len(failures),
     )
     return data, report
 
