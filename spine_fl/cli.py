@@ -14,6 +14,7 @@ from rich.table import Table
 
 from spine_fl.client.audit.cli import audit
 from spine_fl.server.reporting.cli import report as report_command
+from spine_fl.simulations.benchmarks.cli import benchmark
 from spine_fl.shared.contract.report import ValidationReport
 
 app = typer.Typer(help="spine-fl: federated outcome prediction for spine clinics.", no_args_is_help=True,
@@ -220,6 +221,7 @@ def _metrics_table(metrics: dict) -> None:
 
 app.command("report")(report_command)
 app.command()(audit)
+app.command()(benchmark)
 
 ledger_app = typer.Typer(help="The site's signed egress ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
