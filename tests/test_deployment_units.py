@@ -315,3 +315,232 @@ def test_every_problem_of_a_federation_file_is_reported_together(tmp_path: Path)
                      '[sites.../evil]: a site name uses letters', "[sites.seoul] public_key = 7",
                      "2 enrolled site(s) but [run] min_sites = 3"):
         assert expected in text, (expected, text)
+
+
+# --- deployment speed: packed records keep what is sent and checked the same ---
+
+
+def _message(content, dst: int = 5, message_type: str = "train", src: int = 0):
+    import time
+
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(run_id=1, message_id="", src_node_id=src, dst_node_id=dst, reply_to_message_id="",
+                        group_id="3", created_at=time.time(), ttl=3600, message_type=message_type)
+    return Message(content=content, metadata=metadata)
+
+
+def _content():
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array([1, -2, 3], dtype=np.int64),
+              np.zeros((0, 3), dtype=np.float64), np.ones((2, 1, 1), dtype=np.uint8)]
+    return RecordDict({"fitins.parameters": ArrayRecord(arrays), "fitins.config": ConfigRecord({"a": 1, "b": [b"x"]}),
+                       "m": MetricRecord({"x": 1.0}), "single": ArrayRecord([np.ones(2)])})
+
+
+def _arrays(record) -> list[tuple]:
+    return [(key, a.dtype, tuple(a.shape), a.stype, a.data) for key, a in record.items()]
+
+
+def test_packing_a_message_keeps_every_array_exactly_and_sends_far_fewer_objects() -> None:
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from spine_fl.shared.runtime.packing import (
+        PACKED_KEY,
+        PACKED_RECORDS,
+        PACKED_STYPE,
+        pack_message,
+        unpack_message,
+    )
+
+    message = _message(_content())
+    sent = _arrays(message.content.array_records["fitins.parameters"])
+    single = _arrays(message.content.array_records["single"])
+    config = dict(message.content.config_records["fitins.config"])
+    metrics = dict(message.content.metric_records["m"])
+    objects_before = len(get_all_nested_objects(message))
+    pack_message(message)
+    packed = message.content.array_records["fitins.parameters"]
+    assert list(packed.keys()) == [PACKED_KEY] and packed[PACKED_KEY].stype == PACKED_STYPE
+    assert _arrays(message.content.array_records["single"]) == single  # one array: nothing to gain
+    assert list(message.content.keys()) == ["fitins.parameters", "single", PACKED_RECORDS]
+    # arrays: 1 + 2 x 4 objects -> 3; config + metric record -> 1
+    assert len(get_all_nested_objects(message)) == objects_before - 2 * (len(sent) - 1) - 1
+    unpack_message(message)
+    assert list(message.content.keys()) == ["fitins.parameters", "fitins.config", "m", "single"]  # order kept
+    assert _arrays(message.content.array_records["fitins.parameters"]) == sent  # names, order, types, bytes
+    assert dict(message.content.config_records["fitins.config"]) == config  # bytes, lists, ints as sent
+    assert dict(message.content.metric_records["m"]) == metrics
+    assert [a.numpy().tolist() for a in message.content.array_records["fitins.parameters"].values()][1] == [1, -2, 3]
+    assert unpack_message(message) is message  # nothing packed: unchanged
+    one_record = _message(RecordDict({"c": ConfigRecord({"a": 1})}))
+    assert list(pack_message(one_record).content.keys()) == ["c"]  # a single record: nothing to gain
+
+
+def test_a_malformed_packed_record_is_refused_not_guessed_at() -> None:
+    import re
+
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from spine_fl.client.deployment.clientapp_worker import unpack_refusal
+    from spine_fl.shared.runtime.packing import PACKED_KEY, PACKED_STYPE, PackingError, pack_record, unpack_record
+
+    good = pack_record(_content().array_records["fitins.parameters"])[PACKED_KEY].data
+
+    def record(data: bytes) -> ArrayRecord:
+        return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)})
+
+    header_len = int.from_bytes(good[:8], "big")
+    header, body = good[8:8 + header_len], good[8 + header_len:]
+    negative = re.sub(rb'"size":\d+', b'"size":-1', header, count=1)
+    for bad, why in [(good[:-1], "past the end"), (good + b"\0", "after the last entry"), (good[:5], "shorter"),
+                     ((10**9).to_bytes(8, "big") + good[8:], "beyond the data"),
+                     (len(b"{]").to_bytes(8, "big") + b"{]" + body, "unreadable header"),
+                     (len(negative).to_bytes(8, "big") + negative + body, "malformed entry")]:
+        with pytest.raises(PackingError, match=why):
+            unpack_record(record(bad))
+    from flwr.app import ConfigRecord, MetricRecord
+
+    from spine_fl.shared.runtime.packing import PACKED_RECORDS, pack_small_records, unpack_small_records
+
+    records = pack_small_records(RecordDict({"c": ConfigRecord({"a": 1}), "m": MetricRecord({"x": 1.0})}))
+    framed = records[PACKED_RECORDS]["records"]
+    for bad, why in [(ConfigRecord({"records": framed[:-1]}), "past the end"),
+                     (ConfigRecord({"records": framed, "more": 1}), "single bytes value"),
+                     (ConfigRecord({"records": framed.replace(b'"kind":"metric"', b'"kind":"config"')}),
+                      "does not inflate"),
+                     (ConfigRecord({"records": framed.replace(b'"order":["c","m"]', b'"order":["c","c"]')}),
+                      "order")]:
+        with pytest.raises(PackingError, match=why):
+            unpack_small_records(RecordDict({PACKED_RECORDS: bad}))
+    refusal = unpack_refusal(_message(RecordDict({"p": record(good[:-1])})))
+    assert refusal is not None and refusal.rule == "message_format" and "nothing was run" in refusal.message
+    assert unpack_refusal(_message(RecordDict({"p": record(good)}))) is None
+
+
+def test_the_coordinator_packs_what_it_sends_and_unpacks_what_it_receives() -> None:
+    from flwr.app import Error, Message, RecordDict
+
+    from spine_fl.shared.runtime.packing import PACKED_KEY, PackingGrid, pack_message
+
+    class Loop:
+        seen: list = []
+
+        def send_and_receive(self, messages, timeout=None):
+            self.seen = [list(m.content.array_records["fitins.parameters"].keys()) for m in messages]
+            return [pack_message(_message(_content(), dst=0)) for _ in messages]
+
+        def get_node_ids(self):
+            return [7]
+
+    inner = Loop()
+    grid = PackingGrid(inner)
+    replies = grid.send_and_receive([_message(_content()), _message(_content(), dst=6)], timeout=1.0)
+    assert inner.seen == [[PACKED_KEY], [PACKED_KEY]]
+    assert [len(r.content.array_records["fitins.parameters"]) for r in replies] == [4, 4]
+    assert grid.get_node_ids() == [7]
+    error_reply = Message(metadata=_message(RecordDict()).metadata, error=Error(code=0, reason="refused"))
+    assert pack_message(error_reply) is error_reply and error_reply.has_error()
+
+
+
+def test_a_reply_that_does_not_unpack_becomes_that_sites_error_not_a_coordinator_crash() -> None:
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from spine_fl.shared.runtime.packing import PACKED_KEY, PACKED_STYPE, PackingGrid, pack_message
+
+    truncated = Array(dtype="uint8", shape=(3,), stype=PACKED_STYPE, data=b"abc")
+    broken = _message(RecordDict({"p": ArrayRecord({PACKED_KEY: truncated})}), dst=0, src=9)
+
+    class Loop:
+        def send_and_receive(self, messages, timeout=None):
+            return [broken, pack_message(_message(_content(), dst=0, src=8))]
+
+    bad, good = PackingGrid(Loop()).send_and_receive([_message(_content())], timeout=1.0)
+    assert bad.has_error() and "could not be unpacked" in bad.error.reason
+    assert bad.metadata.src_node_id == 9  # still that site's reply: the run goes on without it
+    assert len(good.content.array_records["fitins.parameters"]) == 4
+
+
+# --- deployment speed: short pull back-off and waits, a task's end that cannot kill the site's worker ---
+
+
+def test_flower_pull_back_off_is_short_but_as_patient_as_flowers() -> None:
+    import time
+
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+
+    from spine_fl.shared.runtime import polling
+
+    calls = []
+    quick = polling.quick_pulls(lambda *args, **kwargs: calls.append(kwargs))
+    quick(["id"], lambda _: b"")
+    quick(["id"], lambda _: b"", initial_backoff=2.0)
+    assert calls[0] == {"initial_backoff": polling.PULL_INITIAL_BACKOFF, "backoff_cap": polling.PULL_BACKOFF_CAP,
+                        "max_tries_per_object": None}  # bounded by Flower's max_time (2 h), not by a count
+    assert calls[1]["initial_backoff"] == 2.0
+    assert polling.quick_pulls(quick) is quick
+    before = (http_grid.pull_objects, http_grid.time, start_client_internal.pull_objects, start_client_internal.time)
+    try:
+        polling.fast_serverapp_polling()
+        polling.fast_supernode_polling()
+        polling.fast_supernode_polling()  # idempotent
+        for module in (http_grid, start_client_internal):
+            assert module.pull_objects._spine_fl_quick and module.pull_objects.__wrapped__ is before[0]
+            assert module.time.monotonic() > 0  # the rest of `time` is the real one
+        clock = start_client_internal.time  # polls of the SuperLink: 0.1 s (ServerApp: 50 ms); own state: 10 ms
+        assert (clock.cap, clock.local_cap, http_grid.time.cap, http_grid.time.local_cap) == (0.1, 0.01, 0.05, None)
+        started = time.monotonic()
+        http_grid.time.sleep(3)
+        start_client_internal.time.sleep(0.5)
+        assert time.monotonic() - started < 1.0
+    finally:
+        http_grid.pull_objects, http_grid.time, start_client_internal.pull_objects, start_client_internal.time = before
+
+
+def test_a_refused_task_token_fails_the_request_without_ending_the_sites_worker() -> None:
+    import httpx
+
+    from spine_fl.shared.runtime.flower import runtime_client
+
+    refused = httpx.HTTPStatusError("401", request=httpx.Request("POST", "http://127.0.0.1:1/x"),
+                                    response=httpx.Response(401))
+    unavailable = httpx.HTTPStatusError("503", request=refused.request, response=httpx.Response(503))
+    worker = runtime_client("127.0.0.1:1", insecure=True, token="t", component="flwr-clientapp",
+                            unauthorized_ends_process=False)
+    try:
+        giveup = worker._retry_invoker.should_giveup
+        assert giveup(refused) is True  # Flower's own policy would SIGINT this process here
+        assert giveup(unavailable) is False  # everything else as Flower decides (503: retried)
+    finally:
+        worker.close()
+
+
+def test_a_task_stops_its_heartbeat_before_it_ends(monkeypatch) -> None:
+    from flwr.supercore.heartbeat import HeartbeatSender
+
+    from spine_fl.client.deployment import clientapp_worker
+    from spine_fl.shared.runtime.flower import stop_heartbeat
+
+    events: list[str] = []
+
+    class Beat:
+        def stop(self):
+            events.append("heartbeat stopped")
+
+    monkeypatch.setattr(clientapp_worker, "push_task_output", lambda *args: events.append("task finished"))
+    clientapp_worker.finish_task(object(), None, Beat(), "completed", "")  # type: ignore[arg-type]
+    assert events == ["heartbeat stopped", "task finished"]
+
+    def failing_beat() -> bool:
+        raise RuntimeError("refused")
+
+    ended = HeartbeatSender(failing_beat)
+    monkeypatch.setattr("threading.excepthook", lambda args: None)  # the beat's exception ends its thread
+    ended.start()
+    ended._thread.join(5)
+    stop_heartbeat(ended)  # its thread already ended: nothing to stop, nothing raised
+

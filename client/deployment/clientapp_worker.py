@@ -8,6 +8,10 @@ Two reasons it replaces Flower's per-message `flwr-clientapp` processes:
   (`allowed_bundles`) is refused, and the refusal goes into the egress ledger with the hash. No
   bundle's code is ever imported at the site: an allowed hash says the coordinator runs the same
   release the site has installed and reviewed.
+
+Messages arrive packed by the coordinator's worker (shared/runtime/packing.py: fewer transfer
+objects, the same records) and are unpacked before the app sees them; replies are packed after the
+egress ledger has described them.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from spine_fl.client.app import build_client_app
 from spine_fl.client.privacy.mods import message_kind, record_egress, refuse
 from spine_fl.client.site_config import Site
 from spine_fl.shared.refusal import Refusal
-from spine_fl.shared.runtime.flower import runtime_client, wait_for_task
+from spine_fl.shared.runtime.flower import runtime_client, stop_heartbeat, wait_for_task
+from spine_fl.shared.runtime.packing import PackingError, pack_message, unpack_message
 
 log = logging.getLogger("spine_fl.client")
 
@@ -50,6 +55,11 @@ log = logging.getLogger("spine_fl.client")
 # parts (sized for a WAN); a message whose parts never arrive (its run was stopped while the
 # SuperNode fetched it) would block the site that long, so give up much earlier.
 LOCAL_PULL_SECONDS = 60.0
+# The SuperNode hands the task over as soon as the message is listed, while it is still fetching
+# the message's parts from the coordinator; Flower's first retry waits 1 s, which every message
+# paid. Asking again after 20 ms, then every 50 ms, costs a few loopback requests.
+LOCAL_PULL_INITIAL_BACKOFF = 0.02
+LOCAL_PULL_BACKOFF_CAP = 0.05
 
 
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Fab]:
@@ -65,7 +75,8 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Fab]:
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, max_time=LOCAL_PULL_SECONDS, backoff_cap=1.0)
+        return_type=Message, max_time=LOCAL_PULL_SECONDS, max_tries_per_object=None,
+        initial_backoff=LOCAL_PULL_INITIAL_BACKOFF, backoff_cap=LOCAL_PULL_BACKOFF_CAP)
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not part of the deflated message
     return message, context, fab_from_proto(res.fab)
 
@@ -79,15 +90,37 @@ def bundle_refusal(site: Site, bundle: bytes) -> Refusal | None:
                    "`spine-fl bundle hash` to [policy] allowed_bundles")
 
 
+def unpack_refusal(message: Message) -> Refusal | None:
+    """Unpack the coordinator's packed array records in place (shared/runtime/packing.py); a
+    refusal when they do not unpack exactly."""
+    try:
+        unpack_message(message)
+    except PackingError as exc:
+        return Refusal("message_format", f"the message's arrays could not be unpacked ({exc}); nothing was run")
+    return None
+
+
+def finish_task(client: RuntimeHttpClient, context: Context | None, heartbeat: HeartbeatSender, status: str,
+                details: str) -> None:
+    """Report the task's end. The heartbeat stops first: once the task is finished its token is
+    void, and a heartbeat sent after that would be refused (a message handled in a few tens of
+    milliseconds finishes before a busy machine has even run the heartbeat's first beat)."""
+    stop_heartbeat(heartbeat)
+    push_task_output(client, context, status, details)
+
+
 def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
     """Handle one message end to end; returns what happened, for the site's log."""
-    client = runtime_client(address, insecure=True, token=token, component="flwr-clientapp", max_tries=3)
+    # A refused token (the task is over, e.g. its run was stopped) fails this task's requests; Flower
+    # would end the whole process, which here is the site's worker for every message.
+    client = runtime_client(address, insecure=True, token=token, component="flwr-clientapp", max_tries=3,
+                            unauthorized_ends_process=False)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context = None
     try:
         message, context, fab = pull_task_input(client)
-        refusal = bundle_refusal(site, fab.content)
+        refusal = bundle_refusal(site, fab.content) or unpack_refusal(message)
         if refusal is not None:
             reply = refuse(message, site, refusal)
             record_egress(site, str(context.run_id), message, message_kind(message), reply)
@@ -99,13 +132,13 @@ def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
             outcome = "error" if reply.has_error() else "ok"
             log.info("%s round %s %s: %s in %.2f s", site.name, message.metadata.group_id or "-", kind, outcome,
                      time.perf_counter() - started)
-        push_message(client, reply, context)
-        push_task_output(client, context, SubStatus.COMPLETED, "")
+        push_message(client, pack_message(reply), context)  # after the egress ledger described it
+        finish_task(client, context, heartbeat, SubStatus.COMPLETED, "")
         return outcome
     except (RunNotRunningException, ObjectPullError):  # e.g. the coordinator restarted and stopped the run
         log.warning("%s: a message of a run that is no longer running was skipped", site.name)
         try:
-            push_task_output(client, context, SubStatus.FAILED, "stale message skipped")
+            finish_task(client, context, heartbeat, SubStatus.FAILED, "stale message skipped")
         except Exception:  # noqa: BLE001 - nothing more to do for a dead run
             pass
         return "stale"
@@ -118,12 +151,12 @@ def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
             except Exception:  # noqa: BLE001 - the SuperNode may be gone too
                 pass
         try:
-            push_task_output(client, context, SubStatus.FAILED, str(exc))
+            finish_task(client, context, heartbeat, SubStatus.FAILED, str(exc))
         except Exception:  # noqa: BLE001 - the SuperNode may be gone too
             pass
         return "failed"
     finally:
-        heartbeat.stop()
+        stop_heartbeat(heartbeat)
         client.close()
 
 

@@ -1,5 +1,5 @@
 """`python -m spine_fl.client.deployment.supernode_process ARGS`: Flower's SuperNode (same arguments as
-`flower-supernode`), with telemetry off and the idle poll shortened (see shared/fast_polling.py)."""
+`flower-supernode`), with telemetry off and its waits shortened (see shared/runtime/polling.py)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ process itself, with the installed spine-fl ServerApp (the SuperLink runs with `
 process`, so it never starts code from a bundle on its own).
 
 It mirrors flwr.superlink.runtime.run_serverapp without the bundle installation and without
-exiting the process; like Flower's own runtime it uses HttpGrid's Runtime API client.
+exiting the process; like Flower's own runtime it uses HttpGrid's Runtime API client. The ServerApp
+sees the Grid through PackingGrid (shared/runtime/packing.py), which the sites' workers mirror.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
 from spine_fl.server.app import RunStopped
-from spine_fl.shared.runtime.flower import runtime_client, wait_for_task
+from spine_fl.shared.runtime.flower import runtime_client, stop_heartbeat, wait_for_task
+from spine_fl.shared.runtime.packing import PackingGrid
 
 
 class ServerAppTaskError(RuntimeError):
@@ -49,7 +51,7 @@ def serve_run(address: str, run_id: int, server_app: ServerApp, *, insecure: boo
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
         context = context_from_proto(res.context)
         grid.set_run(run_from_proto(res.run))
-        server_app(grid=grid, context=context)
+        server_app(grid=PackingGrid(grid), context=context)  # type: ignore[arg-type]  (the sites' workers unpack)
         status, details = SubStatus.COMPLETED, ""
     except RunStopped as exc:  # results are written; the Flower run ends as failed, with the reason
         details = str(exc)
@@ -57,11 +59,11 @@ def serve_run(address: str, run_id: int, server_app: ServerApp, *, insecure: boo
         details = f"spine-fl ServerApp failed: {exc}"
         raise
     finally:
+        stop_heartbeat(heartbeat)  # before the task ends: a heartbeat after that would be refused (HTTP 401)
         try:
             client.PushTaskOutput(PushTaskOutputRequest(context=context_to_proto(context) if context else None,
                                                         sub_status=status, details=details))
         except Exception:  # noqa: BLE001 - the SuperLink may be gone; the original error matters more
             pass
         finally:
-            heartbeat.stop()
             grid.close()

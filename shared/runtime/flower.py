@@ -12,10 +12,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
+
+import httpx
 
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
 from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
 from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -46,9 +50,14 @@ def write_secret(path: Path) -> Path:
 
 def runtime_client(address: str, *, insecure: bool, root_certificates: bytes | None = None,
                    token: str | None = None, secret: bytes | None = None, component: str,
-                   max_tries: int | None = None) -> RuntimeHttpClient:
+                   max_tries: int | None = None, unauthorized_ends_process: bool = True) -> RuntimeHttpClient:
     """`max_tries` None retries without end (Flower's default); a worker polling its own local
-    SuperNode passes a small number so that it notices when the SuperNode is gone."""
+    SuperNode passes a small number so that it notices when the SuperNode is gone.
+
+    Flower's retry policy answers an HTTP 401 (a refused task token) by sending its own process
+    SIGINT: right for Flower's one-process-per-message apps, fatal for a worker that serves every
+    message. With `unauthorized_ends_process=False` the request fails with the HTTP error instead
+    (nothing is retried: the token stays refused)."""
     interceptors: list = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
@@ -57,10 +66,30 @@ def runtime_client(address: str, *, insecure: bool, root_certificates: bytes | N
     invoker = make_simple_http_retry_invoker()
     if max_tries is not None:
         invoker.max_tries = max_tries
+    if not unauthorized_ends_process:
+        invoker.should_giveup = _unauthorized_fails_request(invoker.should_giveup)
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root_certificates,
         interceptors=interceptors, retry_invoker=invoker,
     )
+
+
+def _unauthorized_fails_request(flower_giveup: Callable[[Exception], bool] | None) -> Callable[[Exception], bool]:
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return flower_giveup(exc) if flower_giveup is not None else False
+
+    return should_giveup
+
+
+def stop_heartbeat(heartbeat: HeartbeatSender) -> None:
+    """Stop a task's heartbeat and wait for a beat in flight; a no-op when its thread already ended
+    (an exception in a beat ends it)."""
+    try:
+        heartbeat.stop()
+    except RuntimeError:
+        pass
 
 
 def acquire_task(client: RuntimeHttpClient, task_type: TaskType) -> tuple[Task, str] | None:
