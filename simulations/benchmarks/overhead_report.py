@@ -67,8 +67,8 @@ def remaining(report: dict[str, Any]) -> list[str]:
         lines.append(f"spine-fl's own privacy work at the sites (policy and budget checks incl. the pre-flight's, the "
                      f"evaluation budget check, ledgers, kept replies) sums to {privacy:.3f} s per round "
                      f"({privacy / total:.0%} of the sites' work); {fingerprint} s of it is the dataset fingerprint "
-                     f"(privacy_ledger.dataset_id: each time a check runs it resolves and stats the path of every "
-                     f"image in the site's manifest, twice, and hashes the identity; file hashes are cached), "
+                     f"(privacy_ledger.dataset_id: the patient ids and each manifest image's hash, cached per file and "
+                     f"re-checked by a stat of every image each time a check runs), "
                      f"while the accounting itself (RDP composition, epsilon) is "
                      f"{comps.get('RDP composition (accounting.compose)', 0.0)} s.")
         libs = sites["self_seconds_per_round_by_library"]

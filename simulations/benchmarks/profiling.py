@@ -31,7 +31,7 @@ COMPONENTS: dict[tuple[str, str], str] = {
     ("client/privacy/round_checks.py", "decide_round"): "site policy and budget check (decide_round)",
     ("client/privacy/round_privacy.py", "assess_round"): "round privacy assessment (assess_round)",
     ("client/privacy/privacy_ledger.py", "dataset_id"):
-        "dataset fingerprint: every manifest image path resolved and stat'ed (dataset_id)",
+        "dataset fingerprint: every manifest image stat'ed, hashes cached (dataset_id)",
     ("shared/training/accounting.py", "epsilon"): "epsilon from a history (accounting.epsilon)",
     ("shared/training/accounting.py", "compose"): "RDP composition (accounting.compose)",
     ("opacus/accountants/analysis/rdp.py", "compute_rdp"): "Opacus compute_rdp",
