@@ -51,9 +51,16 @@ import pandas as pd
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from spine_fl.client.privacy.signed_log import (PUBLIC_KEY_FILE, SignedLog, Snapshot, canonical, load_or_create_key,
-                                                load_public_key)
+from spine_fl.client.privacy.signed_log import (
+    PUBLIC_KEY_FILE,
+    SignedLog,
+    Snapshot,
+    canonical,
+    load_or_create_key,
+    load_public_key,
+)
 from spine_fl.client.privacy.spent_budget import NOTHING, Spent
+from spine_fl.shared.files import atomic_write_bytes
 from spine_fl.shared.training.accounting import History
 
 log = logging.getLogger("spine_fl.client")
@@ -261,15 +268,8 @@ def record_patients(state_dir: Path, dataset: str, hashes: frozenset[str]) -> Pa
         found = None
     if found is None:
         key = load_or_create_key(Path(state_dir))
-        path = patient_set_path(state_dir, dataset)
-        path.parent.mkdir(parents=True, exist_ok=True)
         signed = canonical(expected | {"signature": base64.b64encode(key.sign(canonical(expected))).decode()})
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as handle:
-            handle.write(signed)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(patient_set_path(state_dir, dataset), signed, durable=True)
         found = read_patient_set(state_dir, dataset)
         assert found is not None
     if found.digest != digest:
