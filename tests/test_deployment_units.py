@@ -544,3 +544,30 @@ def test_a_task_stops_its_heartbeat_before_it_ends(monkeypatch) -> None:
     ended._thread.join(5)
     stop_heartbeat(ended)  # its thread already ended: nothing to stop, nothing raised
 
+
+
+def test_a_restarted_superlink_gives_each_enrolled_key_its_node_id_again() -> None:
+    """SuperNodes still connected across a coordinator restart sign with the node id they were given;
+    a fresh in-memory SuperLink must give the same key the same id (server/deployment/superlink_process.py)."""
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import NodeStatus
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
+
+    from spine_fl.server.deployment.superlink_process import IN_MEMORY_DATABASE, key_derived_node_ids, key_node_id
+
+    key_derived_node_ids()
+    key_a, key_b = b"\x04" + b"a" * 64, b"\x04" + b"b" * 64
+
+    def register(*keys: bytes):  # a fresh SuperLink state, built as the SuperLink builds it
+        state = LinkStateFactory(IN_MEMORY_DATABASE, NoOpFederationManager(), ObjectStoreFactory()).state()
+        return state, [state.create_node("coordinator", "coordinator", key, 30.0) for key in keys]
+
+    first, (a1, b1) = register(key_a, key_b)
+    second, (b2, a2) = register(key_b, key_a)  # another order after the restart: same ids
+    assert (a1, b1) == (a2, b2) == (key_node_id(key_a), key_node_id(key_b)) and a1 != b1
+    assert second.get_node_id_by_public_key(key_a) == a1
+    assert second.acknowledge_node_heartbeat(a1, 30.0)  # the old SuperNode's next heartbeat is accepted
+    assert second.nodes[a1].status == NodeStatus.ONLINE and second.nodes[a1].public_key == key_a
+    with pytest.raises(ValueError):  # one key, one node: Flower's own refusal still applies
+        second.create_node("coordinator", "coordinator", key_a, 30.0)

@@ -1,9 +1,10 @@
 """`spine-fl server`: the coordinator of a real consortium on Flower's deployment engine.
 
 1. start a Flower SuperLink on 127.0.0.1 only (TLS, SuperNode authentication, `--isolation
-   process`, its state in `<state_dir>/superlink.db`) and, on the federation's public address,
-   the nginx front that forwards only the Fleet API to it (server/deployment/front.py: the
-   Control API, which open-source Flower does not authenticate, stays unreachable from outside);
+   process`, its state in memory and each site's node id fixed by its key: superlink_process.py)
+   and, on the federation's public address, the nginx front that forwards only the Fleet API to it
+   (server/deployment/front.py: the Control API, which open-source Flower does not authenticate,
+   stays unreachable from outside);
    stop both by PID when done;
 2. register the enrolled sites' public keys (only those SuperNodes may connect; the ServerApp
    sends nothing to any other node);
@@ -24,15 +25,7 @@ from typing import Any, Callable
 from flwr.cli.typing import SuperLinkConnection
 from flwr.cli.utils import init_http_client_from_connection
 from flwr.common.serde import fab_to_proto, user_config_to_proto
-from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
-    ListNodesRequest,
-    ListRunsRequest,
-    RegisterNodeRequest,
-    StartRunRequest,
-    StopRunRequest,
-    UnregisterNodeRequest,
-)
-from flwr.supercore.constant import NodeStatus
+from flwr.proto.control_pb2 import RegisterNodeRequest, StartRunRequest  # pylint: disable=no-name-in-module
 from flwr.supercore.fab import Fab
 
 from spine_fl.server.app import build_server_app
@@ -57,7 +50,6 @@ from spine_fl.shared.runtime.processes import (
 )
 
 log = logging.getLogger("spine_fl.server")
-SUPERLINK_CODE = "from flwr.superlink.cli.flower_superlink import flower_superlink; flower_superlink()"
 # Flower's legacy gRPC Control/Fleet servers (on their own default ports, 0.0.0.0) stay off whatever
 # the environment says: the SuperLink is reachable through the front only.
 SUPERLINK_ENV = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
@@ -73,7 +65,7 @@ class Endpoint:
 
 
 def superlink_args(fed: FederationConfig, secret: Path, insecure: bool, port: int) -> list[str]:
-    args = ["--isolation", "process", "--database", str(fed.state_dir / "superlink.db"),
+    args = ["--isolation", "process", "--database", ":flwr-in-memory:",
             "--disable-runtime-dependency-installation", "--superexec-auth-secret-file", str(secret),
             "--host", SUPERLINK_HOST, "--port", str(port)]
     if insecure:
@@ -106,7 +98,8 @@ def start_superlink(fed: FederationConfig, insecure: bool) -> tuple[ManagedProce
     wait_until_port_free(public_probe_host(fed), fed.port, "coordinator's public front (nginx)")
     port = free_loopback_port()
     secret = write_secret(fed.state_dir / "superexec.secret")
-    proc = start_python("SuperLink", ["-c", SUPERLINK_CODE, *superlink_args(fed, secret, insecure, port)],
+    proc = start_python("SuperLink", ["-m", "spine_fl.server.deployment.superlink_process",
+                                      *superlink_args(fed, secret, insecure, port)],
                         fed.state_dir / "superlink.log", env=SUPERLINK_ENV)
     try:
         wait_for_port(proc, SUPERLINK_HOST, port)
@@ -123,33 +116,15 @@ def front_config(fed: FederationConfig, endpoint: Endpoint, insecure: bool) -> F
 
 
 def enrol_sites(control: Any, fed: FederationConfig, insecure: bool) -> dict[int, str]:
-    """Make the SuperLink's registered keys exactly the enrolled ones (its database keeps them across
-    restarts, so a key removed from the federation file is unregistered here); node id -> site."""
+    """Register exactly the enrolled keys (the SuperLink starts empty each time; a key's node id is
+    fixed by the key, so SuperNodes still connected from before a restart keep theirs); node id -> site."""
     if insecure:
         return {}
     wanted = {site: load_site_public_key(key_file) for site, key_file in fed.sites.items()}
     if len(set(wanted.values())) < len(wanted):
         raise ConfigError(f"{fed.path}: two enrolled sites share one public key; each site needs its own")
-    known = {}
-    for node in control.ListNodes(ListNodesRequest()).nodes_info:
-        if node.status == NodeStatus.UNREGISTERED:
-            continue
-        if bytes(node.public_key) in wanted.values():
-            known[bytes(node.public_key)] = node.node_id
-        else:
-            control.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
-    return {known.get(key) or control.RegisterNode(RegisterNodeRequest(public_key=key, name=site)).node_id: site
+    return {control.RegisterNode(RegisterNodeRequest(public_key=key, name=site)).node_id: site
             for site, key in wanted.items()}
-
-
-def stop_unfinished_runs(control: Any) -> list[int]:
-    """A previous coordinator process's run is dead: stop it so sites get nothing more from it."""
-    stopped = []
-    for run_id, run in control.ListRuns(ListRunsRequest()).run_dict.items():
-        if run.status.status != "finished":
-            control.StopRun(StopRunRequest(run_id=run_id))
-            stopped.append(run_id)
-    return stopped
 
 
 def run_coordinator(fed: FederationConfig, insecure: bool = False,
@@ -175,8 +150,6 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
             root_certificates=None if insecure else str(fed.ca_certificate.resolve())))
         try:
             node_sites = enrol_sites(control, fed, insecure)
-            for run_id in stop_unfinished_runs(control):
-                say(f"stopped run {run_id} left by a previous coordinator process")
             res = control.StartRun(StartRunRequest(fab=fab_to_proto(Fab(bundle.sha256, bundle.content, {})),
                                                    override_config=user_config_to_proto({}), federation=""))
         finally:

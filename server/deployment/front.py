@@ -111,7 +111,10 @@ pid {_q(folder / "master.pid")};
 error_log {_q(cfg.log_path)} notice;
 events {{ worker_connections 1024; }}
 http {{
-    access_log {_q(folder / "access.log")};
+    # time of the request, seconds nginx spent on it and of those the SuperLink's: where a slow round goes
+    log_format timed '$time_iso8601 $msec $remote_addr "$request" $status $request_length '
+                     '$body_bytes_sent $request_time $upstream_response_time';
+    access_log {_q(folder / "access.log")} timed;
     server_tokens off;
     client_body_temp_path {_q(folder / "tmp" / "body")};
     proxy_temp_path {_q(folder / "tmp" / "proxy")};
