@@ -1,8 +1,9 @@
 """The round loop: Flower's DefaultWorkflow steps, with a failed round retried.
 
-A SecAgg+ round tolerates a site that vanishes *after* the key shares were exchanged, but one that
-vanishes earlier (between rounds, or during the first two stages) fails the round: Flower cannot
-reconstruct the masks of a site whose shares were never handed out. Such a round changes nothing
+A SecAgg+ round tolerates a site that vanishes *after* the key shares were exchanged, and one that
+is gone by the setup stage (it is left out: server/secure_aggregation.py), but one that vanishes
+while the shares are being exchanged fails the round: Flower cannot reconstruct the masks of a site
+whose shares were never handed out. Such a round changes nothing
 (the global model stays as it was), so it is retried with the sites that remain, up to
 `round_retries` times per run, while at least `min_sites` are left. Rounds are numbered by
 attempt, so a retried round gets the next number and the failure stays on record.

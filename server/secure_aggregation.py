@@ -35,13 +35,17 @@ consortium.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, Iterable
 
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from spine_fl.server.preflight import PREFLIGHT_TIMEOUT, PreflightRequest
+from spine_fl.shared import protocol
 from spine_fl.shared.config import SECAGG_MAX_SITES, SECAGG_MODULUS_RANGE, SECAGG_QUANTIZATION_RANGE, RunSettings
 
 QUANTIZATION_RANGE = SECAGG_QUANTIZATION_RANGE
@@ -67,8 +71,14 @@ class SpineSecAggPlus(SecAggPlusWorkflow):
 
     Flower takes num_shares as a fraction of the selected sites (a float) or as a count (an int
     that must be below the number of sites, or the threshold exceeds the neighbourhood and the
-    round fails); only after the strategy has selected this round's sites (in setup_stage, after
-    the pre-flight has dropped refusing sites) is it known which applies."""
+    round fails); only after the strategy has selected this round's sites (in setup_stage) is it
+    known which applies.
+
+    The round's pre-flight (server/preflight.py) rides on the setup messages: sites that are not
+    ready answer without keys and are left out. Flower has then fixed the shares and the threshold
+    for all the sites selected, so a round in which any site was left out by the pre-flight is set
+    up again among the ready sites (one more exchange, only then); a site merely silent at the setup
+    stage is left out of the round without it (_leave_out_absent)."""
 
     def __init__(self, max_shares: int, reconstruction_fraction: float, **kwargs: Any) -> None:
         super().__init__(num_shares=1.0, reconstruction_threshold=reconstruction_fraction, **kwargs)
@@ -82,13 +92,37 @@ class SpineSecAggPlus(SecAggPlusWorkflow):
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         strategy = context.strategy
+        asked: list[PreflightRequest] = []  # the round's pre-flight, when the strategy has one
 
         def decide(selected: int) -> None:
             self.num_shares = 1.0 if selected <= self.max_shares else self.max_shares
 
-        context.strategy = _Selection(strategy, decide)  # type: ignore[assignment]
+        def select(server_round: int, parameters: Any, client_manager: Any) -> Any:
+            if hasattr(strategy, "select_for_setup"):  # the run's RecordingStrategy (not the recalibration's)
+                instructions, request = strategy.select_for_setup(server_round, parameters, client_manager)
+                asked.extend([request] if request is not None else [])
+            else:
+                instructions = strategy.configure_fit(server_round, parameters, client_manager)
+            decide(len(instructions or []))
+            return instructions
+
+        context.strategy = _Selection(strategy, select)  # type: ignore[assignment]
         try:
-            ready = super().setup_stage(grid, context, state)
+            ready = super().setup_stage(_PreflightOnSetup(grid, asked), context, state)
+            if not state.nid_to_neighbours:  # no setup message went out
+                return ready
+            if asked:
+                request = asked[0]
+                if not request.enough(len(state.active_node_ids)):
+                    return False  # the run stops here, before anyone trains
+                if state.active_node_ids != set(state.sampled_node_ids):
+                    # Flower fixed the shares and the threshold for every site selected, and the sites
+                    # made their shares with them: set the round up again among the ready sites only
+                    chosen = [(p, i) for p, i in request.instructions if p.node_id in state.active_node_ids]
+                    context.strategy = _Selection(strategy, lambda *_: (decide(len(chosen)), chosen)[1])
+                    ready = super().setup_stage(grid, context, state)
+            _leave_out_absent(state)  # silent at the setup stage: never handed out a share
+            ready = len(state.active_node_ids) >= 2 and self._check_threshold(state)
             if ready and len(state.sampled_node_ids) > MAX_SITES_PER_AGGREGATION:
                 logger.error("spine-fl: %d sites selected, more than the %d one SecAgg+ sum can hold; the round "
                              "stops before any update is sent", len(state.sampled_node_ids), MAX_SITES_PER_AGGREGATION)
@@ -97,27 +131,70 @@ class SpineSecAggPlus(SecAggPlusWorkflow):
         finally:
             context.strategy = strategy
             self.num_shares = 1.0
-            chosen = {"sites": len(state.sampled_node_ids), "num_shares": state.num_shares,
-                      "threshold": state.threshold}
-            if chosen["sites"] and chosen != self.last_round:
+            chosen_round = {"sites": len(state.sampled_node_ids), "num_shares": state.num_shares,
+                            "threshold": state.threshold}
+            if chosen_round["sites"] and chosen_round != self.last_round:
                 logger.info("spine-fl: SecAgg+ over %d sites: each site's secrets in %d shares (%s), %d of them "
-                            "unmask it", chosen["sites"], chosen["num_shares"],
-                            "one per site" if chosen["num_shares"] >= chosen["sites"] else "its neighbourhood",
-                            chosen["threshold"])
-            self.last_round = chosen
+                            "unmask it", chosen_round["sites"], chosen_round["num_shares"],
+                            "one per site" if chosen_round["num_shares"] >= chosen_round["sites"]
+                            else "its neighbourhood", chosen_round["threshold"])
+            self.last_round = chosen_round
+
+
+def _leave_out_absent(state: WorkflowState) -> None:
+    """After the setup stage: the round goes on among the sites that sent their public keys, as if
+    only they had been selected. A site left out there (refused, not ready, silent) never received
+    anyone's key nor handed out a share, so nobody holds a mask with it; left in Flower's sampled
+    set, the unmask stage would look for its shares and fail the whole round."""
+    active = set(state.active_node_ids)
+    state.sampled_node_ids = set(active)
+    state.nid_to_neighbours = {nid: peers & active for nid, peers in state.nid_to_neighbours.items() if nid in active}
+    state.nid_to_fitins = {nid: ins for nid, ins in state.nid_to_fitins.items() if nid in active}
+    state.nid_to_proxies = {nid: proxy for nid, proxy in state.nid_to_proxies.items() if nid in active}
+
+
+class _PreflightOnSetup:
+    """The Grid of one setup stage: each setup message also carries the round's pre-flight question
+    (server/preflight.py), which the strategy prepared while selecting the sites; a reply that is not
+    a ready answer proving the site's pinned key comes back as an error, so the site is left out of
+    the round before anyone trains. One exchange per round fewer than asking first."""
+
+    def __init__(self, grid: Grid, asked: list[PreflightRequest]) -> None:
+        self._grid, self._asked = grid, asked
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        if not self._asked:
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        request = self._asked[0]
+        sent = {}
+        for message in messages:
+            node = message.metadata.dst_node_id
+            message.content = RecordDict({**message.content, protocol.PREFLIGHT: request.record_for(node)})
+            sent[node] = message
+        judged = []
+        for reply in self._grid.send_and_receive(list(sent.values()),
+                                                 timeout=PREFLIGHT_TIMEOUT if timeout is None else timeout):
+            asked = sent.get(reply.metadata.src_node_id)
+            if reply.has_error() or (request.ready(reply) and protocol.SECAGG_CONFIGS in reply.content.config_records):
+                judged.append(reply)
+            elif asked is not None:  # not ready, or the key not proven (recorded by request.ready): left out
+                judged.append(Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION,
+                                            reason="left out by the coordinator's pre-flight"), reply_to=asked))
+        return judged
 
 
 class _Selection:
-    """The run's strategy, telling `decide` how many sites its configure_fit selected; every other
-    attribute is the strategy's own (only configure_fit is called during Flower's setup stage)."""
+    """The run's strategy with configure_fit replaced by `select`; every other attribute is the
+    strategy's own (only configure_fit is called during Flower's setup stage)."""
 
-    def __init__(self, inner: Any, decide: Any) -> None:
-        self._inner, self._decide = inner, decide
+    def __init__(self, inner: Any, select: Callable[[int, Any, Any], Any]) -> None:
+        self._inner, self._select = inner, select
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
-        chosen = self._inner.configure_fit(server_round, parameters, client_manager)
-        self._decide(len(chosen or []))
-        return chosen
+        return self._select(server_round, parameters, client_manager)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

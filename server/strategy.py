@@ -13,7 +13,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from spine_fl.server.coordinator_record import CoordinatorRecord
-from spine_fl.server.preflight import preflight
+from spine_fl.server.preflight import PreflightRequest, preflight
 from spine_fl.shared import protocol
 from spine_fl.shared.config import RunSettings
 
@@ -159,7 +159,8 @@ class RecordingStrategy(Strategy):
     the run (by selecting no more sites) once fewer than min_sites train in a round.
 
     Before each round's training it runs the pre-flight (server/preflight.py): only the sites that
-    will take part, with their pinned ledger key, are sent the round. Each train reply's ledger key
+    will take part, with their pinned ledger key, are sent the round (in a SecAgg+ round the
+    pre-flight rides on the setup stage and the workflow leaves the others out). Each train reply's ledger key
     is checked again and its privacy-ledger head kept in the coordinator's record.
 
     `offset` is the number of rounds completed before a coordinator restart (Flower counts this
@@ -180,16 +181,25 @@ class RecordingStrategy(Strategy):
         return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
+        instructions, request = self.select_for_setup(server_round, parameters, client_manager)
+        return preflight(request) if request is not None else instructions
+
+    def select_for_setup(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        """The sites selected for the round and the pre-flight to ask them, not yet asked: a SecAgg+
+        round asks it in its setup stage's messages (server/secure_aggregation.py), any other in an
+        exchange of its own (configure_fit)."""
         if self.log.stopped:
-            return []
+            return [], None
         if not client_manager.wait_for(self.log.min_sites, timeout=int(self.site_wait_seconds)):
             self.log.stop(f"round {server_round + self.offset}: only {client_manager.num_available()} site(s) "
                           f"connected within site_wait_seconds = {self.site_wait_seconds:g}, fewer than min_sites = "
                           f"{self.log.min_sites}; the run ends here (start the missing sites, then run again)")
-            return []
+            return [], None
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
-        return preflight(instructions, server_round, server_round + self.offset, self.record, self.log) \
-            if instructions else instructions
+        if not instructions:
+            return instructions, None
+        return instructions, PreflightRequest(instructions, server_round, server_round + self.offset, self.record,
+                                              self.log)
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[override]
         absolute = server_round + self.offset

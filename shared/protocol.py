@@ -45,6 +45,10 @@ Pre-flight, coordinator -> site, before every round's training (message type "qu
     32-byte halves in hex) over the canonical JSON (sorted keys, no spaces) of PREFLIGHT_CONTEXT
     under "context", RUN_KEY, ROUND and PREFLIGHT_NONCE of the request, and the reply's
     PREFLIGHT_SIGNED fields (None where absent).
+    In a SecAgg+ round the PREFLIGHT record rides on the setup stage's message (type "train", with
+    SECAGG_CONFIGS) instead of a message of its own: a ready site answers with its public keys and
+    PREFLIGHT_REPLY beside them, a site that is not ready with the refusal alone (no keys), and the
+    coordinator goes on with the ready sites only — still before anyone trains.
 
 Refusal, site -> coordinator: an Error reply with code REFUSAL_CODE whose reason is
     REFUSAL_PREFIX + JSON of `shared.refusal.Refusal` (rule, message, epsilon figures).

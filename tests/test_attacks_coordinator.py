@@ -39,6 +39,7 @@ from spine_fl.client.privacy.privacy_ledger import PrivacyLedger, dataset_id
 from spine_fl.client.privacy.signed_log import KEY_FILE, PUBLIC_KEY_FILE, site_key_fingerprint
 from spine_fl.client.site_config import Site
 from spine_fl.server.coordinator_record import CoordinatorRecord, preflight_statement
+from spine_fl.server.preflight import PreflightRequest
 from spine_fl.server.preflight import preflight as server_preflight
 from spine_fl.server.strategy import RoundLog
 from spine_fl.shared import protocol
@@ -242,8 +243,8 @@ def coordinator_preflight(site: Site, record: CoordinatorRecord, server_round: i
     grid.tamper = tamper
     config = dict(instruction(MessageType.TRAIN, RUN, site, server_round).content.config_records[protocol.FIT_CONFIG])
     log = RoundLog(sites=[site.name], min_sites=1)
-    chosen = server_preflight([(Proxy(grid), FitIns(Parameters([], "numpy.ndarray"), config))], server_round,
-                              server_round, record, log)
+    chosen = server_preflight(PreflightRequest([(Proxy(grid), FitIns(Parameters([], "numpy.ndarray"), config))],
+                                               server_round, server_round, record, log))
     return chosen, log, grid
 
 
@@ -402,3 +403,120 @@ def test_a_round_too_few_sites_can_afford_ends_before_anyone_spends(tmp_path: Pa
     assert metrics["rounds"] == [] and metrics["failed_rounds"] == []
     for site in metrics["sites"]:
         assert not list((tmp_path / "preflight" / "site-state" / site).glob("privacy/*.jsonl")), site
+
+
+# --- the pre-flight asked on the SecAgg+ setup stage (server/secure_aggregation.py) ----------------
+
+def setup_stage_message(node_id: int = 7) -> Message:
+    """Flower's SecAgg+ setup message to one site (secaggplus_workflow.setup_stage), before the
+    coordinator adds the pre-flight question."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    config = ConfigRecord({Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 2, Key.SHARE_NUMBER: 2, Key.THRESHOLD: 2,
+                           Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 2**22, Key.MOD_RANGE: 2**32,
+                           Key.MAX_WEIGHT: 1000.0})
+    return Message(RecordDict({protocol.SECAGG_CONFIGS: config}), dst_node_id=node_id,
+                   message_type=MessageType.TRAIN, group_id="1")
+
+
+class SetupGrid(SiteGrid):
+    """SiteGrid for the setup stage: the message travels as a train message (its real type)."""
+
+    def send_and_receive(self, messages, timeout):
+        out = []
+        for sent in messages:
+            metadata = Metadata(run_id=1, message_id=f"m{time.time_ns()}", src_node_id=0,
+                                dst_node_id=sent.metadata.dst_node_id, reply_to_message_id="",
+                                group_id=sent.metadata.group_id, created_at=time.time(), ttl=3600,
+                                message_type=sent.metadata.message_type)
+            request = Message(content=sent.content, metadata=metadata)
+            context = Context(run_id=1, node_id=sent.metadata.dst_node_id, node_config={"partition-id": 0},
+                              state=RecordDict(), run_config={})
+            reply = build_client_app([self.site])(request, context)
+            out.append(self.tamper(request, reply) if self.tamper is not None else reply)
+            self.replies.append(out[-1])
+        return out
+
+
+def preflight_on_setup(site: Site, record: CoordinatorRecord, run=RUN, tamper=None):
+    """One setup stage with the pre-flight riding on it; (the reply Flower's workflow gets, the log)."""
+    from spine_fl.server.secure_aggregation import _PreflightOnSetup
+
+    grid = SetupGrid(site, tamper)
+    config = dict(instruction(MessageType.TRAIN, run, site, 1).content.config_records[protocol.FIT_CONFIG])
+    log = RoundLog(sites=[site.name], min_sites=1)
+    request = PreflightRequest([(Proxy(grid), FitIns(Parameters([], "numpy.ndarray"), config))], 1, 1, record, log)
+    (reply,) = _PreflightOnSetup(grid, [request]).send_and_receive([setup_stage_message()], timeout=None)
+    return reply, log, grid
+
+
+def test_a_ready_site_answers_the_preflight_and_the_key_exchange_in_one_reply(tmp_path: Path,
+                                                                             in_a_server_app) -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    site = make_site(tmp_path)
+    record = CoordinatorRecord(tmp_path / "coordinator-record.json")
+    reply, log, grid = preflight_on_setup(site, record)
+    assert not reply.has_error() and not log.refusals
+    keys = reply.content.config_records[protocol.SECAGG_CONFIGS]
+    assert keys[Key.PUBLIC_KEY_1] and keys[Key.PUBLIC_KEY_2]  # secaggplus_mod's own answer
+    assert answer_of(reply)[protocol.LEDGER_KEY] == site_key_fingerprint(site.state_dir)
+    assert record.pinned_key(site.name) == (site_key_fingerprint(site.state_dir), "first reply")
+    (line,) = [json.loads(x) for x in (site.state_dir / LEDGER_FILE).read_text().splitlines()]
+    assert line["kind"] == "train/secagg+setup"  # the egress ledger describes the reply that left, answer included
+    assert any(protocol.PREFLIGHT_REPLY in key for key in json.dumps(line).split('"'))
+
+
+def test_a_forged_answer_on_the_setup_stage_leaves_the_site_out(tmp_path: Path, in_a_server_app) -> None:
+    """The key exchange goes through, but the answer beside it is signed by another key: Flower's
+    workflow gets an error in its place (the site is left out of the round), and it is recorded."""
+    site = make_site(tmp_path)
+    record = CoordinatorRecord(tmp_path / "coordinator-record.json")
+    honest, _, _ = preflight_on_setup(site, record)
+    pinned = answer_of(honest)
+    own = Ed25519PrivateKey.generate()
+
+    def forged(request, reply):
+        config = request.content.config_records[protocol.PREFLIGHT]
+        signature = own.sign(preflight_statement(pinned, str(config[protocol.RUN_KEY]), int(config[protocol.ROUND]),
+                                                 str(config[protocol.PREFLIGHT_NONCE])))
+        reply.content.config_records[protocol.PREFLIGHT_REPLY] = ConfigRecord(
+            {**pinned, protocol.PREFLIGHT_SIGNATURE_R: signature[:32].hex(),
+             protocol.PREFLIGHT_SIGNATURE_S: signature[32:].hex()})
+        return reply
+
+    def keys_without_answer(request, reply):  # a site that ignores the question
+        del reply.content.config_records[protocol.PREFLIGHT_REPLY]
+        return reply
+
+    for tamper in (forged, keys_without_answer):
+        reply, log, _ = preflight_on_setup(site, record, tamper=tamper)
+        assert reply.has_error() and "pre-flight" in reply.error.reason, tamper.__name__
+    (refusal,) = preflight_on_setup(site, record, tamper=forged)[1].refusals
+    assert refusal["rule"] == "ledger_key" and "forged, or replayed" in refusal["message"]
+
+
+def test_a_site_over_budget_refuses_on_the_setup_stage_without_making_keys(tmp_path: Path,
+                                                                         in_a_server_app) -> None:
+    site = make_site(tmp_path, epsilon_per_run=0.01)
+    reply, _, _ = preflight_on_setup(site, CoordinatorRecord(None), run=run_settings(dp=True))
+    assert refusal_of(reply)["rule"] == "epsilon_per_run"
+    assert not list((site.state_dir / "privacy").glob("*.jsonl"))  # nothing spent
+
+
+def test_a_preflight_record_on_a_training_message_never_trains(tmp_path: Path) -> None:
+    """A coordinator attaches a harmless-looking pre-flight to the message that carries the round's
+    training (SecAgg+'s masked-vector stage): the site answers the pre-flight only, and neither
+    trains nor spends, so the pre-flight cannot be used to skip the checks made before training."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    site = make_site(tmp_path)
+    train = instruction(MessageType.TRAIN, run_settings(dp=True), site)
+    config = dict(train.content.config_records[protocol.FIT_CONFIG])
+    train.content.config_records[protocol.PREFLIGHT] = ConfigRecord({**config, protocol.LEDGER_HEADS: "{}"})
+    train.content.config_records[protocol.SECAGG_CONFIGS] = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = build_client_app([site])(train, context)
+    assert not reply.has_error()
+    assert set(reply.content.config_records) == {protocol.PREFLIGHT_REPLY} and not reply.content.array_records
+    assert not list((site.state_dir / "privacy").glob("*.jsonl"))  # nothing trained, nothing spent

@@ -111,8 +111,9 @@ def test_dp_secagg_run_passes_with_epsilon_matching_ledger_and_dp_accounting(dp_
     record = report["coordinator_record"]  # --run-dir: compared with the run's metrics.json
     assert record["compared"] and record["key_matches"] and record["head"]["held"], record
     assert record["pinned_key"] == metrics["ledgers"]["leiden"]["ledger_key"] == record["site_key"]
-    # 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate), then the two recalibration rounds' 4 SecAgg+ stages
-    assert report["integrity"]["ok"] and report["integrity"]["lines"] == 26
+    # 3 rounds x (4 SecAgg+ stages, the pre-flight answered in the setup stage's reply, + evaluate), then the
+    # two recalibration rounds' 4 SecAgg+ stages
+    assert report["integrity"]["ok"] and report["integrity"]["lines"] == 23
     assert report["policy"]["runs"][0]["status"] == "complied"
     mia = report["membership_inference"]
     assert mia["members"] + mia["non_members"] == sum(metrics["patients"]["leiden"].values())
@@ -239,7 +240,7 @@ def test_planted_identifier_in_an_outgoing_metric_is_flagged(dp_run, tmp_path: P
 
     report = run_audit(_site(run_dir, "zurich", state), tmp_path / "report", shadow_models=0, bootstrap=200)
     findings = report["payload_scan"]["findings"]
-    planted = 3 * 6 + 8 + 1  # after 3 rounds x (pre-flight + 4 SecAgg+ stages + evaluate) and recalibration
+    planted = 3 * 5 + 8 + 1  # after 3 rounds x (4 SecAgg+ stages with the pre-flight + evaluate) and recalibration
     assert len(findings) == 1 and findings[0]["line"] == planted and findings[0]["severity"] == "fail"
     assert patient in findings[0]["what"] and "patient_id" in findings[0]["what"]
     assert report["verdict"]["verdict"] == "fail"

@@ -107,13 +107,13 @@ class _Grid:
         raise NotImplementedError
 
 
-def _run(workflow: SpineSecAggPlus, sites: _Sites,
-         grid: _Grid | None = None) -> tuple[list[np.ndarray] | None, set[int]]:
+def _run(workflow: SpineSecAggPlus, sites: _Sites, grid: _Grid | None = None,
+         strategy: Any = None) -> tuple[list[np.ndarray] | None, set[int]]:
     """One SecAgg+ round over `sites`; the aggregate (None when the round failed) and who trained."""
     grid = grid or _Grid(sites)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     n = len(sites.ids)
-    strategy = FedAvg(min_fit_clients=n, min_available_clients=n, fraction_fit=1.0)
+    strategy = strategy or FedAvg(min_fit_clients=n, min_available_clients=n, fraction_fit=1.0)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
     for nid in sites.ids:
         legacy.client_manager.register(GridClientProxy(nid, grid, 1))  # type: ignore[arg-type]
@@ -258,3 +258,83 @@ def test_twelve_sites_one_round_with_neighbourhoods_on_ray(tmp_path: Path, caplo
     assert [r["round"] for r in federation["rounds"]] == [1]
     assert "SecAgg+ over 12 sites: each site's secrets in 5 shares (its neighbourhood), 3 of them unmask it" \
         in caplog.text
+
+
+def test_a_site_gone_by_the_setup_stage_is_left_out_and_the_others_aggregate(caplog: pytest.LogCaptureFixture) -> None:
+    """A site that refuses or is silent at the setup stage (where the pre-flight is asked) never handed
+    out a share: the round goes on among the others instead of failing at the unmask stage."""
+    sites = _Sites(5, drop={Stage.SETUP: {103}})
+    workflow = _workflow()
+    with caplog.at_level(logging.INFO):
+        out, trained = _run(workflow, sites)
+    assert out is not None and trained == {101, 102, 104, 105} and _close(out, sites.expected(trained))
+    assert 103 not in set().union(*sites.neighbours.values())  # nobody was sent its key
+    assert "Not enough shares" not in caplog.text
+
+
+class _Preflight:
+    """A stand-in for server/preflight.py's PreflightRequest: `refusing` sites answer not ready."""
+
+    def __init__(self, instructions: list, refusing: set[int]):
+        self.instructions, self.refusing, self.stopped = instructions, refusing, False
+
+    def record_for(self, node_id: int) -> ConfigRecord:
+        return ConfigRecord({"asked": node_id})
+
+    def ready(self, reply: Message) -> bool:
+        return reply.metadata.src_node_id not in self.refusing
+
+    def enough(self, ready: int) -> bool:
+        self.stopped = ready < 2
+        return not self.stopped
+
+
+class _AskingStrategy(FedAvg):
+    """FedAvg whose selection comes with a pre-flight, as spine-fl's RecordingStrategy's does."""
+
+    def __init__(self, n: int, refusing: set[int]):
+        super().__init__(min_fit_clients=n, min_available_clients=n, fraction_fit=1.0)
+        self.refusing, self.requests = refusing, []
+
+    def select_for_setup(self, server_round: int, parameters: Any, client_manager: Any) -> tuple[list, Any]:
+        instructions = self.configure_fit(server_round, parameters, client_manager)
+        self.requests.append(_Preflight(instructions, self.refusing))
+        return instructions, self.requests[-1]
+
+
+class _RefusingGrid(_Grid):
+    """Sites in `refusing` answer a setup message that carries the pre-flight with a refusal (no keys)."""
+
+    def __init__(self, sites: _Sites, refusing: set[int]):
+        super().__init__(sites)
+        self.refusing, self.setups = refusing, []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if messages and str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) == Stage.SETUP:
+            self.setups.append(sorted(m.metadata.dst_node_id for m in messages))
+            refused = [m for m in messages if m.metadata.dst_node_id in self.refusing and "preflight" in m.content]
+            replies = super().send_and_receive([m for m in messages if m not in refused], timeout=timeout)
+            return replies + [Message(Error(code=0, reason="refused"), reply_to=m) for m in refused]
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_sites_left_out_by_the_preflight_get_a_round_set_up_for_the_ready_sites_only() -> None:
+    """Flower fixes the shares and the threshold from the sites selected (4: 3 to unmask) and the
+    sites make their shares with them; with 2 of 4 refusing, 2 ready sites could never reach 3. So
+    the setup is sent again to the ready sites only (2 sites: 2 shares, 2 to unmask) and the round
+    aggregates them."""
+    sites, refusing = _Sites(4), {103, 104}
+    grid, workflow = _RefusingGrid(sites, refusing), _workflow()
+    out, _ = _run(workflow, sites, grid, _AskingStrategy(4, refusing))
+    assert grid.setups == [[101, 102, 103, 104], [101, 102]]  # asked all, then set up among the ready
+    assert workflow.last_round == {"sites": 2, "num_shares": 2, "threshold": 2}
+    assert out is not None and _close(out, sites.expected({101, 102}))
+
+
+def test_too_few_ready_sites_end_the_round_at_the_setup_stage() -> None:
+    sites, refusing = _Sites(3), {102, 103}
+    strategy = _AskingStrategy(3, refusing)
+    out, _ = _run(_workflow(), sites, _RefusingGrid(sites, refusing), strategy)
+    assert out is None and strategy.requests[0].stopped  # the run stops there: nobody reached the training stage
+    assert not any(sites.neighbours.values())  # no key was ever handed out

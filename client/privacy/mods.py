@@ -45,6 +45,13 @@ def run_config_of(msg: Message) -> dict | None:
     return None
 
 
+def is_secagg_setup(msg: Message) -> bool:
+    """Flower's SecAgg+ setup message: a train message with no instruction, at stage "setup"."""
+    secagg = msg.content.config_records.get(SECAGG_CONFIGS) if msg.has_content() else None
+    return (secagg is not None and str(secagg.get("stage", "")) == "setup" and run_config_of(msg) is None
+            and msg.metadata.message_type == MessageType.TRAIN)
+
+
 def message_kind(msg: Message) -> str:
     """The message type, with the SecAgg+ stage (read before secaggplus_mod consumes it)."""
     secagg = msg.content.config_records.get(SECAGG_CONFIGS) if msg.has_content() else None
@@ -96,11 +103,20 @@ def make_egress_ledger_mod(resolve: SiteResolver) -> Mod:
 
 def make_site_policy_mod(resolve: SiteResolver) -> Mod:
     """Refuse, before any computation on the data, what the site's policy or budget forbids; answer
-    the coordinator's pre-flight with the same checks."""
+    the coordinator's pre-flight with the same checks (on its own, or inside a SecAgg+ setup message,
+    whose key exchange then goes ahead only when the site is ready)."""
 
     def site_policy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if is_preflight(msg):
-            return answer_preflight(msg, resolve(ctxt), str(ctxt.run_id))
+            answer = answer_preflight(msg, resolve(ctxt), str(ctxt.run_id))
+            if answer.has_error() or not is_secagg_setup(msg):
+                return answer  # nothing else in the message is acted on: a pre-flight never trains
+            # asked in the SecAgg+ setup stage (key generation only): ready, so the setup's reply too
+            reply = call_next(msg, ctxt)
+            if not reply.has_error():
+                reply.content.config_records[protocol.PREFLIGHT_REPLY] = answer.content.config_records[
+                    protocol.PREFLIGHT_REPLY]
+            return reply
         config = run_config_of(msg) if msg.has_content() else None
         if config is None:
             return call_next(msg, ctxt)  # SecAgg+ key-exchange stages carry no instruction

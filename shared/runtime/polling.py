@@ -6,7 +6,7 @@ changing what Flower sends or checks:
 
 - idle sleeps: the SuperNode sleeps 3 s whenever it finds no message (0.5 s while it waits for its
   ClientApp's reply), and the ServerApp's HttpGrid sleeps 3 s between polls for replies. A SecAgg+
-  round is six request/reply exchanges (pre-flight, four SecAgg+ stages, evaluation), so these
+  round was then six request/reply exchanges (pre-flight, four SecAgg+ stages, evaluation), so these
   sleeps alone cost about 30 s a round (measured: 44 s/round on 2 cores for work that takes about
   4 s in simulation). Both loops call `time.sleep` through their module's `time` import; replacing
   that name with a clock whose sleep is capped keeps Flower's logic and only shortens the wait:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,22 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spine_fl.simulations.benchmarks import record
+
 TARGETS = {"calibration_slope": [0.8, 1.25], "brier_below_base_rate": True, "sensitivity_min": 0.6,
            "specificity_min": 0.6}
-
-
-def _machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_average_at_start": os.getloadavg()}
-
-
-def _commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return git("rev-parse", "HEAD") + (" (with uncommitted changes)" if dirty else "")
 
 
 def meets(figures: dict[str, Any]) -> dict[str, bool]:
@@ -73,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/calibration.json"))
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args(argv)
-    machine, commit, started = _machine(), _commit(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    machine, commit, started = record.machine(), record.commit(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         root = args.keep or Path(scratch)
@@ -87,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             after = runs[-1]["held_out"].get("test", {}).get("after")
             print(f"  test after recalibration: {after and {k: after[k] for k in ('slope', 'brier', 'sensitivity', 'specificity')}}",
                   flush=True)
-    machine["load_average_at_end"] = os.getloadavg()
+    machine["load_average_end"] = record.load_average()
     document = {"machine": machine, "commit": commit, "date": started,
                 "command": f"python -m spine_fl.simulations.benchmarks.calibration --runs {args.runs} --scenario {args.scenario}",
                 "targets": TARGETS, "runs": runs,

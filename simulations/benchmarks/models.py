@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,27 +50,6 @@ NOISE_MULTIPLIER, MAX_GRAD_NORM, LEARNING_RATE = 1.0, 1.0, 0.3
 SITE_PATIENTS = 24  # patients in the synthetic site (at least PATIENTS)
 CONSORTIUM_MODELS = ("small_cnn", "resnet18", "resnet34", "densenet121")  # the image networks on tfesi_mri
 README_SECTION = "## models"
-
-
-def _machine() -> dict[str, object]:
-    import opacus
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import monai
-        monai_version = monai.__version__
-    except ImportError:
-        monai_version = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__,
-            "monai": monai_version, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def synthesize_site(out: Path) -> Path:
@@ -266,7 +243,8 @@ def run(models: list[str], say: Callable[[str], None] = print) -> list[dict[str,
 
 def legacy_fields(envelope: dict) -> dict:
     """The keys this file had before `spine-fl benchmark` (write_readme and readers use them)."""
-    machine = {**envelope["machine"], **_machine(), "load_average_at_start": envelope["machine"]["load_average_start"]}
+    m = envelope["machine"]
+    machine = {**m, **m["versions"], "cuda": m["gpu"], "load_average_at_start": m["load_average_start"]}
     return {"git_commit": envelope["commit"]["sha"] or "", "git_dirty": envelope["commit"]["dirty"], "machine": machine}
 
 
