@@ -76,8 +76,8 @@ def run(rounds: int = 5, say: Callable[[str], None] = print) -> dict[str, Any]:
          "wall_seconds": round(sim_wall, 1), "auroc_final_round": sim["rounds"][-1]["auroc"]},
         {"round_seconds": dep_seconds, "mean_round_seconds_after_first": _mean_after_first(dep_seconds),
          "wall_seconds": round(dep_wall, 1), "auroc_final_round": dep["rounds"][-1]["auroc"],
-         "setup": "TLS, SuperNode auth, --isolation process with spine-fl's long-lived workers, "
-                  "Flower polling capped at 0.1 s"})
+         "setup": "TLS, SuperNode auth, nginx front, SuperLink state in memory, --isolation process with "
+                  "spine-fl's long-lived workers, Flower polling capped at 0.1 s, pre-flight on the SecAgg+ setup"})
 
 
 def headline(report: dict[str, Any]) -> str:
