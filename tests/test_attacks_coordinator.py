@@ -207,8 +207,9 @@ def test_an_enrolled_key_wins_over_one_seen_first(tmp_path: Path) -> None:
 # --- the pre-flight proves the key: a signature over (run key, round, fresh nonce) ----------------
 
 class SiteGrid:
-    """The Grid the coordinator's pre-flight talks through (server/preflight.py), delivering each
-    message to one site's real ClientApp; `tamper(request, reply)` may put another reply on the wire."""
+    """The Grid the coordinator's pre-flight talks through (server/preflight.py, or the SecAgg+ setup
+    stage's), delivering each message to one site's real ClientApp; `tamper(request, reply)` may put
+    another reply on the wire."""
 
     def __init__(self, site: Site, tamper=None):
         self.site, self.tamper, self.replies = site, tamper, []
@@ -219,7 +220,7 @@ class SiteGrid:
             metadata = Metadata(run_id=1, message_id=f"m{time.time_ns()}", src_node_id=0,
                                 dst_node_id=sent.metadata.dst_node_id, reply_to_message_id="",
                                 group_id=sent.metadata.group_id, created_at=time.time(), ttl=3600,
-                                message_type=MessageType.QUERY)
+                                message_type=sent.metadata.message_type)
             request = Message(content=sent.content, metadata=metadata)
             context = Context(run_id=1, node_id=sent.metadata.dst_node_id, node_config={"partition-id": 0},
                               state=RecordDict(), run_config={})
@@ -419,30 +420,11 @@ def setup_stage_message(node_id: int = 7) -> Message:
                    message_type=MessageType.TRAIN, group_id="1")
 
 
-class SetupGrid(SiteGrid):
-    """SiteGrid for the setup stage: the message travels as a train message (its real type)."""
-
-    def send_and_receive(self, messages, timeout):
-        out = []
-        for sent in messages:
-            metadata = Metadata(run_id=1, message_id=f"m{time.time_ns()}", src_node_id=0,
-                                dst_node_id=sent.metadata.dst_node_id, reply_to_message_id="",
-                                group_id=sent.metadata.group_id, created_at=time.time(), ttl=3600,
-                                message_type=sent.metadata.message_type)
-            request = Message(content=sent.content, metadata=metadata)
-            context = Context(run_id=1, node_id=sent.metadata.dst_node_id, node_config={"partition-id": 0},
-                              state=RecordDict(), run_config={})
-            reply = build_client_app([self.site])(request, context)
-            out.append(self.tamper(request, reply) if self.tamper is not None else reply)
-            self.replies.append(out[-1])
-        return out
-
-
 def preflight_on_setup(site: Site, record: CoordinatorRecord, run=RUN, tamper=None):
     """One setup stage with the pre-flight riding on it; (the reply Flower's workflow gets, the log)."""
     from spine_fl.server.secure_aggregation import _PreflightOnSetup
 
-    grid = SetupGrid(site, tamper)
+    grid = SiteGrid(site, tamper)
     config = dict(instruction(MessageType.TRAIN, run, site, 1).content.config_records[protocol.FIT_CONFIG])
     log = RoundLog(sites=[site.name], min_sites=1)
     request = PreflightRequest([(Proxy(grid), FitIns(Parameters([], "numpy.ndarray"), config))], 1, 1, record, log)
