@@ -45,17 +45,21 @@ def run_config_of(msg: Message) -> dict | None:
     return None
 
 
+def secagg_stage(msg: Message) -> str:
+    """The SecAgg+ stage a message asks for ("" for any other message)."""
+    secagg = msg.content.config_records.get(SECAGG_CONFIGS) if msg.has_content() else None
+    return str(secagg.get("stage", "")) if secagg is not None else ""
+
+
 def is_secagg_setup(msg: Message) -> bool:
     """Flower's SecAgg+ setup message: a train message with no instruction, at stage "setup"."""
-    secagg = msg.content.config_records.get(SECAGG_CONFIGS) if msg.has_content() else None
-    return (secagg is not None and str(secagg.get("stage", "")) == "setup" and run_config_of(msg) is None
+    return (secagg_stage(msg) == "setup" and run_config_of(msg) is None
             and msg.metadata.message_type == MessageType.TRAIN)
 
 
 def message_kind(msg: Message) -> str:
     """The message type, with the SecAgg+ stage (read before secaggplus_mod consumes it)."""
-    secagg = msg.content.config_records.get(SECAGG_CONFIGS) if msg.has_content() else None
-    stage = str(secagg.get("stage", "")) if secagg is not None else ""
+    stage = secagg_stage(msg)
     return msg.metadata.message_type + (f"/secagg+{stage}" if stage else "")
 
 

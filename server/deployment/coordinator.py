@@ -34,6 +34,7 @@ from spine_fl.server.deployment.federation_config import FederationConfig
 from spine_fl.server.deployment.front import FrontConfig, find_nginx, start_front
 from spine_fl.server.deployment.run_result import write_deployment_results
 from spine_fl.server.deployment.serverapp_worker import serve_run
+from spine_fl.server.deployment.superlink_process import IN_MEMORY_DATABASE
 from spine_fl.server.reporting.run_result import RunResult
 from spine_fl.shared.config import ConfigError
 from spine_fl.shared.runtime.bundle import build_bundle, read_bundle
@@ -65,7 +66,7 @@ class Endpoint:
 
 
 def superlink_args(fed: FederationConfig, secret: Path, insecure: bool, port: int) -> list[str]:
-    args = ["--isolation", "process", "--database", ":flwr-in-memory:",
+    args = ["--isolation", "process", "--database", IN_MEMORY_DATABASE,
             "--disable-runtime-dependency-installation", "--superexec-auth-secret-file", str(secret),
             "--host", SUPERLINK_HOST, "--port", str(port)]
     if insecure:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from spine_fl import QUIET_FLOWER_ENV
 
-IN_MEMORY_DATABASE = ":flwr-in-memory:"
+IN_MEMORY_DATABASE = ":flwr-in-memory:"  # Flower's FLWR_IN_MEMORY_DB_NAME
 
 
 def key_node_id(public_key: bytes) -> int:
