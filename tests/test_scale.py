@@ -329,7 +329,10 @@ def test_sites_left_out_by_the_preflight_get_a_round_set_up_for_the_ready_sites_
     out, _ = _run(workflow, sites, grid, _AskingStrategy(4, refusing))
     assert grid.setups == [[101, 102, 103, 104], [101, 102]]  # asked all, then set up among the ready
     assert workflow.last_round == {"sites": 2, "num_shares": 2, "threshold": 2}
-    assert out is not None and _close(out, sites.expected({101, 102}))
+    # each of the two sites rounds once (SecAgg+ quantisation): the sum of two one-site bounds
+    bound = 2 * quantization_error_bound(RunSettings(task="rbp_tabular"), 100)
+    assert out is not None and all(np.allclose(g, w, rtol=0, atol=bound)
+                                   for g, w in zip(out, sites.expected({101, 102})))
 
 
 def test_too_few_ready_sites_end_the_round_at_the_setup_stage() -> None:
