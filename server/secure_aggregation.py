@@ -6,9 +6,12 @@ Ranges (Flower's SecAggPlusWorkflow quantises *full weights*, not DP-clipped gra
   weights well under 1 (GroupNorm scales near 1), so the default 8 never clips, and each site
   refuses to send a model with a weight beyond the range instead of letting it be distorted.
 - Each site's weights are scaled by num_examples / max_weight before quantising to
-  quantization_range levels over [-clipping_range, clipping_range], so one site's rounding
-  error is at most clipping_range / quantization_range * max_weight / num_examples per weight
-  (8 / 2**22 * 1000 / 100 ~ 2e-5 for a 100-patient site): far below DP-SGD's noise. max_weight
+  quantization_range levels over [-clipping_range, clipping_range] (one level: 2 * clipping_range /
+  quantization_range) and stochastically rounded, so each site's quantised update is off by under one
+  level per weight; the sum over k sites is divided by their total examples N >= k * the smallest
+  site's, so the aggregate is off by under 2 * clipping_range / quantization_range * max_weight /
+  smallest site's num_examples per weight (2 * 8 / 2**22 * 1000 / 100 ~ 4e-5 for 100-patient sites),
+  however many sites: far below DP-SGD's noise. max_weight
   must be at least the largest site's training-set size (1000 covers the consortium's cohorts).
 - The masked sum is taken modulo 2**32 (Flower's largest modulus_range): each site's quantised
   value is at most 2**22, so one aggregation holds at most 2**32 / 2**22 - 1 = 1023 sites before
@@ -215,5 +218,6 @@ def secagg_fit_workflow(run: RunSettings) -> SpineSecAggPlus | None:
 
 
 def quantization_error_bound(run: RunSettings, min_site_examples: int) -> float:
-    """Largest per-weight deviation of the SecAgg+ aggregate from plain FedAvg (one site's rounding)."""
-    return run.secagg_clipping_range / QUANTIZATION_RANGE * run.secagg_max_weight / max(min_site_examples, 1)
+    """Largest per-weight deviation of the SecAgg+ aggregate from plain FedAvg: one quantisation level
+    scaled by the smallest site's share of max_weight (module docstring)."""
+    return 2 * run.secagg_clipping_range / QUANTIZATION_RANGE * run.secagg_max_weight / max(min_site_examples, 1)
