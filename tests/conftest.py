@@ -13,3 +13,15 @@ from spine_fl.simulations.synthetic.consortium import synthesize_consortium
 def consortium(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three synthetic sites with radiographs and MRI (the default seed)."""
     return synthesize_consortium(tmp_path_factory.mktemp("consortium"), n_sites=3, seed=7)
+
+
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): a test file is one group, so
+# its module-scoped fixtures (a simulated run, a consortium) are made once; the real deployment engine's
+# files are one group together, so two SuperLinks and their sites never compete for the cores at once.
+DEPLOYMENT_ENGINE = {"test_deployment", "test_control_plane"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+        item.add_marker(pytest.mark.xdist_group("deployment-engine" if module in DEPLOYMENT_ENGINE else module))
