@@ -18,10 +18,10 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 # `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): a test file is one group, so
 # its module-scoped fixtures (a simulated run, a consortium) are made once; the real deployment engine's
 # files are one group together, so two SuperLinks and their sites never compete for the cores at once.
-DEPLOYMENT_ENGINE = {"test_deployment", "test_control_plane"}
+DEPLOYMENT_ENGINE = {"test_deployment", "test_control_plane", "test_benchmark_cli"}  # the last: its deployment suite
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-        item.add_marker(pytest.mark.xdist_group("deployment-engine" if module in DEPLOYMENT_ENGINE else module))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Marked as each test is collected: xdist reads the groups in its own collection_modifyitems."""
+    module = item.path.stem
+    item.add_marker(pytest.mark.xdist_group("deployment-engine" if module in DEPLOYMENT_ENGINE else module))
