@@ -7,4 +7,4 @@ demo:
 
 test:
 	@./scripts/setup.sh
-	@.venv/bin/python -m pytest -q -n 2 --dist loadgroup
+	@.venv/bin/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder

@@ -161,10 +161,12 @@ def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
 
 
 def serve(address: str, site: Site, secret: bytes | None, stop: threading.Event,
-          keep_going: Callable[[], bool] = lambda: True) -> None:
-    """Serve the SuperNode's ClientApp tasks until `stop` is set or `keep_going()` turns false."""
+          keep_going: Callable[[], bool] = lambda: True) -> int:
+    """Serve the SuperNode's ClientApp tasks until `stop` is set or `keep_going()` turns false;
+    returns how many tasks were served."""
     acquirer = runtime_client(address, insecure=True, secret=secret, component="SuperExec", max_tries=3)
     app = build_client_app()
+    served = 0
     try:
         while not stop.is_set() and keep_going():
             try:
@@ -174,5 +176,7 @@ def serve(address: str, site: Site, secret: bytes | None, stop: threading.Event,
             if found is not None:
                 _, token = found
                 serve_task(address, token, site, app)
+                served += 1
     finally:
         acquirer.close()
+    return served

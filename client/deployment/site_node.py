@@ -99,26 +99,44 @@ def why_node_stopped(node: ManagedProcess) -> str:
 def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insecure: bool = False,
              runtime_port: int = 9094, attempts: int = 5, pause: float = 3.0,
              say: Callable[[str], None] = print) -> None:
+    """Join and serve until stopped. A SuperNode that exits after it has served messages (Flower's
+    SuperNode gives up when the coordinator restarts under it, e.g. its old session is refused) is
+    started again, up to `attempts` times; one that exits before serving anything (key not enrolled,
+    coordinator unreachable) ends the site's run with the reason."""
     say(check_data(site, connection))
     if not insecure and not connection.private_key.is_file():
         raise SiteCannotJoin(f"site key {connection.private_key} not found: create it with "
                              f"`spine-fl enroll --site {site.name}` and send the .pub file to the coordinator")
-    wait_for_coordinator(connection, insecure, attempts, pause, say)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for start in range(attempts + 1):
+        wait_for_coordinator(connection, insecure, attempts, pause, say)
+        node, served = _serve_with_supernode(site_config, site, connection, insecure, runtime_port, attempts, stop, say)
+        if stop.is_set():
+            return
+        stopped = (f"the SuperNode exited (code {node.popen.returncode}): {why_node_stopped(node)} "
+                   f"Its log ({node.log_path}) ends:\n{node.log_tail(6)}")
+        if not served or start == attempts:
+            raise SiteCannotJoin(stopped)
+        say(f"{site.name}: {stopped}\n{site.name}: it had served {served} message(s); starting it again "
+            f"({start + 1} of {attempts})")
+
+
+def _serve_with_supernode(site_config: Path, site: Site, connection: SiteConnection, insecure: bool,
+                          runtime_port: int, attempts: int, stop: threading.Event,
+                          say: Callable[[str], None]) -> tuple[ManagedProcess, int]:
+    """Start the SuperNode and serve its messages until it exits or the site is stopped."""
     ensure_port_free("127.0.0.1", runtime_port, "SuperNode's local Runtime API (--runtime-port)")
     secret = write_secret(site.state_dir / "superexec.secret")
     node = start_python("SuperNode", ["-m", "spine_fl.client.deployment.supernode_process",
                                       *supernode_args(site_config, connection, secret, runtime_port, insecure, attempts)],
                         site.state_dir / "supernode.log")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         wait_for_port(node, "127.0.0.1", runtime_port)
         say(f"{site.name}: SuperNode PID {node.pid} connecting out to {connection.coordinator} "
             f"({'INSECURE' if insecure else 'TLS, enrolled key'}); log {node.log_path}")
-        serve(f"127.0.0.1:{runtime_port}", site, secret.read_bytes(), stop, keep_going=node.alive)
-        if not node.alive():
-            raise SiteCannotJoin(f"the SuperNode exited (code {node.popen.returncode}): {why_node_stopped(node)} "
-                                 f"Its log ({node.log_path}) ends:\n{node.log_tail(6)}")
+        served = serve(f"127.0.0.1:{runtime_port}", site, secret.read_bytes(), stop, keep_going=node.alive)
     finally:
         node.stop()
         say(f"{site.name}: SuperNode PID {node.pid} stopped")
+    return node, served
