@@ -86,7 +86,7 @@ def build_server_app(
             strategy = RecordingStrategy(build_strategy(run, final, site_names, done, run_key), log, record, done,
                                          on_round_done, run.site_wait_seconds)
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=run.rounds), strategy=strategy)
-            watched = WatchingGrid(grid, log, node_sites, done)
+            watched = WatchingGrid(grid, log, node_sites, done, run.reply_wait_seconds)
             fit_workflow = secagg_fit_workflow(run)
             recalibrated: dict[str, Any] = {}
 

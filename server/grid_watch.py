@@ -4,6 +4,8 @@ workflow ran, and talk only to enrolled sites.
 SecAgg+ treats a refusing or vanished site as a dropout and never hands the reply to the strategy;
 wrapping the Grid (which every Flower workflow uses to talk to sites) is the one place that sees
 them all. In deployment the Grid also lists only the SuperNodes registered from the enrolled keys.
+It also bounds every wait for replies (`reply_wait_seconds`): Flower's fit and evaluation workflows
+wait without limit, so a site that stays connected but never answers would stall the run forever.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from spine_fl.shared.refusal import Refusal
 
 
 class WatchingGrid:
-    def __init__(self, grid: Grid, log: RoundLog, node_sites: dict[int, str] | None = None, offset: int = 0):
+    def __init__(self, grid: Grid, log: RoundLog, node_sites: dict[int, str] | None = None, offset: int = 0,
+                 reply_wait_seconds: float | None = None):
         self._grid = grid
+        self._reply_wait = reply_wait_seconds
         self._log = log
         self._node_sites = node_sites
         self._offset = offset
@@ -40,6 +44,8 @@ class WatchingGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         sent = list(messages)
+        if self._reply_wait is not None:
+            timeout = self._reply_wait if timeout is None else min(timeout, self._reply_wait)
         replies = list(self._grid.send_and_receive(sent, timeout=timeout))
         answered = {r.metadata.src_node_id for r in replies}
         for message in sent:

@@ -123,6 +123,11 @@ class RunSettings:
     round_retries: int = 2
     # How long a round waits for min_sites sites to be connected before the run ends with the reason.
     site_wait_seconds: float = 3600.0
+    # How long each request to the sites (a SecAgg+ stage, an evaluation) waits for their replies; a
+    # site that has not answered by then is left out of that round as a dropout. Without a limit, one
+    # site whose machine froze (or whose reply was lost) would hold the whole consortium forever. It
+    # must cover a site's local training, which happens inside one SecAgg+ stage.
+    reply_wait_seconds: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.image_size is None:
@@ -204,6 +209,10 @@ def _run_counts(run: RunSettings) -> list[str]:
     if not run.site_wait_seconds > 0:
         out.append(problem("site_wait_seconds", run.site_wait_seconds, "must be more than 0",
                            "set site_wait_seconds to how long a round waits for min_sites sites, e.g. 3600"))
+    if not run.reply_wait_seconds > 0:
+        out.append(problem("reply_wait_seconds", run.reply_wait_seconds, "must be more than 0",
+                           "set reply_wait_seconds to how long a request waits for the sites' replies (it must "
+                           "cover their local training), e.g. 1800"))
     task = _task_or_problems(run)
     if isinstance(task, Task) and task.image is not None and 1 <= run.image_size < MIN_IMAGE_SIZE:
         out.append(problem("image_size", run.image_size, f"too small for the {run.task} model (its CNN halves "

@@ -1,7 +1,7 @@
 """Flower's deployment engine for real: `spine-fl server` and one `spine-fl client` per site as
 separate processes on 127.0.0.1 (each starting a real SuperLink / SuperNode), TLS and SuperNode
 authentication on, stopped by PID. Faults are caused for real: a site killed mid-round, the
-coordinator killed and restarted, an unenrolled key, a client without TLS, a site with broken
+coordinator killed and restarted, a site that stops answering, an unenrolled key, a client without TLS, a site with broken
 data, no coordinator at all, and a modified app bundle."""
 
 from __future__ import annotations
@@ -107,6 +107,24 @@ def test_a_site_killed_mid_round_drops_out_and_the_run_finishes_naming_it(loopba
     assert metrics["status"] == "completed"
     assert victim in {d["site"] for d in metrics["dropouts"]}
     assert victim not in metrics["rounds"][-1]["per_site"]
+    assert set(metrics["rounds"][-1]["per_site"]) == set(loop.sites[:2])
+
+
+def test_a_site_that_stops_answering_is_left_out_after_reply_wait_seconds(loopback):
+    loop = loopback({**RUN, "min_sites": 2, "reply_wait_seconds": 20.0})
+    server = loop.start_server()
+    for site in loop.sites:
+        loop.start_client(site)
+    wait_for(lambda: _checkpoint_round(loop) >= 1, 240, "round 1 to complete")
+    frozen = loop.sites[2]
+    os.kill(loop.processes[frozen].pid, signal.SIGSTOP)  # its worker freezes; its SuperNode stays connected
+    try:
+        assert server.wait(300) == 0, loop.output("server")[-3000:]
+    finally:
+        os.kill(loop.processes[frozen].pid, signal.SIGCONT)
+    metrics = _metrics(loop)
+    assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert frozen in {d["site"] for d in metrics["dropouts"]}
     assert set(metrics["rounds"][-1]["per_site"]) == set(loop.sites[:2])
 
 
