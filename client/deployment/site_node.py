@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import ssl
@@ -26,6 +27,7 @@ from spine_fl.shared.runtime.flower import write_secret
 from spine_fl.shared.runtime.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port
 
 VALIDATION_IMAGE_SIZE = 64
+REJOIN_WAIT_SECONDS = 600.0  # how long a site that was serving waits for a restarting coordinator
 
 
 class SiteCannotJoin(RuntimeError):
@@ -50,7 +52,7 @@ def _probe(host: str, port: int, ca: Path | None) -> None:
 
 
 def wait_for_coordinator(connection: SiteConnection, insecure: bool, attempts: int, pause: float,
-                         say: Callable[[str], None]) -> None:
+                         say: Callable[[str], None], say_every: int = 1) -> None:
     host, port = connection.coordinator.rsplit(":", 1)
     ca = None if insecure else connection.ca_certificate
     if ca is not None and not ca.is_file():
@@ -65,8 +67,9 @@ def wait_for_coordinator(connection: SiteConnection, insecure: bool, attempts: i
                                  f"is not from the consortium CA {ca} ({exc.reason}); check [coordinator] "
                                  "ca_certificate, or that you are talking to the right coordinator") from None
         except OSError as exc:
-            say(f"coordinator {connection.coordinator} not reachable ({exc.strerror or exc}); "
-                f"attempt {attempt}/{attempts}, retrying in {pause:g} s")
+            if (attempt - 1) % say_every == 0:
+                say(f"coordinator {connection.coordinator} not reachable ({exc.strerror or exc}); "
+                    f"attempt {attempt}/{attempts}, retrying in {pause:g} s")
             if attempt < attempts:
                 time.sleep(pause)
     raise SiteCannotJoin(f"gave up: the coordinator at {connection.coordinator} did not answer after {attempts} "
@@ -101,8 +104,9 @@ def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insec
              say: Callable[[str], None] = print) -> None:
     """Join and serve until stopped. A SuperNode that exits after it has served messages (Flower's
     SuperNode gives up when the coordinator restarts under it, e.g. its old session is refused) is
-    started again, up to `attempts` times; one that exits before serving anything (key not enrolled,
-    coordinator unreachable) ends the site's run with the reason."""
+    started again, up to `attempts` times, once the coordinator answers again (waited for up to
+    REJOIN_WAIT_SECONDS: a coordinator restart takes tens of seconds); one that exits before serving
+    anything (key not enrolled, coordinator unreachable) ends the site's run with the reason."""
     say(check_data(site, connection))
     if not insecure and not connection.private_key.is_file():
         raise SiteCannotJoin(f"site key {connection.private_key} not found: create it with "
@@ -110,7 +114,11 @@ def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insec
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     for start in range(attempts + 1):
-        wait_for_coordinator(connection, insecure, attempts, pause, say)
+        if start == 0:
+            wait_for_coordinator(connection, insecure, attempts, pause, say)
+        else:
+            wait_for_coordinator(connection, insecure, max(attempts, math.ceil(REJOIN_WAIT_SECONDS / pause)), pause,
+                                 say, say_every=10)
         node, served = _serve_with_supernode(site_config, site, connection, insecure, runtime_port, attempts, stop, say)
         if stop.is_set():
             return
