@@ -123,7 +123,9 @@ def test_a_site_that_stops_answering_is_left_out_after_reply_wait_seconds(loopba
     finally:
         os.kill(loop.processes[frozen].pid, signal.SIGCONT)
     metrics = _metrics(loop)
-    assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    # frozen before round 2's setup stage, it is left out of round 2; frozen after it (the checkpoint is
+    # polled), SecAgg+ fails round 2 and the round is tried again without it (README "Dropouts")
+    assert metrics["status"] == "completed" and len(metrics["rounds"]) == 2 and metrics["failed_rounds"] in ([], [2])
     assert frozen in {d["site"] for d in metrics["dropouts"]}
     assert set(metrics["rounds"][-1]["per_site"]) == set(loop.sites[:2])
 
