@@ -1,8 +1,8 @@
 """Flower's deployment engine for real: `spine-fl server` and one `spine-fl client` per site as
 separate processes on 127.0.0.1 (each starting a real SuperLink / SuperNode), TLS and SuperNode
 authentication on, stopped by PID. Faults are caused for real: a site killed mid-round, the
-coordinator killed and restarted, a site that stops answering, an unenrolled key, a client without TLS, a site with broken
-data, no coordinator at all, and a modified app bundle."""
+coordinator killed and restarted, a site that stops answering, an unenrolled key, a client without
+TLS, a site with broken data, no coordinator at all, and a modified app bundle."""
 
 from __future__ import annotations
 

@@ -116,9 +116,10 @@ def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insec
     for start in range(attempts + 1):
         if start == 0:
             wait_for_coordinator(connection, insecure, attempts, pause, say)
-        else:
-            wait_for_coordinator(connection, insecure, max(attempts, math.ceil(REJOIN_WAIT_SECONDS / pause)), pause,
-                                 say, say_every=10)
+        else:  # the coordinator may be restarting: wait longer, saying so every tenth probe
+            rejoin_pause = max(pause, 1.0)  # --retry-seconds 0 would otherwise divide by zero here
+            wait_for_coordinator(connection, insecure, max(attempts, math.ceil(REJOIN_WAIT_SECONDS / rejoin_pause)),
+                                 rejoin_pause, say, say_every=10)
         node, served = _serve_with_supernode(site_config, site, connection, insecure, runtime_port, attempts, stop, say)
         if stop.is_set():
             return
