@@ -152,6 +152,9 @@ def test_coordinator_killed_after_a_round_resumes_at_the_next_one_with_the_same_
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert set(metrics["rounds"][-1]["per_site"]) == set(loop.sites)
     assert "starting it again (1 of 20)" in loop.output(crashed)
+    for site in loop.sites[1:]:  # their SuperNodes survived: stopped and started afresh (or gave up by themselves)
+        assert ("the coordinator restarted (instance" in loop.output(site)
+                or "starting it again (1 of 20)" in loop.output(site)), loop.output(site)[-3000:]
     state_dir = loop.root / "coordinator-state"
     assert not (state_dir / "checkpoint").exists()  # a finished run is not resumed again
     recalibration = metrics["calibration"]["rounds"]  # the two histogram releases after round 2, charged too

@@ -256,19 +256,22 @@ def test_the_front_forwards_exactly_the_fleet_api_the_supernode_uses(tmp_path: P
     from flwr.supernode.fleet_http_client import FleetHttpClient
 
     from spine_fl.server.deployment.front import FrontConfig, fleet_paths, nginx_config, write_front_config
+    from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH
 
     used = set(re.findall(r'path="(/v1/[^"]+)"', inspect.getsource(FleetHttpClient)))
     assert used and used <= set(fleet_paths()) and all(p.startswith("/v1/fleet/") for p in fleet_paths())
     creds = create_server_credentials(tmp_path / "c", [])
-    cfg = FrontConfig("0.0.0.0", 9092, 40000, tmp_path / "front", (creds.ca_cert, creds.cert, creds.key))
+    cfg = FrontConfig("0.0.0.0", 9092, 40000, tmp_path / "front", (creds.ca_cert, creds.cert, creds.key), "a1b2")
     conf = nginx_config(cfg)
-    forwarded = re.findall(r"location = (\S+) \{", conf)
-    assert sorted(forwarded) == fleet_paths()
+    exact = re.findall(r"location = (\S+) \{", conf)
+    forwarded = [path for path in exact if path != INSTANCE_PATH]
+    assert sorted(forwarded) == fleet_paths() and len(exact) == len(forwarded) + 1
+    assert f'location = {INSTANCE_PATH} {{\n            access_log off;\n            return 200 "a1b2";' in conf
     assert re.findall(r"proxy_pass https://superlink(\S+);", conf) == forwarded  # each to its own path only
     assert "/v1/control" not in conf and "/v1/runtime" not in conf
     assert "listen 0.0.0.0:9092 ssl;" in conf and "server 127.0.0.1:40000;" in conf
     assert "proxy_ssl_verify on;" in conf
-    insecure = nginx_config(FrontConfig("127.0.0.1", 9092, 40000, tmp_path / "front", None))
+    insecure = nginx_config(FrontConfig("127.0.0.1", 9092, 40000, tmp_path / "front", None, "a1b2"))
     assert "ssl" not in insecure and "proxy_pass http://superlink/v1/fleet/pull-messages;" in insecure
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.access(nginx, os.X_OK):
@@ -571,3 +574,46 @@ def test_a_restarted_superlink_gives_each_enrolled_key_its_node_id_again() -> No
     assert second.nodes[a1].status == NodeStatus.ONLINE and second.nodes[a1].public_key == key_a
     with pytest.raises(ValueError):  # one key, one node: Flower's own refusal still applies
         second.create_node("coordinator", "coordinator", key_a, 30.0)
+
+
+def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(monkeypatch) -> None:
+    """The watch behind the SuperNode restart: an id that changes sets `restarted`; a coordinator
+    that stops answering for a while and comes back as the same start does not."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from spine_fl.client.deployment import site_node
+    from spine_fl.client.site_config import SiteConnection
+    from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH, fetch_instance
+
+    served = {"id": "first", "up": True}
+
+    class Front(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            up = served["up"] and self.path == INSTANCE_PATH
+            self.send_response(200 if up else 403)
+            self.end_headers()
+            self.wfile.write(served["id"].encode() if up else b"refused")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(site_node, "WATCH_SECONDS", 0.05)
+    address = f"127.0.0.1:{server.server_address[1]}"
+    connection = SiteConnection(address, Path("unused-ca.crt"), Path("unused.key"), "outcome")
+    try:
+        assert fetch_instance(address, None) == "first"
+        with site_node.CoordinatorWatch(connection, True, "first") as watch:
+            served["up"] = False  # an outage: no id, nothing decided
+            assert not watch.restarted.wait(0.5)
+            served["up"] = True  # the same start again
+            assert not watch.restarted.wait(0.5)
+            served["id"] = "second"
+            assert watch.restarted.wait(5)
+        assert (watch.known, watch.seen) == ("first", "second")
+        with site_node.CoordinatorWatch(connection, True, None) as late:  # id unknown at the SuperNode's start
+            assert not late.restarted.wait(0.5) and late.known == "second"
+    finally:
+        server.shutdown()

@@ -6,7 +6,8 @@
    retrying, then explaining what to check;
 3. start a Flower SuperNode that connects *out* to the coordinator (no inbound port is opened
    beyond loopback) with the site's enrolled key and `site-config` in its node config;
-4. serve its messages in this process (client/clientapp_worker.py) until stopped.
+4. serve its messages in this process (client/clientapp_worker.py) until stopped, starting the
+   SuperNode again when the coordinator restarts under it or it exits after serving.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from typing import Callable
 from spine_fl.client.deployment.clientapp_worker import serve
 from spine_fl.client.site_config import Site, SiteConnection
 from spine_fl.client.site_data import validate_site_data
+from spine_fl.shared.runtime.coordinator_instance import fetch_instance
 from spine_fl.shared.runtime.flower import write_secret
 from spine_fl.shared.runtime.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port
 
 VALIDATION_IMAGE_SIZE = 64
 REJOIN_WAIT_SECONDS = 600.0  # how long a site that was serving waits for a restarting coordinator
+WATCH_SECONDS = 1.0  # how often a serving site asks which start of the coordinator it talks to
 
 
 class SiteCannotJoin(RuntimeError):
@@ -99,42 +102,85 @@ def why_node_stopped(node: ManagedProcess) -> str:
     return "see its log."
 
 
+class CoordinatorWatch:
+    """Asks, every WATCH_SECONDS while the site serves, which start of the coordinator it talks to
+    (shared/runtime/coordinator_instance.py); `restarted` is set when the id changes. An unreachable
+    coordinator changes nothing: the SuperNode rides out network trouble itself, and only a new start
+    has forgotten its session."""
+
+    def __init__(self, connection: SiteConnection, insecure: bool, known: str | None) -> None:
+        self.address, self.ca = connection.coordinator, None if insecure else connection.ca_certificate
+        self.known, self.seen = known, known
+        self.restarted, self._done = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="coordinator-watch", daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.wait(WATCH_SECONDS):
+            seen = fetch_instance(self.address, self.ca)
+            if seen is None:
+                continue
+            if self.known is None:  # not known at the SuperNode's start (e.g. answered late): adopt it
+                self.known = self.seen = seen
+            elif seen != self.known:
+                self.seen = seen
+                self.restarted.set()
+                return
+
+    def __enter__(self) -> CoordinatorWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insecure: bool = False,
              runtime_port: int = 9094, attempts: int = 5, pause: float = 3.0,
              say: Callable[[str], None] = print) -> None:
-    """Join and serve until stopped. A SuperNode that exits after it has served messages (Flower's
-    SuperNode gives up when the coordinator restarts under it, e.g. its old session is refused) is
-    started again, up to `attempts` times, once the coordinator answers again (waited for up to
-    REJOIN_WAIT_SECONDS: a coordinator restart takes tens of seconds); one that exits before serving
-    anything (key not enrolled, coordinator unreachable) ends the site's run with the reason."""
+    """Join and serve until stopped. The SuperNode is started again with fresh state when the
+    coordinator restarts under it (its instance id changes), and when it exits after it has served
+    messages (Flower's SuperNode gives up when its old session is refused), up to `attempts` times;
+    both wait for the coordinator to answer (up to REJOIN_WAIT_SECONDS: a coordinator restart takes
+    tens of seconds). One that exits before serving anything (key not enrolled, coordinator
+    unreachable) ends the site's run with the reason."""
     say(check_data(site, connection))
     if not insecure and not connection.private_key.is_file():
         raise SiteCannotJoin(f"site key {connection.private_key} not found: create it with "
                              f"`spine-fl enroll --site {site.name}` and send the .pub file to the coordinator")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    for start in range(attempts + 1):
-        if start == 0:
-            wait_for_coordinator(connection, insecure, attempts, pause, say)
-        else:  # the coordinator may be restarting: wait longer, saying so every tenth probe
-            rejoin_pause = max(pause, 1.0)  # --retry-seconds 0 would otherwise divide by zero here
-            wait_for_coordinator(connection, insecure, max(attempts, math.ceil(REJOIN_WAIT_SECONDS / rejoin_pause)),
-                                 rejoin_pause, say, say_every=10)
-        node, served = _serve_with_supernode(site_config, site, connection, insecure, runtime_port, attempts, stop, say)
+    wait_for_coordinator(connection, insecure, attempts, pause, say)
+    exits = 0
+    while True:
+        instance = fetch_instance(connection.coordinator, None if insecure else connection.ca_certificate)
+        with CoordinatorWatch(connection, insecure, instance) as watch:
+            node, served = _serve_with_supernode(site_config, site, connection, insecure, runtime_port, attempts,
+                                                 stop, say, watch.restarted)
         if stop.is_set():
             return
-        stopped = (f"the SuperNode exited (code {node.popen.returncode}): {why_node_stopped(node)} "
-                   f"Its log ({node.log_path}) ends:\n{node.log_tail(6)}")
-        if not served or start == attempts:
-            raise SiteCannotJoin(stopped)
-        say(f"{site.name}: {stopped}\n{site.name}: it had served {served} message(s); starting it again "
-            f"({start + 1} of {attempts})")
+        if watch.restarted.is_set():
+            say(f"{site.name}: the coordinator restarted (instance {watch.known} -> {watch.seen}); its SuperNode "
+                "was stopped and is started again with fresh state")
+        else:
+            stopped = (f"the SuperNode exited (code {node.popen.returncode}): {why_node_stopped(node)} "
+                       f"Its log ({node.log_path}) ends:\n{node.log_tail(6)}")
+            if not served or exits == attempts:
+                raise SiteCannotJoin(stopped)
+            exits += 1
+            say(f"{site.name}: {stopped}\n{site.name}: it had served {served} message(s); starting it again "
+                f"({exits} of {attempts})")
+        # the coordinator may be restarting: wait longer than at the first join, saying so every tenth probe
+        rejoin_pause = max(pause, 1.0)  # --retry-seconds 0 would otherwise divide by zero here
+        wait_for_coordinator(connection, insecure, max(attempts, math.ceil(REJOIN_WAIT_SECONDS / rejoin_pause)),
+                             rejoin_pause, say, say_every=10)
 
 
 def _serve_with_supernode(site_config: Path, site: Site, connection: SiteConnection, insecure: bool,
-                          runtime_port: int, attempts: int, stop: threading.Event,
-                          say: Callable[[str], None]) -> tuple[ManagedProcess, int]:
-    """Start the SuperNode and serve its messages until it exits or the site is stopped."""
+                          runtime_port: int, attempts: int, stop: threading.Event, say: Callable[[str], None],
+                          coordinator_restarted: threading.Event) -> tuple[ManagedProcess, int]:
+    """Start the SuperNode and serve its messages until it exits, the coordinator restarts or the
+    site is stopped."""
     ensure_port_free("127.0.0.1", runtime_port, "SuperNode's local Runtime API (--runtime-port)")
     secret = write_secret(site.state_dir / "superexec.secret")
     node = start_python("SuperNode", ["-m", "spine_fl.client.deployment.supernode_process",
@@ -144,7 +190,8 @@ def _serve_with_supernode(site_config: Path, site: Site, connection: SiteConnect
         wait_for_port(node, "127.0.0.1", runtime_port)
         say(f"{site.name}: SuperNode PID {node.pid} connecting out to {connection.coordinator} "
             f"({'INSECURE' if insecure else 'TLS, enrolled key'}); log {node.log_path}")
-        served = serve(f"127.0.0.1:{runtime_port}", site, secret.read_bytes(), stop, keep_going=node.alive)
+        served = serve(f"127.0.0.1:{runtime_port}", site, secret.read_bytes(), stop,
+                       keep_going=lambda: node.alive() and not coordinator_restarted.is_set())
     finally:
         node.stop()
         say(f"{site.name}: SuperNode PID {node.pid} stopped")

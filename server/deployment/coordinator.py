@@ -38,6 +38,7 @@ from spine_fl.server.deployment.superlink_process import IN_MEMORY_DATABASE
 from spine_fl.server.reporting.run_result import RunResult
 from spine_fl.shared.config import ConfigError
 from spine_fl.shared.runtime.bundle import build_bundle, read_bundle
+from spine_fl.shared.runtime.coordinator_instance import new_instance_id
 from spine_fl.shared.runtime.credentials import ledger_key_fingerprint, load_site_public_key
 from spine_fl.shared.runtime.flower import write_secret
 from spine_fl.shared.runtime.polling import fast_serverapp_polling
@@ -113,7 +114,8 @@ def start_superlink(fed: FederationConfig, insecure: bool) -> tuple[ManagedProce
 
 def front_config(fed: FederationConfig, endpoint: Endpoint, insecure: bool) -> FrontConfig:
     return FrontConfig(fed.host, fed.port, int(endpoint.address.rsplit(":", 1)[1]), fed.state_dir / "front",
-                       None if insecure else (fed.ca_certificate, fed.certificate, fed.private_key))
+                       None if insecure else (fed.ca_certificate, fed.certificate, fed.private_key),
+                       new_instance_id())
 
 
 def enrol_sites(control: Any, fed: FederationConfig, insecure: bool) -> dict[int, str]:
@@ -142,10 +144,11 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
     front: ManagedProcess | None = None
     started = time.perf_counter()
     try:
-        front = start_front(front_config(fed, endpoint, insecure))
+        front_cfg = front_config(fed, endpoint, insecure)
+        front = start_front(front_cfg)
         say(f"SuperLink PID {proc.pid} on {endpoint.address} (loopback only); log {proc.log_path}")
         say(f"front (nginx) PID {front.pid} listening on {fed.address} ({'INSECURE' if insecure else 'TLS'}), "
-            f"forwarding only the Fleet API; log {front.log_path}")
+            f"forwarding only the Fleet API; coordinator instance {front_cfg.instance}; log {front.log_path}")
         control = init_http_client_from_connection(SuperLinkConnection(
             name="spine-fl", address=endpoint.address, insecure=insecure,
             root_certificates=None if insecure else str(fed.ca_certificate.resolve())))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH
 from spine_fl.shared.runtime.processes import ManagedProcess, ProcessStartError, start_command, wait_for_port
 
 NGINX_HINT = ("install nginx, which serves the coordinator's public address (only the Fleet API reaches the "
@@ -61,6 +62,7 @@ class FrontConfig:
     backend_port: int  # the SuperLink, on 127.0.0.1
     folder: Path  # nginx.conf, logs, PID file, temp folders (under the coordinator's state dir)
     tls: tuple[Path, Path, Path] | None  # (ca.crt, server.crt, server.key); None: --insecure
+    instance: str  # this start's id, served on INSTANCE_PATH (shared/runtime/coordinator_instance.py)
 
     @property
     def conf_path(self) -> Path:
@@ -79,7 +81,10 @@ def _q(path: Path) -> str:
 
 
 def nginx_config(cfg: FrontConfig) -> str:
-    """The whole configuration: one server, the Fleet routes forwarded, everything else refused."""
+    """The whole configuration: one server, the Fleet routes forwarded, the instance id answered,
+    everything else refused."""
+    if not cfg.instance.isalnum():
+        raise ProcessStartError(f"coordinator instance id {cfg.instance!r} must be letters and digits")
     folder = cfg.folder.resolve()
     listen_host = f"[{cfg.listen_host}]" if ":" in cfg.listen_host else cfg.listen_host
     if cfg.tls is None:
@@ -139,6 +144,12 @@ http {{
         proxy_send_timeout 300s;
 {fleet}
 
+        # which start of the coordinator this is: a site restarts its SuperNode when it changes
+        location = {INSTANCE_PATH} {{
+            access_log off;
+            return 200 "{cfg.instance}";
+        }}
+
         location / {{
             return 403 "{REFUSED_BODY}";
         }}
@@ -163,7 +174,7 @@ def _nginx_argv(nginx: str, cfg: FrontConfig, *extra: str) -> list[str]:
 
 def check_front(cfg: FrontConfig, ca: Path | None, timeout: float = 10.0) -> None:
     """Through the public address: a Fleet route reaches the SuperLink (which answers an unsigned
-    call itself, not nginx's 502), and a Control route is refused by the front."""
+    call itself, not nginx's 502), the instance id is served, and a Control route is refused."""
     host = "127.0.0.1" if cfg.listen_host in ("0.0.0.0", "", "::") else cfg.listen_host
     if ":" in host:
         host = f"[{host}]"
@@ -174,12 +185,16 @@ def check_front(cfg: FrontConfig, ca: Path | None, timeout: float = 10.0) -> Non
             headers = {"content-type": "application/protobuf"}
             fleet = client.post(f"{base}/v1/fleet/send-node-heartbeat", content=b"", headers=headers)
             control = client.post(f"{base}/v1/control/list-nodes", content=b"", headers=headers)
+            instance = client.get(f"{base}{INSTANCE_PATH}")
     except httpx.HTTPError as exc:
         raise ProcessStartError(f"the front at {cfg.listen_host}:{cfg.listen_port} does not answer as expected "
                                 f"({exc}); see {cfg.log_path}") from None
     if fleet.status_code in (502, 503, 504):
         raise ProcessStartError(f"the front at {cfg.listen_host}:{cfg.listen_port} does not reach the SuperLink "
                                 f"on 127.0.0.1:{cfg.backend_port} (HTTP {fleet.status_code}); see {cfg.log_path}")
+    if instance.status_code != 200 or instance.text != cfg.instance:
+        raise ProcessStartError(f"the front at {cfg.listen_host}:{cfg.listen_port} did not serve this start's "
+                                f"instance id on {INSTANCE_PATH} (HTTP {instance.status_code}); see {cfg.log_path}")
     if control.status_code != 403:
         raise ProcessStartError(f"the front at {cfg.listen_host}:{cfg.listen_port} did not refuse the Control API "
                                 f"(HTTP {control.status_code}); not starting")
