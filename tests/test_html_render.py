@@ -18,8 +18,6 @@ from model_card_samples import sample_run
 from spine_fl.client.audit.report import render_html
 from spine_fl.server.reporting.model_card import CARD_HTML, THRESHOLDS, write_model_card
 from spine_fl.server.reporting.model_card_html import render_card
-from spine_fl.shared.config import load_scenario
-from spine_fl.simulations.runner import simulate
 
 BROKEN_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>broken</title></head><body>
 <h1>Broken on purpose</h1><script>console.error("deliberate console error");</script>
@@ -27,8 +25,6 @@ BROKEN_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>broken<
 BLANK_PAGE = ('<!DOCTYPE html><html><head><meta charset="utf-8"><link rel="icon" href="data:,"></head>'
               "<body></body></html>")
 # the default task with DP-SGD and SecAgg+ (the defaults), small: 32-pixel images, three rounds
-SMALL_RUN = ('name = "small"\n[consortium]\nsource = "synthetic"\nsites = 3\nseed = 7\n'
-             '[run]\ntask = "tfesi_radiograph"\nimage_size = 32\nrounds = 3\nlocal_epochs = 1\nmin_sites = 3\n')
 # the numbers of the plain-words sentence beside a recorded (epsilon, delta), as a reader finds them
 PLAIN_WORDS = re.compile(r"\u03b5 = (?P<eps>[\d.]+), \u03b4 = (?P<delta>[\d.e-]+) means: whatever an attacker already "
                          r"knows, .*? e\^\u03b5 \u2248 (?P<odds>[\d,.]+) .*? wrongly accuses 1% of non-patients can "
@@ -112,23 +108,15 @@ def test_model_card_without_predictions_renders(tmp_path: Path) -> None:
     assert text.count("Not available") == 3
 
 
-@pytest.fixture(scope="module")
-def simulated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One small federated run, shared by the model card's and the audit's page checks."""
-    out = tmp_path_factory.mktemp("small-run")
-    (out / "scenario.toml").write_text(SMALL_RUN)
-    return out / "run", simulate(load_scenario(out / "scenario.toml"), out / "run")
-
-
 @pytest.mark.slow
-def test_model_card_of_a_simulated_run(simulated_run: tuple[Path, dict], tmp_path: Path) -> None:
-    """A real run's card: its numbers agree with metrics.json, and its page renders."""
-    run_dir, metrics = simulated_run
+def test_model_card_of_a_simulated_run(default_run: tuple[dict, Path], tmp_path: Path) -> None:
+    """A real run's card (the README's default run): its numbers agree with metrics.json, and its page renders."""
+    metrics, run_dir = default_run
     card = write_model_card(run_dir)
     fed = card["comparison"]["federated"]
     assert card["evidence"] in ("predictions", "recomputed")  # saved by the run, or recomputed from model.pt
     assert fed["overall"]["auroc"]["value"] == pytest.approx(metrics["federated"]["auroc"], abs=1e-6)
-    assert fed["overall"]["auroc"]["ci"][0] > 0.5  # three DP rounds already rank patients better than chance
+    assert fed["overall"]["auroc"]["ci"][0] > 0.5  # DP rounds rank patients better than chance
     assert set(fed["per_site"]) == set(metrics["sites"])
     for site, m in fed["per_site"].items():
         assert m["auroc"]["value"] == pytest.approx(metrics["federated"]["per_site"][site]["auroc"], abs=1e-6)
@@ -156,12 +144,12 @@ def test_model_card_of_a_simulated_run(simulated_run: tuple[Path, dict], tmp_pat
 
 
 @pytest.mark.slow
-def test_audit_html_renders(simulated_run: tuple[Path, dict], tmp_path: Path) -> None:
+def test_audit_html_renders(default_run: tuple[dict, Path], tmp_path: Path) -> None:
     """The privacy audit's page (client/audit/report.py) for one site of the same run."""
     from spine_fl.client.audit.cli import locate_site
     from spine_fl.client.audit.run import run_audit
 
-    run_dir, _ = simulated_run
+    _, run_dir = default_run
     site, _, _ = locate_site("leiden", None, run_dir, None, None, None)
     report = run_audit(site, tmp_path / "audit", shadow_models=0, bootstrap=200)
     # the privacy-budget tables (14 columns) are wider than a 1200 px window: they scroll in their own

@@ -30,12 +30,6 @@ def _simulate(scenario: str, out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("default")
-    return _simulate("default", out), out
-
-
 @pytest.mark.slow
 def test_default_scenario_writes_results_of_the_documented_shape(default_run: tuple[dict, Path]) -> None:
     metrics, out = default_run
