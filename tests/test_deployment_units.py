@@ -617,3 +617,50 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
             assert not late.restarted.wait(0.5) and late.known == "second"
     finally:
         server.shutdown()
+
+
+def test_a_wake_up_from_another_process_ends_the_wait_at_once(monkeypatch) -> None:
+    """shared/runtime/wakeup.py: the SuperNode (or SuperLink) process wakes the waiting worker (or
+    ServerApp) through the socket named in its environment; without a wake-up the wait times out."""
+    import subprocess
+    import sys
+    import time
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    from spine_fl.shared.runtime import wakeup
+
+    with wakeup.Wakeup() as wake:
+        started = time.monotonic()
+        assert not wake.wait(0.2) and time.monotonic() - started >= 0.19
+        sender = ("from spine_fl.shared.runtime.wakeup import wake_after\n"
+                  "class State:\n    def store(self, stored): return 'id' if stored else None\n"
+                  "wake_after(State, 'store')\nState().store(False)\nState().store(True)\n")
+        subprocess.run([sys.executable, "-c", sender], env={**os.environ, **wakeup.env_for(wake)}, check=True,
+                       timeout=60)
+        assert wake.wait(5)  # the call that stored something woke it
+        assert not wake.wait(0.1)  # one wake-up, consumed; the call that stored nothing sent none
+        # the patch the SuperNode process applies: a task stored for the worker wakes it
+        monkeypatch.setenv(wakeup.ENV, wake.path)
+        monkeypatch.setattr(InMemoryNodeState, "create_task", InMemoryNodeState.create_task)
+        wakeup.wake_after(InMemoryNodeState, "create_task")
+        state = InMemoryNodeState(ObjectStoreFactory().store())
+        assert state.create_task(task_type=TaskType.CLIENT_APP.value, run_id=1, fab_hash="0" * 64) is not None
+        assert wake.wait(5)
+        # the ServerApp's poll for replies: a wait of up to WOKEN_POLL_SECONDS that a wake-up ends
+        from spine_fl.shared.runtime.polling import cap_sleeps
+
+        grid_module = SimpleNamespace()
+        cap_sleeps(grid_module, 0.05, wake=wake)
+        started = time.monotonic()
+        grid_module.time.sleep(3)
+        waited = time.monotonic() - started
+        assert wakeup.WOKEN_POLL_SECONDS - 0.01 <= waited < 2.0  # nobody woke it: the fallback poll
+        wakeup._notifier()()  # what the SuperLink sends when it stores a reply
+        started = time.monotonic()
+        grid_module.time.sleep(3)
+        assert time.monotonic() - started < wakeup.WOKEN_POLL_SECONDS / 2
+    assert not os.path.exists(wake.path)  # its private folder is gone with it
+    assert wakeup.env_for(None) == {}

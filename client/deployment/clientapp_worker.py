@@ -48,6 +48,7 @@ from spine_fl.client.site_config import Site
 from spine_fl.shared.refusal import Refusal
 from spine_fl.shared.runtime.flower import runtime_client, stop_heartbeat, wait_for_task
 from spine_fl.shared.runtime.packing import PackingError, pack_message, unpack_message
+from spine_fl.shared.runtime.wakeup import Wakeup
 
 log = logging.getLogger("spine_fl.client")
 
@@ -161,16 +162,17 @@ def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
 
 
 def serve(address: str, site: Site, secret: bytes | None, stop: threading.Event,
-          keep_going: Callable[[], bool] = lambda: True) -> int:
+          keep_going: Callable[[], bool] = lambda: True, wake: Wakeup | None = None) -> int:
     """Serve the SuperNode's ClientApp tasks until `stop` is set or `keep_going()` turns false;
-    returns how many tasks were served."""
+    returns how many tasks were served. `wake`: woken by the SuperNode when it stores a task
+    (client/deployment/supernode_process.py); without it the SuperNode is polled every 0.1 s."""
     acquirer = runtime_client(address, insecure=True, secret=secret, component="SuperExec", max_tries=3)
     app = build_client_app()
     served = 0
     try:
         while not stop.is_set() and keep_going():
             try:
-                found = wait_for_task(acquirer, TaskType.CLIENT_APP, timeout=1.0)
+                found = wait_for_task(acquirer, TaskType.CLIENT_APP, timeout=1.0, wake=wake)
             except httpx.HTTPError:
                 continue  # the SuperNode is restarting or gone; keep_going() decides
             if found is not None:

@@ -27,6 +27,7 @@ from spine_fl.client.site_data import validate_site_data
 from spine_fl.shared.runtime.coordinator_instance import fetch_instance
 from spine_fl.shared.runtime.flower import write_secret
 from spine_fl.shared.runtime.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port
+from spine_fl.shared.runtime.wakeup import env_for, open_wakeup
 
 VALIDATION_IMAGE_SIZE = 64
 REJOIN_WAIT_SECONDS = 600.0  # how long a site that was serving waits for a restarting coordinator
@@ -183,16 +184,19 @@ def _serve_with_supernode(site_config: Path, site: Site, connection: SiteConnect
     site is stopped."""
     ensure_port_free("127.0.0.1", runtime_port, "SuperNode's local Runtime API (--runtime-port)")
     secret = write_secret(site.state_dir / "superexec.secret")
+    wake = open_wakeup()
     node = start_python("SuperNode", ["-m", "spine_fl.client.deployment.supernode_process",
                                       *supernode_args(site_config, connection, secret, runtime_port, insecure, attempts)],
-                        site.state_dir / "supernode.log")
+                        site.state_dir / "supernode.log", env=env_for(wake))
     try:
         wait_for_port(node, "127.0.0.1", runtime_port)
         say(f"{site.name}: SuperNode PID {node.pid} connecting out to {connection.coordinator} "
             f"({'INSECURE' if insecure else 'TLS, enrolled key'}); log {node.log_path}")
         served = serve(f"127.0.0.1:{runtime_port}", site, secret.read_bytes(), stop,
-                       keep_going=lambda: node.alive() and not coordinator_restarted.is_set())
+                       keep_going=lambda: node.alive() and not coordinator_restarted.is_set(), wake=wake)
     finally:
         node.stop()
         say(f"{site.name}: SuperNode PID {node.pid} stopped")
+        if wake is not None:
+            wake.close()
     return node, served

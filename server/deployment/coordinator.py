@@ -50,6 +50,7 @@ from spine_fl.shared.runtime.processes import (
     start_python,
     wait_for_port,
 )
+from spine_fl.shared.runtime.wakeup import Wakeup, env_for, open_wakeup
 
 log = logging.getLogger("spine_fl.server")
 # Flower's legacy gRPC Control/Fleet servers (on their own default ports, 0.0.0.0) stay off whatever
@@ -88,8 +89,10 @@ def public_probe_host(fed: FederationConfig) -> str:
     return "127.0.0.1" if fed.host in ("0.0.0.0", "") else fed.host
 
 
-def start_superlink(fed: FederationConfig, insecure: bool) -> tuple[ManagedProcess, Endpoint, bytes]:
-    """The SuperLink on 127.0.0.1, on a free port of its own (the public port is the front's)."""
+def start_superlink(fed: FederationConfig, insecure: bool,
+                    wake: Wakeup | None = None) -> tuple[ManagedProcess, Endpoint, bytes]:
+    """The SuperLink on 127.0.0.1, on a free port of its own (the public port is the front's); it
+    wakes `wake` whenever it stores a site's reply."""
     if not insecure:
         for path in (fed.ca_certificate, fed.certificate, fed.private_key):
             if not path.is_file():
@@ -102,7 +105,7 @@ def start_superlink(fed: FederationConfig, insecure: bool) -> tuple[ManagedProce
     secret = write_secret(fed.state_dir / "superexec.secret")
     proc = start_python("SuperLink", ["-m", "spine_fl.server.deployment.superlink_process",
                                       *superlink_args(fed, secret, insecure, port)],
-                        fed.state_dir / "superlink.log", env=SUPERLINK_ENV)
+                        fed.state_dir / "superlink.log", env={**SUPERLINK_ENV, **env_for(wake)})
     try:
         wait_for_port(proc, SUPERLINK_HOST, port)
     except BaseException:
@@ -140,7 +143,13 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
         say(f"{site} has no ledger_key enrolled: the key that signs its ledgers is pinned on its first reply "
             "(enrol it with `spine-fl enroll --ledger-key` to pin it before any run)")
     bundle = read_bundle(bundle_file) if bundle_file else build_bundle()
-    proc, endpoint, secret = start_superlink(fed, insecure)
+    wake = open_wakeup()
+    try:
+        proc, endpoint, secret = start_superlink(fed, insecure, wake)
+    except BaseException:
+        if wake is not None:
+            wake.close()
+        raise
     front: ManagedProcess | None = None
     started = time.perf_counter()
     try:
@@ -160,7 +169,7 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
             control.close()
         say(f"run {res.run_id}: bundle sha256 {bundle.sha256}; waiting for {fed.run.min_sites} of "
             f"{len(fed.sites)} enrolled sites ({', '.join(fed.sites)})")
-        fast_serverapp_polling()
+        fast_serverapp_polling(wake=wake)
         app = build_server_app(fed.run, list(fed.sites), fed.out_dir, on_round, node_sites or None,
                                fed.state_dir / "checkpoint", fed.state_dir / RECORD_FILE, enrolled_keys,
                                fail_when_stopped=True)
@@ -172,4 +181,7 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
             say(f"front (nginx) PID {front.pid} stopped")
         proc.stop()
         say(f"SuperLink PID {proc.pid} stopped")
+        if wake is not None:
+            fast_serverapp_polling()  # this process's Grid must not wait on a closed socket later
+            wake.close()
     return write_deployment_results(fed, bundle.sha256, time.perf_counter() - started)

@@ -26,6 +26,7 @@ from functools import wraps
 from typing import Any, Callable
 
 from spine_fl import QUIET_FLOWER_ENV
+from spine_fl.shared.runtime.wakeup import wake_after
 
 IN_MEMORY_DATABASE = ":flwr-in-memory:"  # Flower's FLWR_IN_MEMORY_DB_NAME
 
@@ -73,6 +74,9 @@ def key_derived_node_ids() -> None:
 if __name__ == "__main__":
     os.environ.update(QUIET_FLOWER_ENV)
     key_derived_node_ids()
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    wake_after(InMemoryLinkState, "store_message_res")  # the ServerApp asks for replies at once
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     flower_superlink()

@@ -29,6 +29,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 
 from spine_fl import QUIET_FLOWER_ENV
+from spine_fl.shared.runtime.wakeup import WOKEN_POLL_SECONDS, Wakeup
 
 ACQUIRE_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 
@@ -101,11 +102,16 @@ def acquire_task(client: RuntimeHttpClient, task_type: TaskType) -> tuple[Task, 
 
 
 def wait_for_task(client: RuntimeHttpClient, task_type: TaskType, poll_seconds: float = 0.1,
-                  timeout: float | None = None) -> tuple[Task, str] | None:
+                  timeout: float | None = None, wake: Wakeup | None = None) -> tuple[Task, str] | None:
+    """Poll every `poll_seconds`; with `wake` (the server wakes it when it stores a task:
+    shared/runtime/wakeup.py), ask again when woken, else after `timeout` (or WOKEN_POLL_SECONDS)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         found = acquire_task(client, task_type)
         if found is not None:
             return found
-        time.sleep(poll_seconds)
+        if wake is None:
+            time.sleep(poll_seconds)
+        else:
+            wake.wait(WOKEN_POLL_SECONDS if deadline is None else deadline - time.monotonic())
     return None

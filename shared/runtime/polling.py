@@ -22,6 +22,9 @@ changing what Flower sends or checks:
   10 ms and is capped at 0.2 s (measured with a 50 ms start: the replies still reached the
   ServerApp 0.3-0.5 s after the last site had pushed its own); the overall patience stays Flower's
   (`max_time`, 2 hours), not a count of tries that the shorter waits would use up sooner.
+
+The ServerApp's poll for replies is also woken by its SuperLink when a reply is stored, and then
+waits at most WOKEN_POLL_SECONDS between polls (shared/runtime/wakeup.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import time
 from functools import wraps
 from types import ModuleType
 from typing import Any, Callable
+
+from spine_fl.shared.runtime.wakeup import WOKEN_POLL_SECONDS, Wakeup
 
 DEFAULT_POLL_SECONDS = 0.1
 SERVERAPP_POLL_SECONDS = 0.05
@@ -44,22 +49,30 @@ PULL_BACKOFF_CAP = 0.2
 
 class _CappedClock:
     """`time` with `sleep` capped: at `cap` for polls of a server, at `local_cap` for waits shorter
-    than LOCAL_WAIT_BELOW (checks of the process's own state), when given."""
+    than LOCAL_WAIT_BELOW (checks of the process's own state), when given. With `wake`, a poll's
+    wait ends at the server's wake-up, or after WOKEN_POLL_SECONDS (shared/runtime/wakeup.py)."""
 
-    def __init__(self, cap: float, local_cap: float | None = None):
+    def __init__(self, cap: float, local_cap: float | None = None, wake: Wakeup | None = None):
         self.cap = cap
         self.local_cap = local_cap
+        self.wake = wake
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
         local = self.local_cap is not None and seconds < LOCAL_WAIT_BELOW
-        time.sleep(min(seconds, self.local_cap if local else self.cap))  # type: ignore[type-var]
+        if local:
+            time.sleep(min(seconds, self.local_cap))  # type: ignore[type-var]
+        elif self.wake is not None:
+            self.wake.wait(min(seconds, WOKEN_POLL_SECONDS))
+        else:
+            time.sleep(min(seconds, self.cap))
 
 
-def cap_sleeps(module: ModuleType, cap: float = DEFAULT_POLL_SECONDS, local_cap: float | None = None) -> None:
-    module.time = _CappedClock(cap, local_cap)  # type: ignore[attr-defined]
+def cap_sleeps(module: ModuleType, cap: float = DEFAULT_POLL_SECONDS, local_cap: float | None = None,
+               wake: Wakeup | None = None) -> None:
+    module.time = _CappedClock(cap, local_cap, wake)  # type: ignore[attr-defined]
 
 
 def quick_pulls(pull_objects: Callable[..., Any], initial_backoff: float = PULL_INITIAL_BACKOFF,
@@ -84,10 +97,11 @@ def quick_object_pulls(module: ModuleType) -> None:
     module.pull_objects = quick_pulls(module.pull_objects)  # type: ignore[attr-defined]
 
 
-def fast_serverapp_polling(cap: float = SERVERAPP_POLL_SECONDS) -> None:
+def fast_serverapp_polling(cap: float = SERVERAPP_POLL_SECONDS, wake: Wakeup | None = None) -> None:
+    """`wake`: woken by the SuperLink when a reply is stored (server/deployment/superlink_process.py)."""
     from flwr.superlink.grid import http_grid
 
-    cap_sleeps(http_grid, cap)
+    cap_sleeps(http_grid, cap, wake=wake)
     quick_object_pulls(http_grid)
 
 
