@@ -605,7 +605,8 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
     connection = SiteConnection(address, Path("unused-ca.crt"), Path("unused.key"), "outcome")
     try:
         assert fetch_instance(address, None) == "first"
-        with site_node.CoordinatorWatch(connection, True, "first") as watch:
+        with site_node.CoordinatorWatch(connection, True) as watch:
+            assert watch.known == "first"
             served["up"] = False  # an outage: no id, nothing decided
             assert not watch.restarted.wait(0.5)
             served["up"] = True  # the same start again
@@ -613,7 +614,10 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
             served["id"] = "second"
             assert watch.restarted.wait(5)
         assert (watch.known, watch.seen) == ("first", "second")
-        with site_node.CoordinatorWatch(connection, True, None) as late:  # id unknown at the SuperNode's start
+        served["up"] = False
+        with site_node.CoordinatorWatch(connection, True) as late:  # id unknown at the SuperNode's start
+            assert late.known is None
+            served["up"] = True
             assert not late.restarted.wait(0.5) and late.known == "second"
     finally:
         server.shutdown()
@@ -627,8 +631,8 @@ def test_a_wake_up_from_another_process_ends_the_wait_at_once(monkeypatch) -> No
     import time
 
     from flwr.supercore.constant import TaskType
-    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
     from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
     from spine_fl.shared.runtime import wakeup
 

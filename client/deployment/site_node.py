@@ -109,9 +109,9 @@ class CoordinatorWatch:
     coordinator changes nothing: the SuperNode rides out network trouble itself, and only a new start
     has forgotten its session."""
 
-    def __init__(self, connection: SiteConnection, insecure: bool, known: str | None) -> None:
+    def __init__(self, connection: SiteConnection, insecure: bool) -> None:
         self.address, self.ca = connection.coordinator, None if insecure else connection.ca_certificate
-        self.known, self.seen = known, known
+        self.known = self.seen = fetch_instance(self.address, self.ca)  # before the SuperNode starts
         self.restarted, self._done = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._watch, name="coordinator-watch", daemon=True)
 
@@ -154,8 +154,7 @@ def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insec
     wait_for_coordinator(connection, insecure, attempts, pause, say)
     exits = 0
     while True:
-        instance = fetch_instance(connection.coordinator, None if insecure else connection.ca_certificate)
-        with CoordinatorWatch(connection, insecure, instance) as watch:
+        with CoordinatorWatch(connection, insecure) as watch:
             node, served = _serve_with_supernode(site_config, site, connection, insecure, runtime_port, attempts,
                                                  stop, say, watch.restarted)
         if stop.is_set():
