@@ -549,31 +549,54 @@ def test_a_task_stops_its_heartbeat_before_it_ends(monkeypatch) -> None:
 
 
 
-def test_a_restarted_superlink_gives_each_enrolled_key_its_node_id_again() -> None:
-    """SuperNodes still connected across a coordinator restart sign with the node id they were given;
-    a fresh in-memory SuperLink must give the same key the same id (server/deployment/superlink_process.py)."""
+def test_a_supernode_left_from_the_coordinators_previous_start_is_refused_by_the_new_one() -> None:
+    """A restarted coordinator registers the enrolled keys afresh; a SuperNode still running from its
+    previous start signs with its old node id and must be refused by Flower's node authentication
+    (HTTP 401), so it cannot take a message of the new run (server/deployment/superlink_process.py)."""
+    from base64 import b64encode
+
+    from fastapi import HTTPException
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
     from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.constant import NodeStatus
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
     from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes, sign_message
     from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
+    from flwr.superlink.routers.fleet.node_auth import authenticate_node
+    from starlette.requests import Request
 
-    from spine_fl.server.deployment.superlink_process import IN_MEMORY_DATABASE, key_derived_node_ids, key_node_id
+    from spine_fl.server.deployment.superlink_process import IN_MEMORY_DATABASE
 
-    key_derived_node_ids()
-    key_a, key_b = b"\x04" + b"a" * 64, b"\x04" + b"b" * 64
+    private, public = generate_key_pairs()
+    key = public_key_to_bytes(public)
 
-    def register(*keys: bytes):  # a fresh SuperLink state, built as the SuperLink builds it
-        state = LinkStateFactory(IN_MEMORY_DATABASE, NoOpFederationManager(), ObjectStoreFactory()).state()
-        return state, [state.create_node("coordinator", "coordinator", key, 30.0) for key in keys]
+    def start() -> LinkStateFactory:  # a fresh SuperLink state with the site enrolled, as enrol_sites does
+        factory = LinkStateFactory(IN_MEMORY_DATABASE, NoOpFederationManager(), ObjectStoreFactory())
+        factory.state().create_node("coordinator", "coordinator", key, 30.0)
+        return factory
 
-    first, (a1, b1) = register(key_a, key_b)
-    second, (b2, a2) = register(key_b, key_a)  # another order after the restart: same ids
-    assert (a1, b1) == (a2, b2) == (key_node_id(key_a), key_node_id(key_b)) and a1 != b1
-    assert second.get_node_id_by_public_key(key_a) == a1
-    assert second.acknowledge_node_heartbeat(a1, 30.0)  # the old SuperNode's next heartbeat is accepted
-    assert second.nodes[a1].status == NodeStatus.ONLINE and second.nodes[a1].public_key == key_a
-    with pytest.raises(ValueError):  # one key, one node: Flower's own refusal still applies
-        second.create_node("coordinator", "coordinator", key_a, 30.0)
+    def pull(factory: LinkStateFactory, node_id: int) -> None:  # the SuperNode's signed PullMessages
+        stamp = now().isoformat()
+        headers = {FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(key).decode(), TIMESTAMP_HEADER: stamp,
+                   FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(private, stamp.encode())).decode()}
+        request = Request({"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+                           "app": SimpleNamespace(state=SimpleNamespace(linkstate_factory=factory)), "state": {}})
+        request.state.protobuf_request = PullMessagesRequest(node=Node(node_id=node_id))
+        authenticate_node(request)
+
+    first = start()
+    old_id = first.state().get_node_id_by_public_key(key)
+    pull(first, old_id)  # accepted by the start that gave it
+    restarted = start()
+    new_id = restarted.state().get_node_id_by_public_key(key)
+    assert new_id not in (None, old_id)
+    with pytest.raises(HTTPException) as refused:
+        pull(restarted, old_id)
+    assert refused.value.status_code == 401
+    pull(restarted, new_id)  # a fresh SuperNode, which asked for its id, is served
 
 
 def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(monkeypatch) -> None:

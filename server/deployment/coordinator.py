@@ -122,8 +122,8 @@ def front_config(fed: FederationConfig, endpoint: Endpoint, insecure: bool) -> F
 
 
 def enrol_sites(control: Any, fed: FederationConfig, insecure: bool) -> dict[int, str]:
-    """Register exactly the enrolled keys (the SuperLink starts empty each time; a key's node id is
-    fixed by the key, so SuperNodes still connected from before a restart keep theirs); node id -> site."""
+    """Register exactly the enrolled keys (the SuperLink starts empty each time and gives each key a
+    new node id, so a SuperNode left from a previous start is refused); node id -> site."""
     if insecure:
         return {}
     wanted = {site: load_site_public_key(key_file) for site, key_file in fed.sites.items()}
