@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomlkit
 from typer.testing import CliRunner
 
 from spine_fl.cli import app
@@ -24,7 +25,7 @@ from spine_fl.client.privacy.egress_ledger import LEDGER_FILE, verify
 from spine_fl.server.checkpoint import STATE_FILE
 from spine_fl.shared.runtime.bundle import build_bundle, project_root
 from spine_fl.shared.runtime.credentials import create_site_keys
-from spine_fl.simulations.loopback import build_loopback, wait_for
+from spine_fl.simulations.loopback import build_loopback, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -166,9 +167,35 @@ def test_coordinator_killed_after_a_round_resumes_at_the_next_one_with_the_same_
     assert len(list(state_dir.glob("checkpoint-finished-*"))) == 1
 
 
-def test_unenrolled_key_and_client_without_tls_are_refused(loopback):
-    loop = loopback()
-    server = loop.start_server()
+def _modified_bundle(tmp_path: Path, marker: Path) -> Path:
+    """The released code plus one line that would leave a mark if a site ever imported it."""
+    copy = tmp_path / "modified-app"
+    shutil.copytree(project_root(), copy, ignore=shutil.ignore_patterns(".git", ".venv", "results", "*.egg-info",
+                                                                         "__pycache__", "tests"))
+    app = copy / "client" / "app.py"
+    app.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n" + app.read_text())
+    content = build_bundle(copy).content
+    path = tmp_path / "modified.fab"
+    path.write_bytes(content)
+    return path
+
+
+def test_at_the_door_an_unenrolled_key_a_client_without_tls_and_a_modified_bundle_are_refused(loopback, tmp_path):
+    """One coordinator, offered a modified app bundle: first an unenrolled key and a client without
+    TLS try to join (refused; the coordinator keeps waiting) while a site pointed at an address where
+    nobody answers explains that, then the enrolled sites join and refuse the bundle before any of
+    its code runs."""
+    loop = loopback({**RUN, "rounds": 1})
+    create_site_keys(loop.root / "credentials", "nowhere")
+    loop.write_site("nowhere", loop.root / "data" / loop.sites[2], [build_bundle().sha256])
+    nowhere_file = tomlkit.parse(loop.site_file("nowhere").read_text())
+    nowhere_file["coordinator"]["address"] = f"127.0.0.1:{free_port()}"  # nothing listens there
+    loop.site_file("nowhere").write_text(tomlkit.dumps(nowhere_file))
+    unreachable = loop.start_client("nowhere", attempts=3, retry_seconds=0.2)
+    marker = tmp_path / "modified-code-ran"
+    fab = _modified_bundle(tmp_path, marker)
+    assert "client/app.py" in zipfile.ZipFile(fab).namelist()
+    server = loop._start("server", ["server", "--config", str(loop.federation_file), "--bundle", str(fab)])
     wait_for(lambda: "listening on" in loop.output("server"), 60, "the coordinator to listen")
     intruder = "intruder"
     create_site_keys(loop.root / "credentials", intruder)
@@ -187,36 +214,11 @@ def test_unenrolled_key_and_client_without_tls_are_refused(loopback):
     assert "No SuperNode found with the given public key" in (loop.root / "coordinator-state" /
                                                               "superlink.log").read_text()
     assert not (loop.out_dir / "metrics.json").exists()
+    assert unreachable.wait(120) == 1
+    assert loop.output("nowhere").count("not reachable") == 3
+    assert "did not answer after 3 attempts" in loop.output("nowhere") and "firewall" in loop.output("nowhere")
 
-
-def test_client_explains_when_the_coordinator_is_unreachable(loopback):
-    loop = loopback()
-    proc = loop.start_client(loop.sites[0], attempts=3, retry_seconds=0.2)
-    assert proc.wait(120) == 1
-    out = loop.output(loop.sites[0])
-    assert out.count("not reachable") == 3
-    assert "did not answer after 3 attempts" in out and "firewall" in out
-
-
-def _modified_bundle(tmp_path: Path, marker: Path) -> Path:
-    """The released code plus one line that would leave a mark if a site ever imported it."""
-    copy = tmp_path / "modified-app"
-    shutil.copytree(project_root(), copy, ignore=shutil.ignore_patterns(".git", ".venv", "results", "*.egg-info",
-                                                                         "__pycache__", "tests"))
-    app = copy / "client" / "app.py"
-    app.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n" + app.read_text())
-    content = build_bundle(copy).content
-    path = tmp_path / "modified.fab"
-    path.write_bytes(content)
-    return path
-
-
-def test_a_modified_bundle_is_refused_before_any_of_its_code_runs(loopback, tmp_path):
-    loop = loopback({**RUN, "rounds": 1})
-    marker = tmp_path / "modified-code-ran"
-    fab = _modified_bundle(tmp_path, marker)
-    assert "client/app.py" in zipfile.ZipFile(fab).namelist()
-    server = loop._start("server", ["server", "--config", str(loop.federation_file), "--bundle", str(fab)])
+    loop.set_policy(loop.sites[1], require_tls=True)
     for site in loop.sites:
         loop.start_client(site)
     assert server.wait(300) == 1, loop.output("server")[-3000:]

@@ -653,8 +653,13 @@ def test_a_wake_up_from_another_process_ends_the_wait_at_once(monkeypatch) -> No
     import sys
     import time
 
-    from flwr.supercore.constant import TaskType
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.app.metadata import Metadata
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
     from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supernode import start_client_internal
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
     from spine_fl.shared.runtime import wakeup
@@ -669,13 +674,34 @@ def test_a_wake_up_from_another_process_ends_the_wait_at_once(monkeypatch) -> No
                        timeout=60)
         assert wake.wait(5)  # the call that stored something woke it
         assert not wake.wait(0.1)  # one wake-up, consumed; the call that stored nothing sent none
-        # the patch the SuperNode process applies: a task stored for the worker wakes it
+        # the patch the SuperNode process applies: the worker is woken once the message is whole in the
+        # SuperNode's store, not while its parts are still being pulled from the SuperLink
         monkeypatch.setenv(wakeup.ENV, wake.path)
-        monkeypatch.setattr(InMemoryNodeState, "create_task", InMemoryNodeState.create_task)
-        wakeup.wake_after(InMemoryNodeState, "create_task")
-        state = InMemoryNodeState(ObjectStoreFactory().store())
-        assert state.create_task(task_type=TaskType.CLIENT_APP.value, run_id=1, fab_hash="0" * 64) is not None
-        assert wake.wait(5)
+        monkeypatch.setattr(start_client_internal, "_pull_and_store_message",
+                            start_client_internal._pull_and_store_message)
+        wakeup.wake_after(start_client_internal, "_pull_and_store_message")
+        store = ObjectStoreFactory().store()
+        state = InMemoryNodeState(store)
+        state.store_run(Run.create_empty(7))
+        message = make_message(Metadata(7, "", 1, 5, "", "1", time.time(), 3600.0, "train"),
+                               RecordDict({"w": ArrayRecord([np.ones(3)]), "c": ConfigRecord({"a": 1})}))
+        message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grid names it
+        parts = {oid: o.deflate() for oid, o in get_all_nested_objects(message).items()}
+        woken_while_pulling = []
+
+        def pull_object(run_id: int, object_id: str) -> bytes:
+            woken_while_pulling.append(wake.wait(0))
+            return parts[object_id]
+
+        assert start_client_internal._pull_and_store_message(
+            state, store, {}, lambda: (message, get_object_tree(message)), None, None, pull_object,
+            lambda *_: None, None) == 7
+        assert len(woken_while_pulling) == len(parts) and not any(woken_while_pulling)
+        assert wake.wait(5)  # woken after the last part
+        assert all(store.get(oid) is not None for oid in parts)
+        assert not start_client_internal._pull_and_store_message(state, store, {}, lambda: None, None, None,
+                                                                 pull_object, lambda *_: None, None)
+        assert not wake.wait(0.1)  # no message pulled: nobody woken
         # the ServerApp's poll for replies: a wait of up to WOKEN_POLL_SECONDS that a wake-up ends
         from spine_fl.shared.runtime.polling import cap_sleeps
 
@@ -691,3 +717,80 @@ def test_a_wake_up_from_another_process_ends_the_wait_at_once(monkeypatch) -> No
         assert time.monotonic() - started < wakeup.WOKEN_POLL_SECONDS / 2
     assert not os.path.exists(wake.path)  # its private folder is gone with it
     assert wakeup.env_for(None) == {}
+
+
+def test_a_wake_up_folder_left_by_a_killed_process_is_removed_by_the_next_one() -> None:
+    """A `spine-fl client` or `server` killed by SIGKILL cannot remove its wake-up folder; the next
+    Wakeup made on the machine removes it, and never one whose process still runs."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from spine_fl.shared.runtime import wakeup
+
+    killed = subprocess.Popen([sys.executable, "-c", "from spine_fl.shared.runtime.wakeup import Wakeup\n"
+                               "w = Wakeup(); print(w.path, flush=True); import time; time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    left = Path(killed.stdout.readline().strip()).parent
+    killed.kill()
+    killed.wait(30)
+    killed.stdout.close()
+    with wakeup.Wakeup() as running:
+        assert not left.exists()  # its PID no longer runs: removed
+        others = Path(tempfile.gettempdir()) / f"{wakeup.PREFIX}{os.getpid()}-kept"
+        others.mkdir()
+        try:
+            with wakeup.Wakeup():
+                assert others.is_dir() and Path(running.path).exists()  # this process still runs: kept
+        finally:
+            others.rmdir()
+
+
+def test_flowers_middleware_is_skipped_only_where_it_would_hand_the_request_on(monkeypatch) -> None:
+    """shared/runtime/middleware.py: the Control API's layers still act on Control requests (a
+    sensitive answer gets no-store) and the sites' authentication on Fleet requests, but neither
+    enters the other's; the event log runs only with a plugin, tracing only when on; and Flower's
+    SuperLink layers are the ones the skip was written against."""
+    from flwr.superlink import main
+    from flwr.superlink.routers.control.middlewares import ControlSensitiveResponseMiddleware
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from spine_fl.shared.runtime import middleware
+
+    original = main._get_middleware  # Flower's own: only the SuperLink process replaces it
+    assert tuple(m.cls.__name__ for m in original()) == middleware.FLOWER_MIDDLEWARE
+    skipped = [m.kwargs["middleware"].__name__ for m in middleware.lean(original()) if m.cls is middleware.OnlyWhere]
+    assert sorted(skipped) == sorted(middleware.ONLY_WHERE)
+
+    entered: list[str] = []
+
+    def recording(name: str) -> Middleware:
+        async def dispatch(self, request, call_next):
+            entered.append(f"{name.removesuffix('Middleware')} {request.url.path.rsplit('/', 1)[1]}")
+            return await call_next(request)
+        return Middleware(type(name, (BaseHTTPMiddleware,), {"dispatch": dispatch}))
+
+    routes = [Route(path, lambda request: PlainTextResponse("ok"), methods=["POST"])
+              for path in ("/v1/control/get-auth-tokens", "/v1/fleet/pull-messages", "/v1/pull-messages")]
+    layers = [Middleware(ControlSensitiveResponseMiddleware),
+              *map(recording, ["ControlEventLogMiddleware", "RuntimeTracingMiddleware", "NodeAuthMiddleware",
+                               "FleetEventLogMiddleware"])]
+    server = Starlette(routes=routes, middleware=middleware.lean(layers))
+    client = TestClient(server)
+    monkeypatch.delenv("FLWR_TRACING_ENABLED", raising=False)
+    control = client.post("/v1/control/get-auth-tokens")
+    fleet = client.post("/v1/fleet/pull-messages")
+    serverapp = client.post("/v1/pull-messages")  # the ServerApp's own API
+    assert control.text == fleet.text == serverapp.text == "ok"
+    assert control.headers["cache-control"] == "no-store" and "cache-control" not in fleet.headers
+    assert entered == ["ControlEventLog get-auth-tokens", "NodeAuth pull-messages"]
+    entered.clear()
+    monkeypatch.setenv("FLWR_TRACING_ENABLED", "1")
+    server.state.fleet_event_log_plugin = object()
+    client.post("/v1/fleet/pull-messages")
+    assert entered == ["RuntimeTracing pull-messages", "NodeAuth pull-messages", "FleetEventLog pull-messages"]

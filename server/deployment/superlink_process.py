@@ -1,5 +1,6 @@
 """`python -m spine_fl.server.deployment.superlink_process ARGS`: Flower's SuperLink (same arguments
-as `flower-superlink`), its state in memory.
+as `flower-superlink`), its state in memory, its HTTP middleware only where it acts
+(shared/runtime/middleware.py).
 
 Why in memory: with `--database FILE` every Fleet request (each poll, each object of a message) goes
 through SQLAlchemy and SQLite in the SuperLink's one Python process, which all sites and the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 
 from spine_fl import QUIET_FLOWER_ENV
+from spine_fl.shared.runtime.middleware import lean_superlink_middleware
 from spine_fl.shared.runtime.wakeup import wake_after
 
 IN_MEMORY_DATABASE = ":flwr-in-memory:"  # Flower's FLWR_IN_MEMORY_DB_NAME
@@ -29,6 +31,7 @@ IN_MEMORY_DATABASE = ":flwr-in-memory:"  # Flower's FLWR_IN_MEMORY_DB_NAME
 
 if __name__ == "__main__":
     os.environ.update(QUIET_FLOWER_ENV)
+    lean_superlink_middleware()  # each request crosses only the layers that act on it
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
     wake_after(InMemoryLinkState, "store_message_res")  # the ServerApp asks for replies at once

@@ -9,8 +9,8 @@ change a round's time on 2 cores (README "Round time").
 
 Here the waiting process opens a Unix datagram socket in a private temporary folder and passes its
 path to the other process (SPINE_FL_WAKEUP_SOCKET); that process sends one byte whenever the
-awaited thing happens (the SuperNode stores a task, the SuperLink stores a reply), and the waiter
-asks at once. The poll stays as a fallback at a slower pace (`Wakeup.wait`'s timeout), so a lost
+awaited thing happens (the SuperNode has a whole message for the worker, the SuperLink stores a
+reply), and the waiter asks at once. The poll stays as a fallback at a slower pace (`Wakeup.wait`'s timeout), so a lost
 or missing wake-up costs time, never a message. A wake-up carries nothing, and only a process that
 can reach the socket (in a folder only the owner can open) can send one.
 """
@@ -23,9 +23,11 @@ import shutil
 import socket
 import tempfile
 from functools import wraps
+from pathlib import Path
 from typing import Any, Callable
 
 ENV = "SPINE_FL_WAKEUP_SOCKET"
+PREFIX = "spine-fl-wake-"  # then the waiting process's PID: a folder a killed waiter left is removed later
 WOKEN_POLL_SECONDS = 0.5  # the fallback poll of a wait that wake-ups end early
 
 
@@ -33,7 +35,8 @@ class Wakeup:
     """The receiving end: a Unix datagram socket at `path`, removed with its folder on close."""
 
     def __init__(self) -> None:
-        self._folder = tempfile.mkdtemp(prefix="spine-fl-wake-")  # 0700: only this user can send
+        _remove_left_behind()
+        self._folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")  # 0700: only this user can send
         self.path = os.path.join(self._folder, "wake")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self.path)
@@ -58,6 +61,21 @@ class Wakeup:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _remove_left_behind() -> None:
+    """Remove the folders of this user's waiters that died without closing (SIGKILL): the creator's
+    PID is in the name; a folder whose PID still runs (or is not ours to ask) is kept."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*-*"):
+        pid = folder.name[len(PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # not ours, or gone meanwhile
+            continue
 
 
 def open_wakeup() -> Wakeup | None:
@@ -89,10 +107,11 @@ def _notifier() -> Callable[[], None]:
     return notify
 
 
-def wake_after(cls: type, method: str) -> None:
-    """In the sending process: `cls.method` wakes the waiter (SPINE_FL_WAKEUP_SOCKET) after each call
-    that returns something (Flower's state methods return None when they stored nothing)."""
-    original = getattr(cls, method)
+def wake_after(owner: object, name: str) -> None:
+    """In the sending process: the function `owner.name` (a class's method or a module's function)
+    wakes the waiter (SPINE_FL_WAKEUP_SOCKET) after each call that returns something (Flower's
+    functions here return None when they stored nothing)."""
+    original = getattr(owner, name)
     if getattr(original, "_spine_fl_wakes", False):
         return
     notify = _notifier()
@@ -105,4 +124,4 @@ def wake_after(cls: type, method: str) -> None:
         return result
 
     waking._spine_fl_wakes = True  # type: ignore[attr-defined]
-    setattr(cls, method, waking)
+    setattr(owner, name, waking)

@@ -77,7 +77,8 @@ def run(rounds: int = 5, say: Callable[[str], None] = print) -> dict[str, Any]:
         {"round_seconds": dep_seconds, "mean_round_seconds_after_first": _mean_after_first(dep_seconds),
          "wall_seconds": round(dep_wall, 1), "auroc_final_round": dep["rounds"][-1]["auroc"],
          "setup": "TLS, SuperNode auth, nginx front, SuperLink state in memory, --isolation process with "
-                  "spine-fl's long-lived workers, Flower polling capped at 0.1 s, pre-flight on the SecAgg+ setup"})
+                  "spine-fl's long-lived workers, Flower polling capped at 0.1 s, pre-flight on the SecAgg+ setup, "
+                  "wake-ups between local processes, Flower's HTTP middleware only where it acts"})
 
 
 def headline(report: dict[str, Any]) -> str:
