@@ -642,6 +642,13 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
             assert late.known is None
             served["up"] = True
             assert not late.restarted.wait(0.5) and late.known == "second"
+        # the SuperNode exited by itself (the new start refused its old node id) before the watch looked again
+        exited = site_node.CoordinatorWatch(connection, True)
+        assert not exited.look()  # the same start: an ordinary exit
+        served["up"] = False
+        assert not exited.look()  # unreachable: nothing decided
+        served.update(up=True, id="third")
+        assert exited.look() and exited.restarted.is_set() and (exited.known, exited.seen) == ("second", "third")
     finally:
         server.shutdown()
 
@@ -794,3 +801,23 @@ def test_flowers_middleware_is_skipped_only_where_it_would_hand_the_request_on(m
     server.state.fleet_event_log_plugin = object()
     client.post("/v1/fleet/pull-messages")
     assert entered == ["RuntimeTracing pull-messages", "NodeAuth pull-messages", "FleetEventLog pull-messages"]
+
+
+def test_the_superlink_and_supernode_processes_patch_flowers_app_builders(monkeypatch) -> None:
+    """What superlink_process.py and supernode_process.py call before Flower builds its apps: the
+    names Flower's create_app reads at call time now give the lean layers (restored after the test)."""
+    from flwr.superlink import main as superlink
+    from flwr.supernode import main as supernode
+
+    from spine_fl.shared.runtime import middleware
+
+    monkeypatch.setattr(superlink, "_get_middleware", superlink._get_middleware)
+    monkeypatch.setattr(supernode, "RuntimeTracingMiddleware", supernode.RuntimeTracingMiddleware)
+    for _ in range(2):  # applied twice, wrapped once
+        middleware.lean_superlink_middleware()
+        middleware.lean_supernode_middleware()
+    layers = superlink._get_middleware()
+    assert len(layers) == len(middleware.FLOWER_MIDDLEWARE)
+    assert sum(m.cls is middleware.OnlyWhere for m in layers) == len(middleware.ONLY_WHERE)
+    assert supernode.RuntimeTracingMiddleware.func is middleware.OnlyWhere
+    assert supernode.RuntimeTracingMiddleware.keywords["middleware"].__name__ == "RuntimeTracingMiddleware"

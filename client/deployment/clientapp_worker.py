@@ -164,8 +164,8 @@ def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
 def serve(address: str, site: Site, secret: bytes | None, stop: threading.Event,
           keep_going: Callable[[], bool] = lambda: True, wake: Wakeup | None = None) -> int:
     """Serve the SuperNode's ClientApp tasks until `stop` is set or `keep_going()` turns false;
-    returns how many tasks were served. `wake`: woken by the SuperNode when it stores a task
-    (client/deployment/supernode_process.py); without it the SuperNode is polled every 0.1 s."""
+    returns how many tasks were served. `wake`: woken by the SuperNode when a task's message is
+    whole in its store (client/deployment/supernode_process.py); without it the SuperNode is polled every 0.1 s."""
     acquirer = runtime_client(address, insecure=True, secret=secret, component="SuperExec", max_tries=3)
     app = build_client_app()
     served = 0

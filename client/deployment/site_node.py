@@ -116,16 +116,20 @@ class CoordinatorWatch:
         self._thread = threading.Thread(target=self._watch, name="coordinator-watch", daemon=True)
 
     def _watch(self) -> None:
-        while not self._done.wait(WATCH_SECONDS):
-            seen = fetch_instance(self.address, self.ca)
-            if seen is None:
-                continue
-            if self.known is None:  # not known at the SuperNode's start (e.g. answered late): adopt it
-                self.known = self.seen = seen
-            elif seen != self.known:
-                self.seen = seen
-                self.restarted.set()
-                return
+        while not self._done.wait(WATCH_SECONDS) and not self.look():
+            pass
+
+    def look(self) -> bool:
+        """Ask the coordinator once; whether it is a new start (then `restarted` is set). Also called
+        when the SuperNode exited by itself: the new start refuses its old node id (HTTP 401) and
+        Flower's SuperNode stops on that, which can come before the watch's next look."""
+        seen = fetch_instance(self.address, self.ca)
+        if seen is not None and self.known is None:  # not known at the SuperNode's start: adopt it
+            self.known = self.seen = seen
+        elif seen is not None and seen != self.known:
+            self.seen = seen
+            self.restarted.set()
+        return self.restarted.is_set()
 
     def __enter__(self) -> CoordinatorWatch:
         self._thread.start()
@@ -143,8 +147,9 @@ def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insec
     coordinator restarts under it (its instance id changes), and when it exits after it has served
     messages (Flower's SuperNode gives up when its old session is refused), up to `attempts` times;
     both wait for the coordinator to answer (up to REJOIN_WAIT_SECONDS: a coordinator restart takes
-    tens of seconds). One that exits before serving anything (key not enrolled, coordinator
-    unreachable) ends the site's run with the reason."""
+    tens of seconds). An exit the coordinator's new start caused (its refusal of the old node id)
+    counts as that restart. One that exits before serving anything for another reason (key not
+    enrolled, coordinator unreachable) ends the site's run with the reason."""
     say(check_data(site, connection))
     if not insecure and not connection.private_key.is_file():
         raise SiteCannotJoin(f"site key {connection.private_key} not found: create it with "
@@ -159,9 +164,9 @@ def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insec
                                                  stop, say, watch.restarted)
         if stop.is_set():
             return
-        if watch.restarted.is_set():
+        if watch.restarted.is_set() or watch.look():
             say(f"{site.name}: the coordinator restarted (instance {watch.known} -> {watch.seen}); its SuperNode "
-                "was stopped and is started again with fresh state")
+                "is started again with fresh state")
         else:
             stopped = (f"the SuperNode exited (code {node.popen.returncode}): {why_node_stopped(node)} "
                        f"Its log ({node.log_path}) ends:\n{node.log_tail(6)}")

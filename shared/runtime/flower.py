@@ -103,7 +103,7 @@ def acquire_task(client: RuntimeHttpClient, task_type: TaskType) -> tuple[Task, 
 
 def wait_for_task(client: RuntimeHttpClient, task_type: TaskType, poll_seconds: float = 0.1,
                   timeout: float | None = None, wake: Wakeup | None = None) -> tuple[Task, str] | None:
-    """Poll every `poll_seconds`; with `wake` (the server wakes it when it stores a task:
+    """Poll every `poll_seconds`; with `wake` (the server wakes it when a task is ready:
     shared/runtime/wakeup.py), ask again when woken, else after `timeout` (or WOKEN_POLL_SECONDS)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
