@@ -64,8 +64,13 @@ def test_default_scenario_writes_results_of_the_documented_shape(default_run: tu
 def test_default_scenario_is_realistic_and_federation_helps(default_run: tuple[dict, Path]) -> None:
     metrics, _ = default_run
     fed, pooled, local = (metrics[k]["auroc"] for k in ("federated", "pooled", "local_only"))
-    assert fed >= 0.75
-    assert abs(fed - pooled) <= 0.05
+    # The DP noise is fresh every run (README), so each figure is a draw. Eight runs of this code on 2
+    # cores: federated 0.762-0.828 (with CI's 0.747: mean 0.803, sd 0.029), pooled 0.744-0.848 (sd 0.031),
+    # pooled - federated -0.061..+0.064 (sd 0.035), federated - local-only +0.056..+0.192 (mean 0.138,
+    # sd 0.048). Each bound is about 3 sd or more from the mean: the earlier 0.05 on |federated - pooled|
+    # and 0.75 on federated failed 3 of these 9 runs without anything being wrong.
+    assert fed >= 0.70  # clearly learned (chance is 0.5)
+    assert abs(fed - pooled) <= 0.12  # federation loses nothing systematic to pooling the data
     assert pooled <= 0.97  # a task models cannot solve perfectly
     assert local < fed  # a site alone does worse than the consortium
 
