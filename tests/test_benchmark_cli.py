@@ -91,17 +91,32 @@ def test_privacy_suite_file_and_row(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert report["results"]["dp+secagg"]["round_time_ratio_vs_neither"] == 1.0
 
 
-def test_deployment_suite_file_has_the_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deployment_suite_alternates_the_engines_and_takes_the_ratio_of_medians(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from spine_fl.simulations.benchmarks import deployment
 
-    def fake_run(rounds, say):
-        engine = {"mean_round_seconds_after_first": 4.0, "round_seconds": [9.0, 4.0]}
-        return deployment.report_of({"name": "default", "rounds": rounds}, engine,
-                                    {**engine, "mean_round_seconds_after_first": 6.0})
+    order: list[str] = []
+    rounds = {"simulation": [[20.0, 2.0, 9.0, 2.2], [19.0, 2.4, 2.0, 2.1]],  # one stalled round (9.0 s)
+              "deployment": [[10.0, 3.0, 3.3, 3.1], [11.0, 3.4, 3.2, 3.3]]}
 
-    monkeypatch.setattr(deployment, "run", fake_run)
-    report = run(tmp_path, "deployment", "--rounds", "2")
-    assert report["ratio_deployment_to_simulation"] == 1.5
+    def engine(name: str):
+        def one_run(scenario, folder):
+            assert scenario.run.rounds == 4
+            order.append(name)
+            return {"round_seconds": rounds[name][sum(n == name for n in order) - 1], "wall_seconds": 1.0,
+                    "auroc_final_round": 0.8}
+        return one_run
+
+    monkeypatch.setattr(deployment, "_simulation_run", engine("simulation"))
+    monkeypatch.setattr(deployment, "_deployment_run", engine("deployment"))
+    report = run(tmp_path, "deployment", "--rounds", "4")
+    assert order == ["simulation", "deployment", "deployment", "simulation"]  # 2 runs each by default
+    assert report["simulation"]["median_round_seconds_after_first"] == 2.15  # round 1 left out; 9.0 barely counts
+    assert report["simulation"]["mean_round_seconds_after_first"] == 3.28
+    assert report["deployment"]["median_round_seconds_after_first"] == 3.25
+    assert report["ratio_deployment_to_simulation"] == 1.51
+    assert report["scenario"]["repeats"] == 2 and len(report["deployment"]["runs"]) == 2
+    assert "medians 3.25 s vs 2.15 s" in report["headline"]
 
 
 def test_readme_row_is_replaced_not_added(tmp_path: Path) -> None:

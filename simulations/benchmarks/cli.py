@@ -58,7 +58,8 @@ def benchmark(
     configs: Optional[str] = typer.Option(None, help="overhead: no-dp,dp,dp+secagg (default all three)"),
     image_size: Optional[int] = typer.Option(None, min=32, max=512, help="models: input size of the image networks' "
                                              "federation (default: each network's own, 224 px for MONAI's)"),
-    repeats: int = typer.Option(1, min=1, help="overhead: runs per arm and configuration (their order alternates)"),
+    repeats: Optional[int] = typer.Option(None, min=1, help="runs per arm, their order alternating: overhead, per "
+                                          "configuration (default 1); deployment, per engine (default 2)"),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="overhead: one more spine-fl run under "
                                  "cProfile, to say what the difference is made of"),
     smoke: bool = typer.Option(False, "--smoke", help="the smallest run of the suite (CI: checks that it works; "
@@ -83,7 +84,7 @@ def benchmark(
                       configs=_names(configs), repeats=repeats, profile=profile, image_size=image_size,
                       say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
     command = _command(suite, {"rounds": rounds, "sites": sites, "models": models, "configs": configs,
-                               "image-size": image_size, "repeats": repeats if repeats != 1 else None,
+                               "image-size": image_size, "repeats": repeats,
                                "profile": None if profile else False, "smoke": smoke or None, "out": out})
     console.print(f"benchmark {suite}: {command}", highlight=False, soft_wrap=True)
     try:

@@ -29,7 +29,7 @@ class Options:
     sites: list[int] | None = None
     models: list[str] | None = None
     configs: list[str] | None = None
-    repeats: int = 1
+    repeats: int | None = None  # runs per arm; each suite has its own default
     profile: bool = True
     image_size: int | None = None
     say: Say = print
@@ -53,7 +53,7 @@ def _overhead(o: Options) -> dict[str, Any]:
     rounds = o.rounds or (2 if o.smoke else 6)
     if rounds < 2:
         raise BadOption("the overhead suite needs --rounds 2 or more: round 1 (start-up) is left out")
-    figures = overhead.run(rounds=rounds, repeats=o.repeats, configs=configs,
+    figures = overhead.run(rounds=rounds, repeats=o.repeats or 1, configs=configs,
                            task="rbp_tabular" if o.smoke else "tfesi_radiograph", sites=3,
                            profile=o.profile and not o.smoke, say=o.say)
     figures["remaining_difference"] = overhead_report.remaining(figures)
@@ -89,8 +89,8 @@ def _deployment(o: Options) -> dict[str, Any]:
 
     rounds = o.rounds or (2 if o.smoke else 5)
     if not 2 <= rounds <= 100:
-        raise BadOption("the deployment suite needs --rounds 2 to 100: round 1 is left out of the means")
-    return deployment.run(rounds, o.say)
+        raise BadOption("the deployment suite needs --rounds 2 to 100: round 1 is left out of the medians")
+    return deployment.run(rounds, o.repeats or (1 if o.smoke else 2), o.say)
 
 
 def _deployment_headline(report: dict[str, Any]) -> str:
