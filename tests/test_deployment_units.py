@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import time
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -649,6 +650,48 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
         assert not exited.look()  # unreachable: nothing decided
         served.update(up=True, id="third")
         assert exited.look() and exited.restarted.is_set() and (exited.known, exited.seen) == ("second", "third")
+    finally:
+        server.shutdown()
+
+
+def test_the_watch_asks_over_one_kept_open_connection(monkeypatch) -> None:
+    """A serving site asks every second: over one connection (HTTP keep-alive), not a new connection
+    and TLS handshake each time."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from spine_fl.client.deployment import site_node
+    from spine_fl.client.site_config import SiteConnection
+    from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH
+
+    client_ports: list[int] = []
+
+    class Front(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keeps connections open, as nginx does
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            client_ports.append(self.client_address[1])
+            body = b"first" if self.path == INSTANCE_PATH else b"refused"
+            self.send_response(200 if self.path == INSTANCE_PATH else 403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(site_node, "WATCH_SECONDS", 0.02)
+    connection = SiteConnection(f"127.0.0.1:{server.server_address[1]}", Path("unused-ca.crt"), Path("unused.key"),
+                                "outcome")
+    try:
+        with site_node.CoordinatorWatch(connection, True) as watch:
+            deadline = time.monotonic() + 10
+            while len(client_ports) < 6 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert watch.known == "first" and not watch.restarted.is_set()
+        assert len(client_ports) >= 6 and len(set(client_ports)) == 1, client_ports
     finally:
         server.shutdown()
 

@@ -24,7 +24,7 @@ from typing import Callable
 from spine_fl.client.deployment.clientapp_worker import serve
 from spine_fl.client.site_config import Site, SiteConnection
 from spine_fl.client.site_data import validate_site_data
-from spine_fl.shared.runtime.coordinator_instance import fetch_instance
+from spine_fl.shared.runtime.coordinator_instance import fetch_instance, instance_client
 from spine_fl.shared.runtime.flower import write_secret
 from spine_fl.shared.runtime.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port
 from spine_fl.shared.runtime.wakeup import env_for, open_wakeup
@@ -111,7 +111,8 @@ class CoordinatorWatch:
 
     def __init__(self, connection: SiteConnection, insecure: bool) -> None:
         self.address, self.ca = connection.coordinator, None if insecure else connection.ca_certificate
-        self.known = self.seen = fetch_instance(self.address, self.ca)  # before the SuperNode starts
+        self._client = instance_client(self.ca)
+        self.known = self.seen = self._fetch()  # before the SuperNode starts
         self.restarted, self._done = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._watch, name="coordinator-watch", daemon=True)
 
@@ -123,7 +124,7 @@ class CoordinatorWatch:
         """Ask the coordinator once; whether it is a new start (then `restarted` is set). Also called
         when the SuperNode exited by itself: the new start refuses its old node id (HTTP 401) and
         Flower's SuperNode stops on that, which can come before the watch's next look."""
-        seen = fetch_instance(self.address, self.ca)
+        seen = self._fetch()
         if seen is not None and self.known is None:  # not known at the SuperNode's start: adopt it
             self.known = self.seen = seen
         elif seen is not None and seen != self.known:
@@ -138,6 +139,10 @@ class CoordinatorWatch:
     def __exit__(self, *_: object) -> None:
         self._done.set()
         self._thread.join()
+        self._client.close()
+
+    def _fetch(self) -> str | None:
+        return fetch_instance(self.address, self.ca, client=self._client)
 
 
 def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insecure: bool = False,

@@ -25,12 +25,20 @@ def new_instance_id() -> str:
     return secrets.token_hex(8)
 
 
-def fetch_instance(address: str, ca: Path | None, timeout: float = 5.0) -> str | None:
+def instance_client(ca: Path | None, timeout: float = 5.0) -> httpx.Client:
+    """A client for repeated asks: it keeps its TLS connection to the front open between them (a
+    site asks every second; a fresh client each time cost a CA load and a TLS handshake on both ends)."""
+    return httpx.Client(verify=True if ca is None else str(ca), timeout=timeout)
+
+
+def fetch_instance(address: str, ca: Path | None, timeout: float = 5.0, client: httpx.Client | None = None) -> str | None:
     """The id the coordinator at `address` (host:port) serves, checked against the consortium CA
-    (`ca` None: plain HTTP, --insecure); None when it does not answer or serves no id."""
+    (`ca` None: plain HTTP, --insecure; `client`: one from instance_client(ca)); None when it does
+    not answer or serves no id."""
     url = f"{'http' if ca is None else 'https'}://{address}{INSTANCE_PATH}"
     try:
-        answer = httpx.get(url, verify=True if ca is None else str(ca), timeout=timeout)
+        answer = client.get(url) if client is not None else httpx.get(url, verify=True if ca is None else str(ca),
+                                                                          timeout=timeout)
     except httpx.HTTPError:
         return None
     text = answer.text.strip()
