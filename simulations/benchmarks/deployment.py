@@ -7,7 +7,7 @@ authentication on, DP and SecAgg+ on), `repeats` runs of each on the same machin
 Round 1 is left out: in deployment it includes the sites connecting and decoding their DICOMs, in
 simulation the Ray actors starting. The ratio is of the medians of every later round of every run
 of each engine: on a shared 2-core machine single rounds stall (a simulation's round 2 took 5.8,
-6.4 and 8.9 s against its usual 2.2-2.9 s in 3 of 9 runs), and the speed of the machine drifts
+6.4 and 8.9 s against its usual 2.2-2.9 s in 3 of 11 runs), and the speed of the machine drifts
 within an hour, so the runs alternate (simulation first, then deployment first, ...) and a stalled
 round moves the median little where it would move a mean of four rounds by a second.
 """
