@@ -608,7 +608,7 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
 
     from spine_fl.client.deployment import site_node
     from spine_fl.client.site_config import SiteConnection
-    from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH, fetch_instance
+    from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH, fetch_instance, instance_client
 
     served = {"id": "first", "up": True}
 
@@ -628,7 +628,8 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
     address = f"127.0.0.1:{server.server_address[1]}"
     connection = SiteConnection(address, Path("unused-ca.crt"), Path("unused.key"), "outcome")
     try:
-        assert fetch_instance(address, None) == "first"
+        with instance_client(None) as client:
+            assert fetch_instance(address, None, client) == "first"
         with site_node.CoordinatorWatch(connection, True) as watch:
             assert watch.known == "first"
             served["up"] = False  # an outage: no id, nothing decided

@@ -31,14 +31,13 @@ def instance_client(ca: Path | None, timeout: float = 5.0) -> httpx.Client:
     return httpx.Client(verify=True if ca is None else str(ca), timeout=timeout)
 
 
-def fetch_instance(address: str, ca: Path | None, timeout: float = 5.0, client: httpx.Client | None = None) -> str | None:
-    """The id the coordinator at `address` (host:port) serves, checked against the consortium CA
-    (`ca` None: plain HTTP, --insecure; `client`: one from instance_client(ca)); None when it does
-    not answer or serves no id."""
+def fetch_instance(address: str, ca: Path | None, client: httpx.Client) -> str | None:
+    """The id the coordinator at `address` (host:port) serves, asked with `client` (instance_client(ca):
+    checked against the consortium CA; `ca` None: plain HTTP, --insecure); None when it does not
+    answer or serves no id."""
     url = f"{'http' if ca is None else 'https'}://{address}{INSTANCE_PATH}"
     try:
-        answer = client.get(url) if client is not None else httpx.get(url, verify=True if ca is None else str(ca),
-                                                                          timeout=timeout)
+        answer = client.get(url)
     except httpx.HTTPError:
         return None
     text = answer.text.strip()
