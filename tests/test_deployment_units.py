@@ -651,6 +651,11 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
         assert not exited.look()  # unreachable: nothing decided
         served.update(up=True, id="third")
         assert exited.look() and exited.restarted.is_set() and (exited.known, exited.seen) == ("second", "third")
+        exited.close()
+        with site_node.CoordinatorWatch(connection, True) as stopped:
+            stopped.stop()  # the SuperNode exited: the background asks end, one more look still works
+            served["id"] = "fourth"
+            assert stopped.look() and stopped.seen == "fourth"
     finally:
         server.shutdown()
 

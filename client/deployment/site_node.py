@@ -136,10 +136,18 @@ class CoordinatorWatch:
         self._thread.start()
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def stop(self) -> None:
+        """Stop asking in the background; look() still asks (its connection stays open until close())."""
         self._done.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def close(self) -> None:
+        self.stop()
         self._client.close()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def _fetch(self) -> str | None:
         return fetch_instance(self.address, self.ca, client=self._client)
@@ -167,9 +175,11 @@ def run_site(site_config: Path, site: Site, connection: SiteConnection, *, insec
         with CoordinatorWatch(connection, insecure) as watch:
             node, served = _serve_with_supernode(site_config, site, connection, insecure, runtime_port, attempts,
                                                  stop, say, watch.restarted)
-        if stop.is_set():
-            return
-        if watch.restarted.is_set() or watch.look():
+            if stop.is_set():
+                return
+            watch.stop()
+            restarted = watch.restarted.is_set() or watch.look()
+        if restarted:
             say(f"{site.name}: the coordinator restarted (instance {watch.known} -> {watch.seen}); its SuperNode "
                 "is started again with fresh state")
         else:
