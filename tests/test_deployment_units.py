@@ -10,6 +10,7 @@ import time
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -600,30 +601,46 @@ def test_a_supernode_left_from_the_coordinators_previous_start_is_refused_by_the
     pull(restarted, new_id)  # a fresh SuperNode, which asked for its id, is served
 
 
-def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(monkeypatch) -> None:
-    """The watch behind the SuperNode restart: an id that changes sets `restarted`; a coordinator
-    that stops answering for a while and comes back as the same start does not."""
+def _instance_front(served: dict) -> tuple[Any, list[int]]:
+    """A stand-in for the coordinator's front on 127.0.0.1: serves `served["id"]` on the instance path
+    while `served["up"]`, 403 otherwise, over kept-open connections (HTTP/1.1, as nginx); returns the
+    running server and the client port of every request."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from spine_fl.client.deployment import site_node
-    from spine_fl.client.site_config import SiteConnection
-    from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH, fetch_instance, instance_client
+    from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH
 
-    served = {"id": "first", "up": True}
+    client_ports: list[int] = []
 
     class Front(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            client_ports.append(self.client_address[1])
             up = served["up"] and self.path == INSTANCE_PATH
+            body = served["id"].encode() if up else b"refused"
             self.send_response(200 if up else 403)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(served["id"].encode() if up else b"refused")
+            self.wfile.write(body)
 
         def log_message(self, *_: object) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Front)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, client_ports
+
+
+def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(monkeypatch) -> None:
+    """The watch behind the SuperNode restart: an id that changes sets `restarted`; a coordinator
+    that stops answering for a while and comes back as the same start does not."""
+    from spine_fl.client.deployment import site_node
+    from spine_fl.client.site_config import SiteConnection
+    from spine_fl.shared.runtime.coordinator_instance import fetch_instance, instance_client
+
+    served = {"id": "first", "up": True}
+    server, _ = _instance_front(served)
     monkeypatch.setattr(site_node, "WATCH_SECONDS", 0.05)
     address = f"127.0.0.1:{server.server_address[1]}"
     connection = SiteConnection(address, Path("unused-ca.crt"), Path("unused.key"), "outcome")
@@ -663,31 +680,10 @@ def test_a_site_notices_a_new_start_of_its_coordinator_but_not_a_network_outage(
 def test_the_watch_asks_over_one_kept_open_connection(monkeypatch) -> None:
     """A serving site asks every second: over one connection (HTTP keep-alive), not a new connection
     and TLS handshake each time."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from spine_fl.client.deployment import site_node
     from spine_fl.client.site_config import SiteConnection
-    from spine_fl.shared.runtime.coordinator_instance import INSTANCE_PATH
 
-    client_ports: list[int] = []
-
-    class Front(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keeps connections open, as nginx does
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            client_ports.append(self.client_address[1])
-            body = b"first" if self.path == INSTANCE_PATH else b"refused"
-            self.send_response(200 if self.path == INSTANCE_PATH else 403)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Front)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, client_ports = _instance_front({"id": "first", "up": True})
     monkeypatch.setattr(site_node, "WATCH_SECONDS", 0.02)
     connection = SiteConnection(f"127.0.0.1:{server.server_address[1]}", Path("unused-ca.crt"), Path("unused.key"),
                                 "outcome")
