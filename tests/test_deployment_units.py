@@ -601,10 +601,12 @@ def test_a_supernode_left_from_the_coordinators_previous_start_is_refused_by_the
     pull(restarted, new_id)  # a fresh SuperNode, which asked for its id, is served
 
 
-def _instance_front(served: dict) -> tuple[Any, list[int]]:
+def _instance_front(served: dict, tls: tuple[Path, Path] | None = None) -> tuple[Any, list[int]]:
     """A stand-in for the coordinator's front on 127.0.0.1: serves `served["id"]` on the instance path
-    while `served["up"]`, 403 otherwise, over kept-open connections (HTTP/1.1, as nginx); returns the
-    running server and the client port of every request."""
+    while `served["up"]`, 403 otherwise, over kept-open connections (HTTP/1.1, as nginx), with TLS
+    when `tls` (certificate, key) is given; returns the running server and the client port of every
+    request."""
+    import ssl
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -628,6 +630,10 @@ def _instance_front(served: dict) -> tuple[Any, list[int]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, client_ports
 
@@ -696,6 +702,36 @@ def test_the_watch_asks_over_one_kept_open_connection(monkeypatch) -> None:
         assert len(client_ports) >= 6 and len(set(client_ports)) == 1, client_ports
     finally:
         server.shutdown()
+
+
+def test_an_impostor_front_cannot_make_a_site_restart_its_supernode(tmp_path: Path) -> None:
+    """An outsider on the network who answers in the coordinator's place with a certificate from
+    another CA and a new instance id would make the site drop its SuperNode: the watch's kept-open
+    client checks the consortium CA, so the answer is refused and nothing is decided; the real
+    coordinator's certificate is accepted over the same path."""
+    from spine_fl.client.deployment import site_node
+    from spine_fl.client.site_config import SiteConnection
+    from spine_fl.shared.runtime.credentials import create_server_credentials
+
+    consortium = create_server_credentials(tmp_path / "consortium", [])
+    impostor = create_server_credentials(tmp_path / "impostor", [])
+    served = {"id": "first", "up": True}
+    real, _ = _instance_front(served, (consortium.cert, consortium.key))
+    fake, fake_ports = _instance_front(served, (impostor.cert, impostor.key))
+    try:
+        for server, expected in ((real, "first"), (fake, None)):
+            connection = SiteConnection(f"127.0.0.1:{server.server_address[1]}", consortium.ca_cert,
+                                        Path("unused.key"), "outcome")
+            watch = site_node.CoordinatorWatch(connection, insecure=False)
+            served["id"] = "first"
+            assert watch.known == expected
+            served["id"] = "second"  # a "new start" announced
+            assert watch.look() is (expected is not None) and watch.restarted.is_set() is (expected is not None)
+            watch.close()
+        assert fake_ports == []  # the handshake failed: no request reached the impostor
+    finally:
+        real.shutdown()
+        fake.shutdown()
 
 
 def test_a_wake_up_from_another_process_ends_the_wait_at_once(monkeypatch) -> None:
