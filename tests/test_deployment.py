@@ -129,6 +129,9 @@ def test_a_site_that_stops_answering_is_left_out_after_reply_wait_seconds(loopba
     assert metrics["status"] == "completed" and len(metrics["rounds"]) == 2 and metrics["failed_rounds"] in ([], [2])
     assert frozen in {d["site"] for d in metrics["dropouts"]}
     assert set(metrics["rounds"][-1]["per_site"]) == set(loop.sites[:2])
+    # waited for once; every later request left it out at once, its first request still unanswered
+    waited = [d for d in metrics["dropouts"] if d["site"] == frozen and "unanswered_since_round" not in d]
+    assert len(waited) == 1 and len(metrics["dropouts"]) > 1, metrics["dropouts"]
 
 
 def test_coordinator_killed_after_a_round_resumes_at_the_next_one_with_the_same_model(loopback):

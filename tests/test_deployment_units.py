@@ -174,17 +174,22 @@ def test_a_run_key_is_never_a_path() -> None:
 
 
 class _FakeGrid:
-    """Replies for the nodes in `answering`; the others stay silent (a dropout)."""
+    """Replies for the nodes in `answering`; the others stay silent (a dropout). Each message gets an
+    id when sent, as Flower's grids do; `late` holds the ids whose late replies have arrived."""
 
     def __init__(self, nodes: list[int], answering: set[int], refusing: set[int] = frozenset()):
         self.nodes, self.answering, self.refusing = nodes, answering, refusing
+        self.sent: list[list[int]] = []
+        self.late: set[str] = set()
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
 
     def send_and_receive(self, messages, timeout=None):
         out = []
-        for m in messages:
+        self.sent.append([m.metadata.dst_node_id for m in messages])
+        for i, m in enumerate(messages):
+            m.metadata.message_id = f"m{len(self.sent)}-{i}"
             if m.metadata.dst_node_id in self.answering:
                 error = SimpleNamespace(reason='spine-fl-refusal {"rule": "require_dp", "site": "seoul"}') \
                     if m.metadata.dst_node_id in self.refusing else None
@@ -193,17 +198,42 @@ class _FakeGrid:
                                            has_error=lambda e=error: e is not None, error=error))
         return out
 
+    def pull_messages(self, message_ids):
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), has_error=lambda: False)
+                for i in message_ids if i in self.late]
+
+
+def _requests(round_: str, nodes=(1, 2, 3)) -> list[SimpleNamespace]:
+    return [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n, group_id=round_, message_type="train",
+                                                     message_id="")) for n in nodes]
+
 
 def test_the_coordinator_talks_to_enrolled_nodes_only_and_names_dropouts() -> None:
     log = RoundLog(["leiden", "seoul", "zurich"], 2)
     grid = WatchingGrid(_FakeGrid([1, 2, 3, 99], answering={1, 2}, refusing={2}), log,
                         {1: "leiden", 2: "seoul", 3: "zurich"}, offset=4)
     assert list(grid.get_node_ids()) == [1, 2, 3]
-    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n, group_id="2", message_type="train"))
-            for n in (1, 2, 3)]
-    grid.send_and_receive(sent)
+    grid.send_and_receive(_requests("2"))
     assert log.dropouts == [{"round": 6, "site": "zurich", "stage": "train"}]
     assert [(r["round"], r["rule"]) for r in log.refusals] == [(6, "require_dp")]
+
+
+def test_a_site_that_did_not_answer_is_left_out_until_its_late_reply_arrives() -> None:
+    """A connected site that never answers (a hung worker) costs one reply wait, not one per request:
+    the next requests skip it (each recorded as its dropout) until its late reply shows it is back."""
+    log = RoundLog(["leiden", "seoul", "zurich"], 2)
+    fake = _FakeGrid([1, 2, 3], answering={1, 2})
+    grid = WatchingGrid(fake, log, {1: "leiden", 2: "seoul", 3: "zurich"}, reply_wait_seconds=20.0)
+    grid.send_and_receive(_requests("2"))
+    missed = "m1-2"  # zurich's request of round 2
+    assert [len(r) for r in (grid.send_and_receive(_requests("3")), grid.send_and_receive(_requests("3")))] == [2, 2]
+    assert fake.sent == [[1, 2, 3], [1, 2], [1, 2]]  # not asked again while its request is unanswered
+    assert log.dropouts == [{"round": 2, "site": "zurich", "stage": "train"},
+                            *[{"round": 3, "site": "zurich", "stage": "train", "unanswered_since_round": 2}] * 2]
+    fake.late.add(missed)  # its worker is back and has answered that request
+    fake.answering.add(3)
+    assert len(grid.send_and_receive(_requests("4"))) == 3
+    assert fake.sent[-1] == [1, 2, 3] and len(log.dropouts) == 3
 
 
 def _site_config(tmp_path: Path, policy: str = "") -> Path:
