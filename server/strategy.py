@@ -109,14 +109,14 @@ class RoundLog:
     def record_dropout(self, server_round: int | None, site: str, stage: str,
                        unanswered_since_round: int | None = None) -> None:
         """`unanswered_since_round`: not asked at all, its request of that round is still unanswered."""
+        entry: dict[str, Any] = {"round": server_round, "site": site, "stage": stage}
         if unanswered_since_round is None:
-            self.dropouts.append({"round": server_round, "site": site, "stage": stage})
             log(WARNING, "spine-fl: site %s did not reply in round %s (%s)", site, server_round, stage)
-            return
-        self.dropouts.append({"round": server_round, "site": site, "stage": stage,
-                              "unanswered_since_round": unanswered_since_round})
-        log(WARNING, "spine-fl: site %s left out of round %s (%s): it has not answered its request of round %s",
-            site, server_round, stage, unanswered_since_round)
+        else:
+            entry["unanswered_since_round"] = unanswered_since_round
+            log(WARNING, "spine-fl: site %s left out of round %s (%s): it has not answered its request of "
+                "round %s", site, server_round, stage, unanswered_since_round)
+        self.dropouts.append(entry)
 
     def record_fit(self, server_round: int, reports: list[tuple[int, dict[str, Scalar]]]) -> None:
         for examples, metrics in reports:
