@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,8 @@ from spine_fl.client.privacy.signed_log import PUBLIC_KEY_FILE, load_or_create_k
 from spine_fl.shared.runtime.bundle import build_bundle
 from spine_fl.shared.runtime.credentials import create_server_credentials, create_site_keys
 from spine_fl.shared.runtime.flower import flower_env
+from spine_fl.shared.runtime.processes import free_loopback_port
 from spine_fl.simulations.synthetic.consortium import synthesize_consortium
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -76,7 +70,7 @@ class Loopback:
     def start_client(self, site: str, insecure: bool = False, attempts: int = 20, retry_seconds: float = 1.0,
                      name: str | None = None, threads: int = 1) -> subprocess.Popen:
         return self._start(name or site, ["client", "--site", site, "--config", str(self.site_file(site)),
-                                          "--runtime-port", str(free_port()), "--threads", str(threads),
+                                          "--runtime-port", str(free_loopback_port()), "--threads", str(threads),
                                           "--attempts", str(attempts), "--retry-seconds", str(retry_seconds),
                                           *(["--insecure"] if insecure else [])])
 
@@ -123,7 +117,7 @@ def build_loopback(root: Path, run: dict[str, Any], n_sites: int = 3, policy: di
     """Synthetic hospitals, a CA and server certificate, enrolled site keys, all site configs."""
     task_modalities = ("mri",) if "mri" in run["task"] or "fusion" in run["task"] else ("radiograph",)
     data_dirs = synthesize_consortium(root / "data", n_sites, seed, task_modalities)
-    loop = Loopback(root, free_port(), [d.name for d in data_dirs], run, policy or {})
+    loop = Loopback(root, free_loopback_port(), [d.name for d in data_dirs], run, policy or {})
     create_server_credentials(root / "credentials", ["localhost", "127.0.0.1"])
     bundle = build_bundle()
     for d in data_dirs:

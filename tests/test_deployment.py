@@ -25,7 +25,8 @@ from spine_fl.client.privacy.egress_ledger import LEDGER_FILE, verify
 from spine_fl.server.checkpoint import STATE_FILE
 from spine_fl.shared.runtime.bundle import build_bundle, project_root
 from spine_fl.shared.runtime.credentials import create_site_keys
-from spine_fl.simulations.loopback import build_loopback, free_port, wait_for
+from spine_fl.shared.runtime.processes import free_loopback_port
+from spine_fl.simulations.loopback import build_loopback, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +193,7 @@ def test_at_the_door_an_unenrolled_key_a_client_without_tls_and_a_modified_bundl
     create_site_keys(loop.root / "credentials", "nowhere")
     loop.write_site("nowhere", loop.root / "data" / loop.sites[2], [build_bundle().sha256])
     nowhere_file = tomlkit.parse(loop.site_file("nowhere").read_text())
-    nowhere_file["coordinator"]["address"] = f"127.0.0.1:{free_port()}"  # nothing listens there
+    nowhere_file["coordinator"]["address"] = f"127.0.0.1:{free_loopback_port()}"  # nothing listens there
     loop.site_file("nowhere").write_text(tomlkit.dumps(nowhere_file))
     unreachable = loop.start_client("nowhere", attempts=3, retry_seconds=0.2)
     marker = tmp_path / "modified-code-ran"

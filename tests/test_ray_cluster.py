@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Iterator
 import pytest
 
 from spine_fl.shared.config import ConfigError, load_scenario
+from spine_fl.shared.runtime.processes import free_loopback_port
 from spine_fl.simulations.runner import backend_config, load, ray_address, simulate
 
 RAY = Path(sys.executable).with_name("ray")
@@ -50,12 +50,6 @@ epsilon_lifetime = 30.0
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     """SIGTERM to the head's PID (`ray start --block` then ends its GCS, raylet and workers), then
     SIGKILL to its process group for anything still there."""
@@ -76,7 +70,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
 def ray_head() -> Iterator[tuple[str, Path]]:
     """(address, temp folder) of a one-node Ray cluster on this machine, 2 CPUs, stopped afterwards."""
     temp_dir = Path(tempfile.mkdtemp(prefix="sfray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    port = free_loopback_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (temp_dir / "head.log").open("w")
     proc = subprocess.Popen([str(RAY), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -89,8 +90,28 @@ def port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def _outgoing_ports_start() -> int:
+    """The lowest local port the OS gives outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_loopback_port() -> int:
-    """A port nothing listens on at 127.0.0.1 right now (the OS's choice)."""
+    """A port nothing listens on at 127.0.0.1 right now, below the range the OS draws outgoing
+    connections' local ports from. The OS's own choice (bind to port 0) comes from that range, so
+    any outgoing connection could take the port before the server binds it: a CI run's nginx
+    failed with "Address already in use" that way."""
+    start = _outgoing_ports_start()
+    if start > 11000:
+        for port in random.SystemRandom().sample(range(10000, start), 64):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
