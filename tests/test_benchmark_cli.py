@@ -127,9 +127,12 @@ def test_readme_row_is_replaced_not_added(tmp_path: Path) -> None:
     for headline in ("first", "second"):
         upsert_row(readme, "overhead", "today", "spine-fl benchmark overhead", headline, tmp_path / "overhead.json")
     upsert_row(readme, "models", "today", "spine-fl benchmark models", "m", tmp_path / "models.json")
+    upsert_row(readme, "models", "today", "spine-fl benchmark models --out models_gpu.json", "on the GPU",
+               tmp_path / "models_gpu.json")  # the same suite into another file: a row of its own
     upsert_section(readme, "## overhead", ["one"])
     upsert_section(readme, "## overhead", ["two"])
     text = readme.read_text()
-    assert text.count("| overhead |") == 1 and "second" in text and "first" not in text and "| models |" in text
+    assert text.count("| overhead |") == 1 and "second" in text and "first" not in text
+    assert text.count("| models |") == 2 and "`models.json`" in text and "`models_gpu.json`" in text
     assert text.index("## Latest results") < text.index("## calibration") and "## calibration\n\nkept" in text
     assert text.count("## overhead") == 1 and "two" in text and "\none\n" not in text

@@ -53,9 +53,10 @@ def _batch(task_name: str, px: int) -> tuple[Any, Any, Any]:
     return images, features, y
 
 
-def _private(model_name: str, mode: str, noise: float) -> tuple[Any, Callable[[int | None], None]]:
-    """The registry's model (seed 0) made private in `mode`; (the bare model, one DP-SGD step on the
-    first n patients of the batch, all of them by default)."""
+def _private(model_name: str, mode: str, noise: float, amp: bool = False) -> tuple[Any, Callable[[int | None], None]]:
+    """The registry's model (seed 0) made private in `mode`, on the device spine-fl trains on; (the
+    bare model, one DP-SGD step on the first n patients of the batch, all of them by default).
+    `amp`: the step as spine-fl's training takes it on a GPU (bf16 autocast, fp32 clipping)."""
     import warnings
 
     import torch
@@ -64,13 +65,15 @@ def _private(model_name: str, mode: str, noise: float) -> tuple[Any, Callable[[i
     from torch.utils.data import DataLoader, TensorDataset
 
     from spine_fl.shared.contract.tasks import get_task
-    from spine_fl.shared.models.registry import build_model_named, image_size
+    from spine_fl.shared.models.registry import build_model_named, image_size, pick_device
+    from spine_fl.shared.training.local import grad_samples_to_fp32
 
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     task_name = PLAN[model_name][0]
-    images, features, y = _batch(task_name, image_size(model_name))
-    model = build_model_named(model_name, get_task(task_name), seed=0)
+    device = pick_device()  # where spine-fl trains: a CUDA GPU when there is one
+    images, features, y = (t.to(device) for t in _batch(task_name, image_size(model_name)))
+    model = build_model_named(model_name, get_task(task_name), seed=0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     loader = DataLoader(TensorDataset(images, features, y), batch_size=BATCH_SIZE)
     criterion = nn.BCEWithLogitsLoss()
@@ -84,17 +87,25 @@ def _private(model_name: str, mode: str, noise: float) -> tuple[Any, Callable[[i
 
     def step(n: int | None = None) -> None:
         dp_optimizer.zero_grad()
-        logits = private(images[:n], features[:n])
-        # as shared/training/local.py: Poisson sampling may draw nobody, still a (noise-only) DP step
-        (dp_criterion(logits, y[:n]) if len(y[:n]) else logits.sum()).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = private(images[:n], features[:n])
+            # as shared/training/local.py: Poisson sampling may draw nobody, still a (noise-only) DP step
+            loss = dp_criterion(logits, y[:n]) if len(y[:n]) else logits.sum()
+        loss.backward()
+        if amp:
+            grad_samples_to_fp32(list(model.parameters()))
         dp_optimizer.step()
+        if device.type == "cuda":  # the step's kernels finish before its time is read
+            torch.cuda.synchronize()
 
     return model, step
 
 
 def check(model_name: str, mode: str, grad_file: Path) -> dict[str, Any]:
     """In a fresh process: one step without noise (the clipped mean gradient to `grad_file`), the
-    peak memory, and whether the mode survives an empty batch (Poisson sampling draws them)."""
+    peak memory, and whether the mode survives an empty batch (Poisson sampling draws them). In fp32
+    always: whether a mode computes hooks' gradient does not depend on the precision, and bf16's
+    rounding would hide a real difference under the agreement threshold."""
     import torch
 
     before = peak_rss_mib()
@@ -102,7 +113,8 @@ def check(model_name: str, mode: str, grad_file: Path) -> dict[str, Any]:
     started = time.perf_counter()
     step()
     first = time.perf_counter() - started
-    np.save(grad_file, torch.cat([p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]).numpy())
+    np.save(grad_file, torch.cat([p.grad.detach().flatten() for p in model.parameters()
+                                   if p.grad is not None]).cpu().numpy())
     peak = peak_rss_mib()
     try:
         step(0)
@@ -111,19 +123,24 @@ def check(model_name: str, mode: str, grad_file: Path) -> dict[str, Any]:
         empty = f"{type(exc).__name__}: {exc}"
     return {"model": model_name, "mode": mode, "first_step_seconds": round(first, 3),
             "peak_rss_mib": peak, "step_peak_rss_growth_mib": peak - before,
+            "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
             "empty_batch_ok": empty is None, "empty_batch_error": empty}
 
 
 def time_modes(model_name: str, modes: list[str], steps: int) -> dict[str, Any]:
     """All `modes` in one process, steps interleaved (hooks, ew, ..., hooks, ew, ...): a busy machine
-    slows every mode alike. One untimed warm-up step each."""
+    slows every mode alike. One untimed warm-up step each. On a GPU with bf16 the steps run under
+    autocast, as spine-fl trains image networks there."""
+    import torch
+
     from spine_fl.shared.models.registry import image_size
 
+    amp = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     made: dict[str, Callable[[], None]] = {}
     errors: dict[str, str] = {}
     for mode in modes:
         try:
-            _, step = _private(model_name, mode, noise=NOISE_MULTIPLIER)
+            _, step = _private(model_name, mode, noise=NOISE_MULTIPLIER, amp=amp)
             step()
             made[mode] = step
         except Exception as exc:  # noqa: BLE001 - a mode the model does not support is a finding
@@ -135,7 +152,7 @@ def time_modes(model_name: str, modes: list[str], steps: int) -> dict[str, Any]:
             step()
             seconds[mode].append(time.perf_counter() - started)
     return {"model": model_name, "task": PLAN[model_name][0], "image_px": image_size(model_name),
-            "steps": steps, "seconds": seconds, "errors": errors}
+            "steps": steps, "bf16_autocast": amp, "seconds": seconds, "errors": errors}
 
 
 def _agreement(grad_dir: Path, model: str, mode: str) -> float | None:
@@ -199,7 +216,8 @@ def run(models: list[str], modes: list[str], steps: int | None, say: Callable[[s
             else:
                 values = timed["seconds"][mode]
                 row |= {k: checked[k] for k in ("first_step_seconds", "peak_rss_mib", "step_peak_rss_growth_mib",
-                                                "empty_batch_ok", "empty_batch_error")}
+                                                "peak_cuda_mib", "empty_batch_ok", "empty_batch_error")}
+                row["bf16_autocast"] = timed["bf16_autocast"]
                 row |= {"step_seconds_min": round(min(values), 3),
                         "step_seconds_median": round(statistics.median(values), 3),
                         "step_seconds": [round(v, 3) for v in values],

@@ -70,7 +70,7 @@ def run_one(name: str, site_dir: Path) -> dict[str, object]:
     from spine_fl.shared.contract.data_contract import SiteData, load_site
     from spine_fl.shared.contract.tasks import get_task
     from spine_fl.shared.models.registry import build_model_named, image_size, pick_device
-    from spine_fl.shared.training.local import DpSettings, TrainSettings, train
+    from spine_fl.shared.training.local import DpSettings, TrainSettings, mixed_precision, train
 
     task_name, patients = PLAN[name], PATIENTS
     task = get_task(task_name)
@@ -94,7 +94,7 @@ def run_one(name: str, site_dir: Path) -> dict[str, object]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "build_seconds": round(build_seconds, 2), "dp_round_seconds": round(seconds, 2),
         "dp_steps": spend.steps if spend else 0,
-        "peak_rss_mib": peak_rss_mib(), "device": device.type,
+        "peak_rss_mib": peak_rss_mib(), "device": device.type, "bf16_autocast": mixed_precision(device, data),
         "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
         "data": f"synthetic MRI site ({task_name}), first {len(data)} patients",
     }
@@ -174,31 +174,40 @@ def _readme_rows(report: dict) -> list[str]:
             continue
         px = f"{r['image_px']} px" if r["image_px"] else "table"
         rows.append(f"| {r['model']} | {r['task']} | {px} | {r['parameters']:,} | {r['patients']} / {r['dp_steps']} "
-                    f"| {r['dp_round_seconds']} | {r['peak_rss_mib']:,} | {r['device']}: {where} |")
+                    f"| {r['dp_round_seconds']} | {r['peak_rss_mib']:,}{_cuda_peak(r)} | {r['device']}: {where}"
+                    f"{', bf16 autocast' if r.get('bf16_autocast') else ''} |")
     return rows
 
 
-def _consortium_rows(report: dict) -> list[str]:
+def _cuda_peak(row: dict) -> str:
+    return f" (CUDA {row['peak_cuda_mib']:,})" if row.get("peak_cuda_mib") is not None else ""
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _consortium_rows(report: dict, results_file: str) -> list[str]:
     rows = report.get("consortium") or []
     if not rows:
         return []
     return [
         "Federation of each image network on the synthetic MRI consortium (3 hospitals, DP-SGD and SecAgg+, "
-        "tfesi_mri with its model replaced; `consortium` in `models.json`):", "",
+        f"tfesi_mri with its model replaced; `consortium` in `{results_file}`):", "",
         "| model | input | rounds | s/round (median after round 1) | held-out AUROC by round | device |",
         "|---|---|---:|---:|---|---|",
-        *(f"| {r['model']} | {r['image_px']} px | {r['rounds']} | {r['median_round_seconds_after_first']} | "
+        *(f"| {r['model']} | {r['image_px']} px | {r['rounds']} | {_seconds(r['median_round_seconds_after_first'])} | "
           f"{' / '.join(str(a) for a in r['auroc_by_round'])} | {r['device']} |" for r in rows), ""]
 
 
-def write_readme(path: Path, report: dict) -> None:
-    """Refresh this suite's section of benchmarks/README.md; other sections stay as they are."""
+def write_readme(path: Path, report: dict, heading: str = README_SECTION, results_file: str = "models.json") -> None:
+    """Refresh this suite's section `heading` of benchmarks/README.md; other sections stay as they are."""
     head = ("# Benchmarks\n\nResults files written by `spine_fl.simulations.benchmarks.*`; each section is "
             "refreshed by its own command.\n")
     text = path.read_text() if path.exists() else head
     m = report["machine"]
     section = "\n".join([
-        README_SECTION, "",
+        heading, "",
         f"One DP-SGD round (Opacus, noise {NOISE_MULTIPLIER}, clipping {MAX_GRAD_NORM}, SGD lr {LEARNING_RATE}, "
         f"batch {BATCH_SIZE}, Poisson sampling) per registry model, on the first patients of one synthetic MRI "
         "site. Written by:", "",
@@ -206,17 +215,17 @@ def write_readme(path: Path, report: dict) -> None:
         f"Commit {report['git_commit'][:12]}{' (with uncommitted changes)' if report['git_dirty'] else ''}, "
         f"{report['date']}; torch {m['torch']}, opacus {m['opacus']}, monai {m['monai']}; load average at start "
         f"{m['load_average_at_start'][0]}{' (the machine was shared)' if m.get('shared', True) else ''}. Full figures: "
-        "`models.json`.", "",
-        "| model | task | input | parameters | patients / steps | DP round (s) | peak RSS (MiB) | device |",
+        f"`{results_file}`.", "",
+        "| model | task | input | parameters | patients / steps | DP round (s) | peak RSS (CUDA) (MiB) | device |",
         "|---|---|---|---:|---:|---:|---:|---|",
         *_readme_rows(report), "",
-        *_consortium_rows(report),
+        *_consortium_rows(report, results_file),
     ])
-    start = text.find(README_SECTION + "\n")
+    start = text.find(heading + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(README_SECTION))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     path.write_text(text.rstrip("\n") + "\n")
 

@@ -103,6 +103,7 @@ def run(template: nn.Module, sites: list[Path], recipe: Recipe, rounds: int, sec
     """Flower's simulation engine with the same resources spine-fl's runner asks for; what it observed."""
     import os
 
+    import torch
     from flwr.simulation import run_simulation
 
     observed: dict[str, Any] = {}
@@ -110,7 +111,9 @@ def run(template: nn.Module, sites: list[Path], recipe: Recipe, rounds: int, sec
         server_app=server_app(plain_training.get_weights(template), len(sites), rounds, secagg, on_round, observed),
         client_app=client_app(template, sites, recipe, secagg is not None),
         num_supernodes=len(sites),
-        backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+        # the GPU share spine-fl's runner asks for (simulations/runner.py backend_config)
+        backend_config={"client_resources": {"num_cpus": cpus_per_site,
+                                             "num_gpus": 1.0 / len(sites) if torch.cuda.is_available() else 0.0},
                         "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus_per_site)),
                                       "include_dashboard": False}},
     )

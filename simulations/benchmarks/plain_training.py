@@ -5,7 +5,8 @@ nothing. This module uses only the *workload*: each site's arrays (saved once fr
 by `save_site_arrays`) and the registry's model, built from the same seed. Training is the loop
 everyone writes: one local epoch, BCE-with-logits, SGD or Adam, and for DP Opacus' `make_private`
 with Poisson sampling, per-sample clipping and Gaussian noise; then the held-out patients are
-scored and the updates averaged by example count (FedAvg).
+scored and the updates averaged by example count (FedAvg). On a CUDA GPU it trains there, image
+networks under bf16 autocast, as spine-fl does (the same device and precision on both sides).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def load_site_arrays(path: Path) -> tuple[Split, Split]:
     return _LOADED[key]
 
 
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     model.load_state_dict({k: torch.as_tensor(w) for k, w in zip(model.state_dict(), weights)}, strict=True)
 
@@ -79,7 +84,9 @@ def train(template: nn.Module, weights: list[np.ndarray], split: Split, recipe: 
     """One site's local training from the global weights; the new weights."""
     model = copy.deepcopy(template)  # Opacus hooks the module it wraps: a fresh one each round
     set_weights(model, weights)
-    model.train()
+    on = device()
+    model.to(on).train()
+    amp = on.type == "cuda" and split.images.shape[1] > 0
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(split.tensors(), batch_size=recipe.batch_size, shuffle=True, generator=generator)
     if recipe.optimizer == "sgd":
@@ -95,13 +102,16 @@ def train(template: nn.Module, weights: list[np.ndarray], split: Split, recipe: 
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         trained, optimizer, loader = PrivacyEngine().make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=recipe.noise_multiplier,
-            max_grad_norm=recipe.max_grad_norm, poisson_sampling=True, noise_generator=generator)
+            max_grad_norm=recipe.max_grad_norm, poisson_sampling=True,
+            # torch draws noise for a CUDA tensor only from a CUDA generator
+            noise_generator=generator if on.type == "cpu" else torch.Generator(device=on).manual_seed(seed))
     loss_fn = nn.BCEWithLogitsLoss()
     for _ in range(recipe.epochs):
         for images, features, y in loader:
             optimizer.zero_grad()
-            logits = trained(images, features)
-            loss = loss_fn(logits, y) if len(y) else logits.sum()  # Poisson sampling may draw no one
+            with torch.autocast(on.type, dtype=torch.bfloat16, enabled=amp):
+                logits = trained(images.to(on), features.to(on))
+                loss = loss_fn(logits, y.to(on)) if len(y) else logits.sum()  # Poisson sampling may draw no one
             loss.backward()
             optimizer.step()
     return get_weights(model)
@@ -114,8 +124,10 @@ def evaluate(template: nn.Module, weights: list[np.ndarray], split: Split) -> di
 
     model = copy.deepcopy(template)
     set_weights(model, weights)
-    model.eval()
-    p = torch.sigmoid(model(torch.from_numpy(split.images), torch.from_numpy(split.features))).numpy()
+    on = device()
+    model.to(on).eval()
+    logits = model(torch.from_numpy(split.images).to(on), torch.from_numpy(split.features).to(on))
+    p = torch.sigmoid(logits).cpu().numpy()
     p = np.clip(np.nan_to_num(p, nan=0.5), 1e-7, 1 - 1e-7)
     both = len(np.unique(split.y)) == 2
     return {"log_loss": float(log_loss(split.y, p, labels=[0, 1])),

@@ -1,7 +1,8 @@
-"""One row per suite in the results table of benchmarks/README.md, replaced when the suite runs again.
+"""One row per results file in the table of benchmarks/README.md, replaced when the suite writes it again.
 
 The table is the index a reader starts from: which suite, when, with which command, the one figure
-that matters and the file with everything else. Other sections of the README are left as they are.
+that matters and the file with everything else. A suite run on another machine into another file
+(the GPU figures beside the CPU ones, say) gets a row of its own. Other sections are left as they are.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from spine_fl.shared.files import atomic_write_bytes
 
 SECTION = "## Latest results"
 HEADER = ("| suite | date | command | headline | file |", "|---|---|---|---|---|")
-INTRO = ("Written by `spine-fl benchmark SUITE`: one row per suite, replaced each time it runs. Timings are wall "
-         "clock on the machine named in the file (with its load average): compare ratios, not seconds across "
-         "machines.")
+INTRO = ("Written by `spine-fl benchmark SUITE`: one row per results file, replaced each time it is written. Timings "
+         "are wall clock on the machine named in the file (with its load average): compare ratios, not seconds "
+         "across machines.")
 NEW_README = "# Benchmarks\n\nResults files written by `spine-fl benchmark SUITE` (simulations/benchmarks/).\n"
 
 
@@ -28,13 +29,14 @@ def row(suite: str, date: str, command: str, headline: str, file: str) -> str:
 
 
 def upsert_row(readme: Path, suite: str, date: str, command: str, headline: str, results_file: Path) -> None:
-    """Add or replace `suite`'s row; the table (and the README) are created when missing."""
+    """Add or replace the row of `results_file`; the table (and the README) are created when missing."""
     text = readme.read_text() if readme.exists() else NEW_README
     try:
         file = os.path.relpath(results_file, readme.parent)
     except ValueError:  # another drive
         file = str(results_file)
-    new = row(suite, date, command, headline, f"`{file}`")
+    file_cell = f"`{file}`"
+    new = row(suite, date, command, headline, file_cell)
     lines = text.rstrip("\n").split("\n")
     if SECTION not in lines:
         at = next((i for i, line in enumerate(lines) if i > 0 and line.startswith("## ")), len(lines))
@@ -45,7 +47,7 @@ def upsert_row(readme: Path, suite: str, date: str, command: str, headline: str,
     end = head + 1
     while end < len(lines) and lines[end].startswith("| "):
         end += 1
-    rows = [r for r in lines[head + 1:end] if not r.startswith(f"| {_cell(suite)} |")]
+    rows = [r for r in lines[head + 1:end] if not r.endswith(f"| {_cell(file_cell)} |")]
     lines[head + 1:end] = sorted([*rows, new])
     atomic_write_bytes(readme, ("\n".join(lines) + "\n").encode())
 

@@ -66,6 +66,12 @@ def machine() -> dict[str, Any]:
             "versions": versions(), "load_average_start": load_average()}
 
 
+def section_heading(base: str, report: dict[str, Any]) -> str:
+    """A README section per kind of machine: the GPU's figures do not replace the CPU's."""
+    gpu = report["machine"].get("gpu")
+    return f"{base} on {gpu}" if gpu else base
+
+
 def envelope(suite: str, command: str) -> dict[str, Any]:
     """The head of a benchmark file, filled in before the suite runs."""
     return {"suite": suite, "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),

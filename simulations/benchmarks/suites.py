@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spine_fl.simulations.benchmarks import readme_table, record
+from spine_fl.simulations.benchmarks.record import section_heading
 
 Say = Callable[[str], None]
 
@@ -39,7 +40,7 @@ class Options:
 class Suite:
     run: Callable[[Options], dict[str, Any]]
     headline: Callable[[dict[str, Any]], str]
-    write_sections: Callable[[dict[str, Any], Path], None] = field(default=lambda report, readme: None)
+    write_sections: Callable[[dict[str, Any], Path, str], None] = field(default=lambda report, readme, file: None)
     about: str = ""
 
 
@@ -60,10 +61,11 @@ def _overhead(o: Options) -> dict[str, Any]:
     return figures
 
 
-def _overhead_sections(report: dict[str, Any], readme: Path) -> None:
+def _overhead_sections(report: dict[str, Any], readme: Path, results_file: str) -> None:
     from spine_fl.simulations.benchmarks import overhead_report
 
-    readme_table.upsert_section(readme, "## overhead", overhead_report.readme_section(report))
+    readme_table.upsert_section(readme, section_heading("## overhead", report),
+                                overhead_report.readme_section(report))
 
 
 def _overhead_headline(report: dict[str, Any]) -> str:
@@ -136,11 +138,12 @@ def _models(o: Options) -> dict[str, Any]:
     return out
 
 
-def _models_sections(report: dict[str, Any], readme: Path) -> None:
+def _models_sections(report: dict[str, Any], readme: Path, results_file: str) -> None:
     from spine_fl.simulations.benchmarks import dp_modes, models
 
-    models.write_readme(readme, {**report, **models.legacy_fields(report)})
-    readme_table.upsert_section(readme, "## per-sample-gradient modes",
+    models.write_readme(readme, {**report, **models.legacy_fields(report)},
+                        section_heading(models.README_SECTION, report), results_file)
+    readme_table.upsert_section(readme, section_heading("## per-sample-gradient modes", report),
                                 dp_modes.readme_section(report["grad_sample_modes"]))
 
 
@@ -171,6 +174,6 @@ def run_suite(name: str, options: Options, out: Path, readme: Path, command: str
     report.update(suite.run(options))
     report["headline"] = suite.headline(report)
     record.finish(report, out)
-    suite.write_sections(report, readme)
+    suite.write_sections(report, readme, out.name)
     readme_table.upsert_row(readme, name, report["date"], command, report["headline"], out)
     return report
