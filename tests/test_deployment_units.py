@@ -932,3 +932,21 @@ def test_the_superlink_and_supernode_processes_patch_flowers_app_builders(monkey
     assert sum(m.cls is middleware.OnlyWhere for m in layers) == len(middleware.ONLY_WHERE)
     assert supernode.RuntimeTracingMiddleware.func is middleware.OnlyWhere
     assert supernode.RuntimeTracingMiddleware.keywords["middleware"].__name__ == "RuntimeTracingMiddleware"
+
+
+def test_loopback_ports_stay_clear_of_the_os_outgoing_range_and_rays_fixed_ports() -> None:
+    """A chosen port inside the OS's outgoing range can be taken by any connection before the server
+    binds it (an nginx start failed so); one inside Ray's worker range (10002-19999) made a Ray
+    head refuse to start. Each pick is between the two, and bindable."""
+    import socket
+
+    from spine_fl.shared.runtime.processes import LOWEST_PORT, _outgoing_ports_start, free_loopback_port
+
+    top = _outgoing_ports_start()
+    if top <= LOWEST_PORT + 1000:
+        pytest.skip(f"this machine's outgoing range starts at {top}: no room below it")
+    for _ in range(50):
+        port = free_loopback_port()
+        assert LOWEST_PORT <= port < top
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

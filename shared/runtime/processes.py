@@ -98,14 +98,20 @@ def _outgoing_ports_start() -> int:
         return 32768
 
 
+# Ray's own fixed ports end here: its workers listen on 10002-19999 and its client server on 10001
+# by default, so a port below would collide with a Ray cluster on the same machine (a CI run's Ray
+# head refused a --port that fell inside its worker range).
+LOWEST_PORT = 20000
+
+
 def free_loopback_port() -> int:
-    """A port nothing listens on at 127.0.0.1 right now, below the range the OS draws outgoing
-    connections' local ports from. The OS's own choice (bind to port 0) comes from that range, so
-    any outgoing connection could take the port before the server binds it: a CI run's nginx
-    failed with "Address already in use" that way."""
+    """A port nothing listens on at 127.0.0.1 right now, from LOWEST_PORT up to the range the OS
+    draws outgoing connections' local ports from. The OS's own choice (bind to port 0) comes from
+    that range, so any outgoing connection could take the port before the server binds it: a CI
+    run's nginx failed with "Address already in use" that way."""
     start = _outgoing_ports_start()
-    if start > 11000:
-        for port in random.SystemRandom().sample(range(10000, start), 64):
+    if start > LOWEST_PORT + 1000:
+        for port in random.SystemRandom().sample(range(LOWEST_PORT, start), 64):
             with socket.socket() as sock:
                 try:
                     sock.bind(("127.0.0.1", port))
