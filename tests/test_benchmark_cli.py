@@ -136,3 +136,28 @@ def test_readme_row_is_replaced_not_added(tmp_path: Path) -> None:
     assert text.count("| models |") == 2 and "`models.json`" in text and "`models_gpu.json`" in text
     assert text.index("## Latest results") < text.index("## calibration") and "## calibration\n\nkept" in text
     assert text.count("## overhead") == 1 and "two" in text and "\none\n" not in text
+
+
+def test_a_suite_stopped_midway_leaves_its_finished_parts_marked_incomplete(tmp_path: Path, monkeypatch) -> None:
+    """A GPU lease or a batch job's time limit can stop a long suite (the models suite was stopped
+    twice so, losing everything): what finished is on disk, marked incomplete; no README row."""
+    import json
+
+    from spine_fl.simulations.benchmarks import suites
+
+    def stopped(o: suites.Options) -> dict:
+        o.keep({"results": ["first part"]})
+        raise KeyboardInterrupt  # what a time limit's signal amounts to here
+
+    monkeypatch.setitem(suites.SUITES, "models", suites.Suite(stopped, lambda report: "never"))
+    out, readme = tmp_path / "models.json", tmp_path / "README.md"
+    with pytest.raises(KeyboardInterrupt):
+        suites.run_suite("models", suites.Options(), out, readme, "spine-fl benchmark models")
+    written = json.loads(out.read_text())
+    assert written["complete"] is False and written["results"] == ["first part"]
+    assert written["machine"]["cores"] and written["command"] == "spine-fl benchmark models"
+    assert not readme.exists()
+
+    monkeypatch.setitem(suites.SUITES, "models", suites.Suite(lambda o: {"results": ["all"]}, lambda report: "done"))
+    suites.run_suite("models", suites.Options(), out, readme, "spine-fl benchmark models")
+    assert json.loads(out.read_text())["complete"] is True and "| models |" in readme.read_text()

@@ -80,6 +80,9 @@ def run_one(name: str, site_dir: Path) -> dict[str, object]:
     data = SiteData(data.patient_ids[keep], data.split[keep], data.y[keep], data.features[keep],
                     None if data.images is None else data.images[keep], data.subgroups[:patients])
     device = pick_device()
+    if device.type == "cuda":  # CUDA's start-up (seconds, once per process) is not the round's cost
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize()
     started = time.perf_counter()
     model = build_model_named(name, task, seed=0)
     build_seconds = time.perf_counter() - started

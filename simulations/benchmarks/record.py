@@ -78,8 +78,15 @@ def envelope(suite: str, command: str) -> dict[str, Any]:
             "commit": commit(), "machine": machine()}
 
 
+def keep_partial(report: dict[str, Any], out: Path) -> None:
+    """The parts of a long suite that have finished, on disk before the rest runs, marked
+    `"complete": false`: a run stopped by a time limit (a GPU lease, a batch job) keeps them."""
+    atomic_write_json(out, {**report, "complete": False})
+
+
 def finish(report: dict[str, Any], out: Path) -> None:
     """The load at the end and a word on how shared the machine was; then the file, atomically."""
+    report["complete"] = True
     m = report["machine"]
     m["load_average_end"] = load_average()
     # at the start the suite itself has not loaded the machine yet: load there is other work

@@ -9,7 +9,7 @@ its figures mean nothing).
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +34,7 @@ class Options:
     profile: bool = True
     image_size: int | None = None
     say: Say = print
+    keep: Callable[[dict[str, Any]], None] = lambda figures: None  # the figures so far, written as incomplete
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,14 @@ def _models(o: Options) -> dict[str, Any]:
     unknown = sorted(set(names) - set(models.PLAN))
     if unknown:
         raise BadOption(f"unknown model {', '.join(unknown)}; the suite has {', '.join(models.PLAN)}")
-    out: dict[str, Any] = {"results": models.run(names, o.say)}
+    out: dict[str, Any] = {"results": models.run(names, o.say), "consortium": []}
+    o.keep(out)
     federated = [n for n in names if n in models.CONSORTIUM_MODELS]
     with tempfile.TemporaryDirectory() as tmp:  # smoke: the small CNN, one round at 32 px
-        out["consortium"] = [models.consortium_run(n, 1 if o.smoke else o.rounds or 3, 32 if o.smoke else o.image_size,
-                                                   Path(tmp) / n, o.say)
-                             for n in (["small_cnn"] if o.smoke else federated)]
+        for n in ["small_cnn"] if o.smoke else federated:
+            out["consortium"].append(models.consortium_run(n, 1 if o.smoke else o.rounds or 3,
+                                                           32 if o.smoke else o.image_size, Path(tmp) / n, o.say))
+            o.keep(out)
     mode_models = [m for m in dp_modes.PLAN if not o.models or m in o.models] or list(dp_modes.PLAN)
     with tempfile.TemporaryDirectory() as tmp:
         if o.smoke:
@@ -171,7 +174,7 @@ def run_suite(name: str, options: Options, out: Path, readme: Path, command: str
     """Run suite `name`; write `out` and its sections and row in `readme`; the report."""
     suite = SUITES[name]
     report = record.envelope(name, command)
-    report.update(suite.run(options))
+    report.update(suite.run(replace(options, keep=lambda figures: record.keep_partial({**report, **figures}, out))))
     report["headline"] = suite.headline(report)
     record.finish(report, out)
     suite.write_sections(report, readme, out.name)
