@@ -74,10 +74,16 @@ def noise_source(device: torch.device, sampling: torch.Generator) -> torch.Gener
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
+def native_bf16() -> bool:
+    """A CUDA GPU that computes in bf16 itself (Ampere and later). torch's default answer also says
+    yes for older GPUs (a T4, a V100) that only emulate bf16, slower than fp32."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def mixed_precision(device: torch.device, data: SiteData) -> bool:
-    """bf16 autocast for image networks on a CUDA GPU that has bf16: their convolutions run on tensor
+    """bf16 autocast for image networks on a GPU with native bf16: their convolutions run on tensor
     cores. Tables gain nothing, and a CPU runs bf16 slower than fp32."""
-    return device.type == "cuda" and data.images is not None and torch.cuda.is_bf16_supported()
+    return device.type == "cuda" and data.images is not None and native_bf16()
 
 
 def grad_samples_to_fp32(params: list[torch.Tensor]) -> None:

@@ -131,11 +131,10 @@ def time_modes(model_name: str, modes: list[str], steps: int) -> dict[str, Any]:
     """All `modes` in one process, steps interleaved (hooks, ew, ..., hooks, ew, ...): a busy machine
     slows every mode alike. One untimed warm-up step each. On a GPU with bf16 the steps run under
     autocast, as spine-fl trains image networks there."""
-    import torch
-
     from spine_fl.shared.models.registry import image_size
+    from spine_fl.shared.training.local import native_bf16
 
-    amp = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    amp = native_bf16()
     made: dict[str, Callable[[], None]] = {}
     errors: dict[str, str] = {}
     for mode in modes:

@@ -6,7 +6,7 @@ by `save_site_arrays`) and the registry's model, built from the same seed. Train
 everyone writes: one local epoch, BCE-with-logits, SGD or Adam, and for DP Opacus' `make_private`
 with Poisson sampling, per-sample clipping and Gaussian noise; then the held-out patients are
 scored and the updates averaged by example count (FedAvg). On a CUDA GPU it trains there, image
-networks under bf16 autocast, as spine-fl does (the same device and precision on both sides).
+networks under bf16 autocast where the GPU has bf16, as spine-fl does (the same device and precision).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def train(template: nn.Module, weights: list[np.ndarray], split: Split, recipe: 
     set_weights(model, weights)
     on = device()
     model.to(on).train()
-    amp = on.type == "cuda" and split.images.shape[1] > 0
+    # image networks in bf16 where the GPU has it natively (spine-fl's rule, written out, not imported)
+    amp = on.type == "cuda" and split.images.shape[1] > 0 and torch.cuda.is_bf16_supported(including_emulation=False)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(split.tensors(), batch_size=recipe.batch_size, shuffle=True, generator=generator)
     if recipe.optimizer == "sgd":
