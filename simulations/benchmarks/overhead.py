@@ -226,20 +226,24 @@ def profile_config(config: Config, work: Workload, rounds: int, tmp: Path, say: 
 
 
 def run(rounds: int, repeats: int, configs: list[str], task: str, sites: int, profile: bool,
-        say: Say) -> dict[str, Any]:
+        say: Say, keep: Callable[[dict[str, Any]], None] = lambda figures: None) -> dict[str, Any]:
+    """`keep` gets the figures so far after each configuration (a stopped run keeps them)."""
     if rounds < 2:
         raise ValueError("the overhead suite needs --rounds 2 or more: round 1 (start-up) is left out")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         work = prepare(task, sites, tmp, say)
-        results = {c: measure_config(CONFIGS[c], work, rounds, repeats, tmp, say) for c in configs}
-        profiled = None
-        if profile:
-            chosen = "dp+secagg" if "dp+secagg" in configs else configs[-1]
-            profiled = profile_config(CONFIGS[chosen], work, rounds, tmp, say)
-    return {"workload": {"task": task, "sites": sites, "rounds_per_run": rounds, "repeats": repeats,
+        out: dict[str, Any] = {
+            "workload": {"task": task, "sites": sites, "rounds_per_run": rounds, "repeats": repeats,
                          "model": type(work.model).__name__,
                          "parameters": sum(p.numel() for p in work.model.parameters()),
                          "rounds_measured": f"2-{rounds} of every run",
                          "state": "every spine-fl run starts with empty site ledgers"},
-            "configs": results, "profile": profiled}
+            "configs": {}, "profile": None}
+        for c in configs:
+            out["configs"][c] = measure_config(CONFIGS[c], work, rounds, repeats, tmp, say)
+            keep(out)
+        if profile:
+            chosen = "dp+secagg" if "dp+secagg" in configs else configs[-1]
+            out["profile"] = profile_config(CONFIGS[chosen], work, rounds, tmp, say)
+    return out

@@ -68,10 +68,15 @@ def measure_size(sites: int, rounds: int, tmp: Path, say: Callable[[str], None])
     return out
 
 
-def run(sizes: list[int], rounds: int, say: Callable[[str], None]) -> dict[str, Any]:
+def run(sizes: list[int], rounds: int, say: Callable[[str], None],
+        keep: Callable[[dict[str, Any]], None] = lambda figures: None) -> dict[str, Any]:
+    """`keep` gets the figures so far after each consortium size (a stopped run keeps them)."""
+    out: dict[str, Any] = {"task": TASK, "dp": True, "secagg": True, "results": []}
     with tempfile.TemporaryDirectory() as name:
-        results = [measure_size(n, rounds, Path(name), say) for n in sizes]
-    return {"task": TASK, "dp": True, "secagg": True, "results": results}
+        for n in sizes:
+            out["results"].append(measure_size(n, rounds, Path(name), say))
+            keep(out)
+    return out
 
 
 def headline(report: dict[str, Any]) -> str:

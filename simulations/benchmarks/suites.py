@@ -34,7 +34,8 @@ class Options:
     profile: bool = True
     image_size: int | None = None
     say: Say = print
-    keep: Callable[[dict[str, Any]], None] = lambda figures: None  # the figures so far, written as incomplete
+    # the figures so far, written as incomplete (models, overhead and scaling: after each part)
+    keep: Callable[[dict[str, Any]], None] = lambda figures: None
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def _overhead(o: Options) -> dict[str, Any]:
         raise BadOption("the overhead suite needs --rounds 2 or more: round 1 (start-up) is left out")
     figures = overhead.run(rounds=rounds, repeats=o.repeats or 1, configs=configs,
                            task="rbp_tabular" if o.smoke else "tfesi_radiograph", sites=3,
-                           profile=o.profile and not o.smoke, say=o.say)
+                           profile=o.profile and not o.smoke, say=o.say, keep=o.keep)
     figures["remaining_difference"] = overhead_report.remaining(figures)
     return figures
 
@@ -78,7 +79,8 @@ def _overhead_headline(report: dict[str, Any]) -> str:
 def _scaling(o: Options) -> dict[str, Any]:
     from spine_fl.simulations.benchmarks import scaling
 
-    return scaling.run(o.sites or ([2] if o.smoke else list(scaling.SIZES)), o.rounds or (1 if o.smoke else 3), o.say)
+    return scaling.run(o.sites or ([2] if o.smoke else list(scaling.SIZES)), o.rounds or (1 if o.smoke else 3), o.say,
+                       o.keep)
 
 
 def _scaling_headline(report: dict[str, Any]) -> str:
