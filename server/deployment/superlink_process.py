@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 
 from spine_fl import QUIET_FLOWER_ENV
+from spine_fl.shared.runtime.held_pulls import hold_empty_pulls
 from spine_fl.shared.runtime.middleware import lean_superlink_middleware
 from spine_fl.shared.runtime.wakeup import wake_after
 
@@ -32,6 +33,7 @@ IN_MEMORY_DATABASE = ":flwr-in-memory:"  # Flower's FLWR_IN_MEMORY_DB_NAME
 if __name__ == "__main__":
     os.environ.update(QUIET_FLOWER_ENV)
     lean_superlink_middleware()  # each request crosses only the layers that act on it
+    hold_empty_pulls()  # a site's empty pull is answered when a message for it is stored
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
     wake_after(InMemoryLinkState, "store_message_res")  # the ServerApp asks for replies at once
