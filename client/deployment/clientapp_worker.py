@@ -43,6 +43,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from spine_fl.client.app import build_client_app
+from spine_fl.client.deployment.local_runtime import LocalRuntimeClient
 from spine_fl.client.privacy.mods import message_kind, record_egress, refuse
 from spine_fl.client.site_config import Site
 from spine_fl.shared.refusal import Refusal
@@ -51,6 +52,7 @@ from spine_fl.shared.runtime.packing import PackingError, pack_message, unpack_m
 from spine_fl.shared.runtime.wakeup import Wakeup
 
 log = logging.getLogger("spine_fl.client")
+RuntimeClient = RuntimeHttpClient | LocalRuntimeClient
 
 # The message comes from the site's own SuperNode on loopback. Flower waits up to 2 hours for its
 # parts (sized for a WAN); a message whose parts never arrive (its run was stopped while the
@@ -63,7 +65,7 @@ LOCAL_PULL_INITIAL_BACKOFF = 0.02
 LOCAL_PULL_BACKOFF_CAP = 0.05
 
 
-def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Fab]:
+def pull_task_input(client: RuntimeClient) -> tuple[Message, Context, Fab]:
     """Flower's run_clientapp.pull_task_input, with a loopback-sized time limit."""
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
@@ -101,7 +103,7 @@ def unpack_refusal(message: Message) -> Refusal | None:
     return None
 
 
-def finish_task(client: RuntimeHttpClient, context: Context | None, heartbeat: HeartbeatSender, status: str,
+def finish_task(client: RuntimeClient, context: Context | None, heartbeat: HeartbeatSender, status: str,
                 details: str) -> None:
     """Report the task's end. The heartbeat stops first: once the task is finished its token is
     void, and a heartbeat sent after that would be refused (a message handled in a few tens of
@@ -110,12 +112,13 @@ def finish_task(client: RuntimeHttpClient, context: Context | None, heartbeat: H
     push_task_output(client, context, status, details)
 
 
-def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
+def serve_task(address: str, token: str, site: Site, app: ClientApp, local_runtime: str | None = None) -> str:
     """Handle one message end to end; returns what happened, for the site's log."""
     # A refused token (the task is over, e.g. its run was stopped) fails this task's requests; Flower
     # would end the whole process, which here is the site's worker for every message.
-    client = runtime_client(address, insecure=True, token=token, component="flwr-clientapp", max_tries=3,
-                            unauthorized_ends_process=False)
+    client = LocalRuntimeClient(local_runtime, token=token) if local_runtime else runtime_client(
+        address, insecure=True, token=token, component="flwr-clientapp", max_tries=3,
+        unauthorized_ends_process=False)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context = None
@@ -162,11 +165,15 @@ def serve_task(address: str, token: str, site: Site, app: ClientApp) -> str:
 
 
 def serve(address: str, site: Site, secret: bytes | None, stop: threading.Event,
-          keep_going: Callable[[], bool] = lambda: True, wake: Wakeup | None = None) -> int:
+          keep_going: Callable[[], bool] = lambda: True, wake: Wakeup | None = None,
+          local_runtime: str | None = None) -> int:
     """Serve the SuperNode's ClientApp tasks until `stop` is set or `keep_going()` turns false;
     returns how many tasks were served. `wake`: woken by the SuperNode when a task's message is
-    whole in its store (client/deployment/supernode_process.py); without it the SuperNode is polled every 0.1 s."""
-    acquirer = runtime_client(address, insecure=True, secret=secret, component="SuperExec", max_tries=3)
+    whole in its store (client/deployment/supernode_process.py); without it the SuperNode is polled every 0.1 s.
+    `local_runtime`: the SuperNode's Unix socket for Runtime requests (client/deployment/local_runtime.py),
+    else its HTTP Runtime API at `address`."""
+    acquirer = LocalRuntimeClient(local_runtime, secret=secret) if local_runtime else runtime_client(
+        address, insecure=True, secret=secret, component="SuperExec", max_tries=3)
     app = build_client_app()
     served = 0
     try:
@@ -177,7 +184,7 @@ def serve(address: str, site: Site, secret: bytes | None, stop: threading.Event,
                 continue  # the SuperNode is restarting or gone; keep_going() decides
             if found is not None:
                 _, token = found
-                serve_task(address, token, site, app)
+                serve_task(address, token, site, app, local_runtime)
                 served += 1
     finally:
         acquirer.close()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from spine_fl.client.deployment import local_runtime
 from spine_fl.client.deployment.clientapp_worker import serve
 from spine_fl.client.site_config import Site, SiteConnection
 from spine_fl.client.site_data import validate_site_data
@@ -204,15 +205,19 @@ def _serve_with_supernode(site_config: Path, site: Site, connection: SiteConnect
     ensure_port_free("127.0.0.1", runtime_port, "SuperNode's local Runtime API (--runtime-port)")
     secret = write_secret(site.state_dir / "superexec.secret")
     wake = open_wakeup()
+    local = None if wake is None else local_runtime.socket_path(wake.folder)
     node = start_python("SuperNode", ["-m", "spine_fl.client.deployment.supernode_process",
                                       *supernode_args(site_config, connection, secret, runtime_port, insecure, attempts)],
-                        site.state_dir / "supernode.log", env=env_for(wake))
+                        site.state_dir / "supernode.log",
+                        env={**env_for(wake), **({local_runtime.ENV: local} if local else {})})
     try:
-        wait_for_port(node, "127.0.0.1", runtime_port)
+        wait_for_port(node, "127.0.0.1", runtime_port)  # the socket is served before the port opens
         say(f"{site.name}: SuperNode PID {node.pid} connecting out to {connection.coordinator} "
-            f"({'INSECURE' if insecure else 'TLS, enrolled key'}); log {node.log_path}")
+            f"({'INSECURE' if insecure else 'TLS, enrolled key'}); the worker's requests to it "
+            f"{'over a local socket' if local else 'over loopback HTTP'}; log {node.log_path}")
         served = serve(f"127.0.0.1:{runtime_port}", site, secret.read_bytes(), stop,
-                       keep_going=lambda: node.alive() and not coordinator_restarted.is_set(), wake=wake)
+                       keep_going=lambda: node.alive() and not coordinator_restarted.is_set(), wake=wake,
+                       local_runtime=local)
     finally:
         node.stop()
         say(f"{site.name}: SuperNode PID {node.pid} stopped")

@@ -36,8 +36,8 @@ class Wakeup:
 
     def __init__(self) -> None:
         _remove_left_behind()
-        self._folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")  # 0700: only this user can send
-        self.path = os.path.join(self._folder, "wake")
+        self.folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")  # 0700: only this user can send
+        self.path = os.path.join(self.folder, "wake")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self.path)
         self._sock.setblocking(False)
@@ -54,7 +54,7 @@ class Wakeup:
 
     def close(self) -> None:
         self._sock.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Wakeup:
         return self
