@@ -61,6 +61,8 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
 from flwr.supercore.error import ApiErrorCode, FlowerError
 from flwr.supercore.error.catalog import API_ERROR_MAP
 from flwr.supercore.run import RunNotRunningException
+from flwr.supercore.servicer.runtime import runtime_handlers as core_handlers
+from flwr.supernode.servicer.runtime import runtime_handlers as node_handlers
 from google.protobuf.message import DecodeError, Message
 
 ENV = "SPINE_FL_RUNTIME_SOCKET"
@@ -82,9 +84,8 @@ class _Method:
 
 
 def _methods() -> dict[str, _Method]:
-    from flwr.supercore.servicer.runtime import runtime_handlers as core
-    from flwr.supernode.servicer.runtime import runtime_handlers as node
-
+    """The SuperNode's Runtime routes the worker uses, each with the handler Flower's route calls."""
+    node = node_handlers
     return {ACQUIRE: _Method(AcquireTaskRequest, node.acquire_task),
             "PullTaskInput": _Method(PullTaskInputRequest, node.pull_task_input),
             "PullMessages": _Method(PullAppMessagesRequest, node.pull_messages),
@@ -93,7 +94,7 @@ def _methods() -> dict[str, _Method]:
             "PushMessages": _Method(PushAppMessagesRequest, node.push_messages),
             "PushObject": _Method(PushObjectRequest, node.push_object),
             "PushTaskOutput": _Method(PushTaskOutputRequest, node.push_task_output),
-            "SendTaskHeartbeat": _Method(SendTaskHeartbeatRequest, core.send_task_heartbeat)}
+            "SendTaskHeartbeat": _Method(SendTaskHeartbeatRequest, core_handlers.send_task_heartbeat)}
 
 
 def socket_path(folder: str) -> str:
@@ -137,7 +138,7 @@ class RuntimeDispatcher:
                     return 401, _error_body(int(ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED),
                                             "SuperExec authentication failed.")
                 return 200, spec.handler(request, state).SerializeToString()
-            task = state.get_task_by_token(credential.decode()) if credential else None
+            task = state.get_task_by_token(credential.decode(errors="replace")) if credential else None
             if task is None:
                 return 401, _error_body(int(ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED),
                                         "Runtime task-token authentication failed.")
