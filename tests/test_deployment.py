@@ -91,6 +91,7 @@ def test_tls_authenticated_run_with_dp_and_secagg_and_a_site_whose_data_fail(loo
     # the SuperLink held the sites' empty pulls (shared/runtime/held_pulls.py): without that, a site's pull
     # right after each reply (and ten a second while it waits) is answered "nothing" within milliseconds
     assert "the worker's requests to it over a local socket" in loop.output(loop.sites[0])
+    assert "the ServerApp's requests to it over a local socket" in loop.output("server")
     pulls = _site_pulls(loop)
     empty = [seconds for status, size, seconds in pulls if status == 200 and size == 0]
     assert len(pulls) >= 10 and all(seconds >= 1.0 for seconds in empty), sorted(empty)[:10]

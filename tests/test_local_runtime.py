@@ -1,8 +1,8 @@
-"""The worker's Runtime requests over the SuperNode's Unix socket (client/deployment/local_runtime.py),
-against a real Flower SuperNode state: only the SuperExec secret acquires a task, only a live task's
+"""A worker's Runtime requests over its server's Unix socket (shared/runtime/local_runtime.py), against
+a real Flower SuperNode state and its handlers: only the SuperExec secret acquires a task, only a live task's
 token reaches a task's data, Flower's errors keep their meaning, and a SuperNode that is gone looks
-like one that is gone over HTTP. Every deployment test runs the worker through it end to end
-(tests/test_deployment.py checks that the sites used it)."""
+like one that is gone over HTTP. Every deployment test runs the site workers and the coordinator's
+ServerApp through it end to end (tests/test_deployment.py checks that both used it)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from flwr.supercore.error import ApiErrorCode, FlowerError
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import RunNotRunningException
 from flwr.supernode.nodestate import NodeStateFactory
+from flwr.supernode.servicer.runtime import runtime_handlers
 
-from spine_fl.client.deployment import local_runtime
-from spine_fl.client.deployment.local_runtime import LocalRuntimeClient, RuntimeDispatcher, serve_runtime
+from spine_fl.shared.runtime import local_runtime
+from spine_fl.shared.runtime.local_runtime import LocalRuntimeClient, RuntimeDispatcher, serve_runtime
 from spine_fl.shared.runtime.wakeup import Wakeup
 
 SECRET = b"the-superexec-secret-of-this-site"
@@ -31,7 +32,7 @@ def supernode():
     """A real SuperNode state served at a socket in a wake-up folder, as site_node.py sets it up."""
     with Wakeup() as wake:
         path = local_runtime.socket_path(wake.folder)
-        server = serve_runtime(path, NodeStateFactory(ObjectStoreFactory()), SECRET)
+        server = serve_runtime(path, NodeStateFactory(ObjectStoreFactory()), SECRET, runtime_handlers)
         try:
             yield wake.folder, path
         finally:
@@ -60,7 +61,7 @@ def test_only_the_superexec_secret_acquires_and_only_a_live_tasks_token_reads(su
 
 def test_flowers_errors_keep_their_meaning(supernode, monkeypatch) -> None:
     _, path = supernode
-    dispatcher = RuntimeDispatcher(NodeStateFactory(ObjectStoreFactory()), SECRET)
+    dispatcher = RuntimeDispatcher(NodeStateFactory(ObjectStoreFactory()), SECRET, runtime_handlers)
 
     def not_running(request, state):
         raise FlowerError(ApiErrorCode.FLEET_RUN_STATUS_NOT_ALLOWED, "the run was stopped")
@@ -78,11 +79,11 @@ def test_flowers_errors_keep_their_meaning(supernode, monkeypatch) -> None:
     assert status == 400
 
     # over the socket, a 403 is Flower's "run not running", as its HTTP client makes it
-    monkeypatch.setattr(local_runtime, "_methods", lambda: {local_runtime.ACQUIRE: local_runtime._Method(
+    monkeypatch.setattr(local_runtime, "_methods", lambda handlers: {local_runtime.ACQUIRE: local_runtime._Method(
         AcquireTaskRequest, not_running)})
     with Wakeup() as wake:
         other = local_runtime.socket_path(wake.folder)
-        server = serve_runtime(other, NodeStateFactory(ObjectStoreFactory()), SECRET)
+        server = serve_runtime(other, NodeStateFactory(ObjectStoreFactory()), SECRET, runtime_handlers)
         try:
             with pytest.raises(RunNotRunningException):
                 LocalRuntimeClient(other, secret=SECRET).AcquireTask(acquire())

@@ -43,11 +43,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from spine_fl.client.app import build_client_app
-from spine_fl.client.deployment.local_runtime import LocalRuntimeClient
 from spine_fl.client.privacy.mods import message_kind, record_egress, refuse
 from spine_fl.client.site_config import Site
 from spine_fl.shared.refusal import Refusal
 from spine_fl.shared.runtime.flower import runtime_client, stop_heartbeat, wait_for_task
+from spine_fl.shared.runtime.local_runtime import LocalRuntimeClient
 from spine_fl.shared.runtime.packing import PackingError, pack_message, unpack_message
 from spine_fl.shared.runtime.wakeup import Wakeup
 
@@ -170,7 +170,7 @@ def serve(address: str, site: Site, secret: bytes | None, stop: threading.Event,
     """Serve the SuperNode's ClientApp tasks until `stop` is set or `keep_going()` turns false;
     returns how many tasks were served. `wake`: woken by the SuperNode when a task's message is
     whole in its store (client/deployment/supernode_process.py); without it the SuperNode is polled every 0.1 s.
-    `local_runtime`: the SuperNode's Unix socket for Runtime requests (client/deployment/local_runtime.py),
+    `local_runtime`: the SuperNode's Unix socket for Runtime requests (shared/runtime/local_runtime.py),
     else its HTTP Runtime API at `address`."""
     acquirer = LocalRuntimeClient(local_runtime, secret=secret) if local_runtime else runtime_client(
         address, insecure=True, secret=secret, component="SuperExec", max_tries=3)

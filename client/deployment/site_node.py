@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from spine_fl.client.deployment import local_runtime
 from spine_fl.client.deployment.clientapp_worker import serve
 from spine_fl.client.site_config import Site, SiteConnection
 from spine_fl.client.site_data import validate_site_data
+from spine_fl.shared.runtime import local_runtime
 from spine_fl.shared.runtime.coordinator_instance import fetch_instance, instance_client
 from spine_fl.shared.runtime.flower import write_secret
 from spine_fl.shared.runtime.processes import ManagedProcess, ensure_port_free, start_python, wait_for_port

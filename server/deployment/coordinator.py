@@ -37,6 +37,7 @@ from spine_fl.server.deployment.serverapp_worker import serve_run
 from spine_fl.server.deployment.superlink_process import IN_MEMORY_DATABASE
 from spine_fl.server.reporting.run_result import RunResult
 from spine_fl.shared.config import ConfigError
+from spine_fl.shared.runtime import local_runtime
 from spine_fl.shared.runtime.bundle import build_bundle, read_bundle
 from spine_fl.shared.runtime.coordinator_instance import new_instance_id
 from spine_fl.shared.runtime.credentials import ledger_key_fingerprint, load_site_public_key
@@ -61,10 +62,12 @@ SUPERLINK_HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where this process reaches its own SuperLink, and the CA that signed its certificate."""
+    """Where this process reaches its own SuperLink, the CA that signed its certificate, and the
+    SuperLink's Runtime socket (shared/runtime/local_runtime.py; None where Unix sockets are missing)."""
 
     address: str
     root_certificates: bytes | None
+    local_runtime: str | None = None
 
 
 def superlink_args(fed: FederationConfig, secret: Path, insecure: bool, port: int) -> list[str]:
@@ -92,7 +95,8 @@ def public_probe_host(fed: FederationConfig) -> str:
 def start_superlink(fed: FederationConfig, insecure: bool,
                     wake: Wakeup | None = None) -> tuple[ManagedProcess, Endpoint, bytes]:
     """The SuperLink on 127.0.0.1, on a free port of its own (the public port is the front's); it
-    wakes `wake` whenever it stores a site's reply."""
+    wakes `wake` whenever it stores a site's reply, and serves the Runtime API at the socket in
+    `wake`'s folder too (`Endpoint.local_runtime`)."""
     if not insecure:
         for path in (fed.ca_certificate, fed.certificate, fed.private_key):
             if not path.is_file():
@@ -103,16 +107,18 @@ def start_superlink(fed: FederationConfig, insecure: bool,
     wait_until_port_free(public_probe_host(fed), fed.port, "coordinator's public front (nginx)")
     port = free_loopback_port()
     secret = write_secret(fed.state_dir / "superexec.secret")
+    local = None if wake is None else local_runtime.socket_path(wake.folder)
     proc = start_python("SuperLink", ["-m", "spine_fl.server.deployment.superlink_process",
                                       *superlink_args(fed, secret, insecure, port)],
-                        fed.state_dir / "superlink.log", env={**SUPERLINK_ENV, **env_for(wake)})
+                        fed.state_dir / "superlink.log",
+                        env={**SUPERLINK_ENV, **env_for(wake), **({local_runtime.ENV: local} if local else {})})
     try:
         wait_for_port(proc, SUPERLINK_HOST, port)
     except BaseException:
         proc.stop()
         raise
     certs = None if insecure else fed.ca_certificate.read_bytes()
-    return proc, Endpoint(f"{SUPERLINK_HOST}:{port}", certs), secret.read_bytes()
+    return proc, Endpoint(f"{SUPERLINK_HOST}:{port}", certs, local), secret.read_bytes()
 
 
 def front_config(fed: FederationConfig, endpoint: Endpoint, insecure: bool) -> FrontConfig:
@@ -155,7 +161,8 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
     try:
         front_cfg = front_config(fed, endpoint, insecure)
         front = start_front(front_cfg)
-        say(f"SuperLink PID {proc.pid} on {endpoint.address} (loopback only); log {proc.log_path}")
+        say(f"SuperLink PID {proc.pid} on {endpoint.address} (loopback only); the ServerApp's requests to it "
+            f"{'over a local socket' if endpoint.local_runtime else 'over loopback HTTP'}; log {proc.log_path}")
         say(f"front (nginx) PID {front.pid} listening on {fed.address} ({'INSECURE' if insecure else 'TLS'}), "
             f"forwarding only the Fleet API; coordinator instance {front_cfg.instance}; log {front.log_path}")
         control = init_http_client_from_connection(SuperLinkConnection(
@@ -174,7 +181,7 @@ def run_coordinator(fed: FederationConfig, insecure: bool = False,
                                fed.state_dir / "checkpoint", fed.state_dir / RECORD_FILE, enrolled_keys,
                                fail_when_stopped=True)
         serve_run(endpoint.address, res.run_id, app, insecure=insecure,
-                  root_certificates=endpoint.root_certificates, secret=secret)
+                  root_certificates=endpoint.root_certificates, secret=secret, local_runtime=endpoint.local_runtime)
     finally:
         if front is not None:
             front.stop()

@@ -3,7 +3,8 @@ process itself, with the installed spine-fl ServerApp (the SuperLink runs with `
 process`, so it never starts code from a bundle on its own).
 
 It mirrors flwr.superlink.runtime.run_serverapp without the bundle installation and without
-exiting the process; like Flower's own runtime it uses HttpGrid's Runtime API client. The ServerApp
+exiting the process; like Flower's own runtime it uses HttpGrid, whose Runtime requests go over the
+SuperLink's Unix socket where there is one (shared/runtime/local_runtime.py). The ServerApp
 sees the Grid through PackingGrid (shared/runtime/packing.py), which the sites' workers mirror.
 """
 
@@ -20,6 +21,7 @@ from flwr.superlink.grid import HttpGrid
 
 from spine_fl.server.app import RunStopped
 from spine_fl.shared.runtime.flower import runtime_client, stop_heartbeat, wait_for_task
+from spine_fl.shared.runtime.local_runtime import LocalRuntimeClient
 from spine_fl.shared.runtime.packing import PackingGrid
 
 
@@ -28,10 +30,13 @@ class ServerAppTaskError(RuntimeError):
 
 
 def serve_run(address: str, run_id: int, server_app: ServerApp, *, insecure: bool,
-              root_certificates: bytes | None, secret: bytes | None, timeout: float = 120.0) -> None:
-    """Acquire the ServerApp task of `run_id` and run `server_app` on it to the end."""
-    acquirer = runtime_client(address, insecure=insecure, root_certificates=root_certificates, secret=secret,
-                              component="SuperExec")
+              root_certificates: bytes | None, secret: bytes | None, timeout: float = 120.0,
+              local_runtime: str | None = None) -> None:
+    """Acquire the ServerApp task of `run_id` and run `server_app` on it to the end. `local_runtime`:
+    the SuperLink's Unix socket for Runtime requests (shared/runtime/local_runtime.py), else its HTTP
+    Runtime API at `address`."""
+    acquirer = LocalRuntimeClient(local_runtime, secret=secret) if local_runtime else runtime_client(
+        address, insecure=insecure, root_certificates=root_certificates, secret=secret, component="SuperExec")
     try:
         found = wait_for_task(acquirer, TaskType.SERVER_APP, timeout=timeout)
     finally:
@@ -42,6 +47,8 @@ def serve_run(address: str, run_id: int, server_app: ServerApp, *, insecure: boo
     if task.run_id != run_id:
         raise ServerAppTaskError(f"the SuperLink offered a ServerApp task for run {task.run_id}, not run {run_id}")
     grid = HttpGrid(runtime_api_address=address, insecure=insecure, root_certificates=root_certificates, token=token)
+    if local_runtime:
+        grid._client = LocalRuntimeClient(local_runtime, token=token)  # HttpGrid's one client, made before its own
     client = grid._runtime_client  # as in Flower's run_serverapp
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()

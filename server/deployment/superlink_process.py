@@ -1,6 +1,8 @@
 """`python -m spine_fl.server.deployment.superlink_process ARGS`: Flower's SuperLink (same arguments
 as `flower-superlink`), its state in memory, its HTTP middleware only where it acts
-(shared/runtime/middleware.py).
+(shared/runtime/middleware.py), the sites' empty pulls held (shared/runtime/held_pulls.py), and the
+coordinator's ServerApp worker's Runtime requests also answered over a Unix socket
+(shared/runtime/local_runtime.py).
 
 Why in memory: with `--database FILE` every Fleet request (each poll, each object of a message) goes
 through SQLAlchemy and SQLite in the SuperLink's one Python process, which all sites and the
@@ -24,6 +26,7 @@ import os
 
 from spine_fl import QUIET_FLOWER_ENV
 from spine_fl.shared.runtime.held_pulls import hold_empty_pulls
+from spine_fl.shared.runtime.local_runtime import serve_runtime_beside_flowers
 from spine_fl.shared.runtime.middleware import lean_superlink_middleware
 from spine_fl.shared.runtime.wakeup import wake_after
 
@@ -34,6 +37,9 @@ if __name__ == "__main__":
     os.environ.update(QUIET_FLOWER_ENV)
     lean_superlink_middleware()  # each request crosses only the layers that act on it
     hold_empty_pulls()  # a site's empty pull is answered when a message for it is stored
+    from flwr.superlink import main
+
+    serve_runtime_beside_flowers(main)  # the ServerApp worker's Runtime requests over a Unix socket too
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
     wake_after(InMemoryLinkState, "store_message_res")  # the ServerApp asks for replies at once

@@ -1,25 +1,28 @@
-"""The site's worker and its own SuperNode talk through a Unix socket: the worker's Runtime API
-requests are answered by Flower's own Runtime handlers, called in the SuperNode process, instead of
-by the SuperNode's HTTP server on loopback.
+"""Each long-lived worker and its own Flower server talk through a Unix socket: a site's worker and
+its SuperNode, the coordinator's ServerApp worker and its SuperLink. The worker's Runtime API
+requests are answered by Flower's own Runtime handlers, called in the server's process, instead of
+by that server's HTTP stack on loopback.
 
 Why: a SecAgg+ round sends each site five messages one after another, and each message costs
-about a dozen Runtime API requests between the worker and its SuperNode (acquire the task, its
+about a dozen Runtime requests between the site's worker and its SuperNode (acquire the task, its
 input, the message and each of its parts, confirm, the reply and each of its parts, the task's
-end, heartbeats). Over Flower's HTTP API each went through uvicorn, Starlette and FastAPI in the
-SuperNode's Python process: measured at the worker, a median of 137 ms per message outside the app
-itself, on a 2-core machine that also trains three sites (README "Round time").
+end, heartbeats); the coordinator's ServerApp makes a few dozen per exchange for three sites (each
+site's message and parts out, each reply and parts in). Over Flower's HTTP API each went through
+uvicorn, Starlette and FastAPI in a Python process that also serves the sites: measured at a
+site's worker, a median of 137 ms per message outside the app itself, on a 2-core machine that
+also trains three sites (README "Round time").
 
-What stays Flower's: the handlers (flwr.supernode.servicer.runtime.runtime_handlers, and the task
-heartbeat's), the SuperNode's state and object store they work on, the task tokens (resolved by the
-state as Flower's TaskDependency does; an unknown or missing token is refused with 401), the
-SuperExec secret that alone may acquire a task (compared in constant time), and Flower's error
-codes with their HTTP status (403: the run is no longer running, which the worker's client turns
-into Flower's RunNotRunningException as Flower's own client does). The client raises httpx's
-errors, so the worker's handling of a SuperNode that is gone or refuses is the same as over HTTP.
+What stays Flower's: the handlers (the ones Flower's own Runtime routes call: the server app's
+`runtime_handlers`, and the task heartbeat's), the state and object store they work on, the task
+tokens (resolved by the state as Flower's TaskDependency does; an unknown or missing token is
+refused with 401), the SuperExec secret that alone may acquire a task (compared in constant time),
+and Flower's error codes with their HTTP status (403: the run is no longer running, which the
+client turns into Flower's RunNotRunningException as Flower's own HTTP client does). The client
+raises httpx's errors, so a worker handles a server that is gone or refuses as it did over HTTP.
 
-Who can connect: the socket lies in the site process's private folder (0700, shared/runtime/
-wakeup.py), so only the site's own user can, the same reach as the secret file and loopback port
-the HTTP API relies on. Flower's HTTP Runtime API keeps running beside it.
+Who can connect: the socket lies in the worker process's private folder (0700, shared/runtime/
+wakeup.py), so only the same user can, the same reach as the secret file and loopback port the
+HTTP API relies on. Flower's HTTP API keeps running beside it for everything else.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import socketserver
 import struct
 import threading
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable
 
 import httpx
@@ -47,6 +51,8 @@ from flwr.proto.message_pb2 import (  # pylint: disable=no-name-in-module
 from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
     AcquireTaskRequest,
     AcquireTaskResponse,
+    GetNodesRequest,
+    GetNodesResponse,
     PullAppMessagesRequest,
     PullAppMessagesResponse,
     PullTaskInputRequest,
@@ -62,19 +68,18 @@ from flwr.supercore.error import ApiErrorCode, FlowerError
 from flwr.supercore.error.catalog import API_ERROR_MAP
 from flwr.supercore.run import RunNotRunningException
 from flwr.supercore.servicer.runtime import runtime_handlers as core_handlers
-from flwr.supernode.servicer.runtime import runtime_handlers as node_handlers
 from google.protobuf.message import DecodeError, Message
 
 ENV = "SPINE_FL_RUNTIME_SOCKET"
 SOCKET_NAME = "runtime"  # beside the wake-up socket, in the same private folder
 ACQUIRE = "AcquireTask"
 MAX_FRAME_BYTES = 2 * 1024 * 1024 * 1024  # Flower's own object limit is below this
-CALL_SECONDS = 120.0  # one answer from the SuperNode; every handler answers at once
+CALL_SECONDS = 120.0  # one answer from the server; every handler answers at once
 
 _REQUEST_HEAD = struct.Struct(">HHQ")  # method length, credential length, body length
 _ANSWER_HEAD = struct.Struct(">HQ")  # HTTP status, body length
 
-log = logging.getLogger("spine_fl.client")
+log = logging.getLogger("spine_fl")
 
 
 @dataclass(frozen=True)
@@ -83,17 +88,18 @@ class _Method:
     handler: Callable[..., Message]
 
 
-def _methods() -> dict[str, _Method]:
-    """The SuperNode's Runtime routes the worker uses, each with the handler Flower's route calls."""
-    node = node_handlers
-    return {ACQUIRE: _Method(AcquireTaskRequest, node.acquire_task),
-            "PullTaskInput": _Method(PullTaskInputRequest, node.pull_task_input),
-            "PullMessages": _Method(PullAppMessagesRequest, node.pull_messages),
-            "PullObject": _Method(PullObjectRequest, node.pull_object),
-            "ConfirmMessageReceived": _Method(ConfirmMessageReceivedRequest, node.confirm_message_received),
-            "PushMessages": _Method(PushAppMessagesRequest, node.push_messages),
-            "PushObject": _Method(PushObjectRequest, node.push_object),
-            "PushTaskOutput": _Method(PushTaskOutputRequest, node.push_task_output),
+def _methods(handlers: Any) -> dict[str, _Method]:
+    """The Runtime routes the workers use, each with the handler Flower's route calls: `handlers` is
+    the server app's own (app.state.runtime_handlers), the heartbeat's is shared by both servers."""
+    return {ACQUIRE: _Method(AcquireTaskRequest, handlers.acquire_task),
+            "PullTaskInput": _Method(PullTaskInputRequest, handlers.pull_task_input),
+            "PullMessages": _Method(PullAppMessagesRequest, handlers.pull_messages),
+            "PullObject": _Method(PullObjectRequest, handlers.pull_object),
+            "ConfirmMessageReceived": _Method(ConfirmMessageReceivedRequest, handlers.confirm_message_received),
+            "PushMessages": _Method(PushAppMessagesRequest, handlers.push_messages),
+            "PushObject": _Method(PushObjectRequest, handlers.push_object),
+            "PushTaskOutput": _Method(PushTaskOutputRequest, handlers.push_task_output),
+            "GetNodes": _Method(GetNodesRequest, handlers.get_nodes),
             "SendTaskHeartbeat": _Method(SendTaskHeartbeatRequest, core_handlers.send_task_heartbeat)}
 
 
@@ -118,10 +124,10 @@ def _error_body(code: int, detail: str) -> bytes:
 
 
 class RuntimeDispatcher:
-    """Answers one request the way the SuperNode's HTTP Runtime API would: (status, body)."""
+    """Answers one request the way the server's HTTP Runtime API would: (status, body)."""
 
-    def __init__(self, state_factory: Any, secret: bytes | None) -> None:
-        self.state_factory, self.secret, self.methods = state_factory, secret, _methods()
+    def __init__(self, state_factory: Any, secret: bytes | None, handlers: Any) -> None:
+        self.state_factory, self.secret, self.methods = state_factory, secret, _methods(handlers)
 
     def answer(self, method: str, credential: bytes, body: bytes) -> tuple[int, bytes]:
         spec = self.methods.get(method)
@@ -184,30 +190,30 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     dispatcher: RuntimeDispatcher
 
 
-def serve_runtime(path: str, state_factory: Any, secret: bytes | None) -> _Server:
-    """In the SuperNode process: answer the worker's Runtime requests at `path`, in a thread."""
+def serve_runtime(path: str, state_factory: Any, secret: bytes | None, handlers: Any) -> _Server:
+    """In the server's process: answer the worker's Runtime requests at `path`, in a thread."""
     server = _Server(path, _Connection)
-    server.dispatcher = RuntimeDispatcher(state_factory, secret)
+    server.dispatcher = RuntimeDispatcher(state_factory, secret, handlers)
     threading.Thread(target=server.serve_forever, name="spine-fl-local-runtime", daemon=True).start()
     return server
 
 
-def serve_runtime_beside_flowers() -> None:
-    """In the SuperNode process, before Flower starts its Runtime HTTP API: when the site process
-    asked for it (SPINE_FL_RUNTIME_SOCKET), the same state and secret are also served at the socket."""
+def serve_runtime_beside_flowers(main: ModuleType) -> None:
+    """In a SuperNode or SuperLink process, before Flower builds its HTTP app (`main.create_app`,
+    flwr.supernode.main or flwr.superlink.main): when the worker's process asked for it
+    (SPINE_FL_RUNTIME_SOCKET), the app's Runtime state, secret and handlers are also served there."""
     path = os.environ.get(ENV)
     if not path:
         return
-    from flwr.supernode import main
-
     original = main.create_app
     if getattr(original, "_spine_fl_local", False):
         return
 
-    def create_app(state_factory: Any = None, superexec_auth_secret: bytes | None = None) -> Any:
-        app = original(state_factory=state_factory, superexec_auth_secret=superexec_auth_secret)
-        if state_factory is not None:
-            serve_runtime(path, state_factory, superexec_auth_secret)
+    def create_app(*args: Any, **kwargs: Any) -> Any:
+        app = original(*args, **kwargs)
+        factory = getattr(app.state, "runtime_state_factory", None)
+        if factory is not None:
+            serve_runtime(path, factory, app.state.superexec_auth_secret, app.state.runtime_handlers)
         return app
 
     create_app._spine_fl_local = True  # type: ignore[attr-defined]
@@ -215,8 +221,9 @@ def serve_runtime_beside_flowers() -> None:
 
 
 class LocalRuntimeClient:
-    """The worker's side: the methods of Flower's RuntimeHttpClient that the worker uses, each one
-    request and answer over the socket. `token`: the task's; `secret`: for AcquireTask."""
+    """The worker's side: the methods of Flower's RuntimeHttpClient that the workers (and the
+    ServerApp's HttpGrid) use, each one request and answer over the socket. `token`: the task's;
+    `secret`: for AcquireTask."""
 
     def __init__(self, path: str, token: str | None = None, secret: bytes | None = None) -> None:
         self.path, self.token, self.secret = path, token, secret
@@ -239,14 +246,14 @@ class LocalRuntimeClient:
                 answer = _read_exactly(self._sock, size)
             except (OSError, ConnectionError) as exc:
                 self._close()
-                raise httpx.ConnectError(f"the SuperNode's local Runtime API at {self.path}: {exc}") from None
+                raise httpx.ConnectError(f"the local Runtime API at {self.path}: {exc}") from None
         if status == 200:
             return answer_type.FromString(answer)
         if status == 403 and not _connector_error(answer):
             raise RunNotRunningException  # as Flower's HTTP client does with a 403
         url = f"http://spine-fl-local-runtime/{method}"
         response = httpx.Response(status, content=answer, request=httpx.Request("POST", url))
-        raise httpx.HTTPStatusError(f"{status} from the SuperNode's local Runtime API ({method}): "
+        raise httpx.HTTPStatusError(f"{status} from the local Runtime API ({method}): "
                                     f"{answer[:300].decode(errors='replace')}", request=response.request,
                                     response=response)
 
@@ -275,6 +282,9 @@ class LocalRuntimeClient:
 
     def ConfirmMessageReceived(self, request: ConfirmMessageReceivedRequest) -> ConfirmMessageReceivedResponse:  # noqa: N802
         return self._call("ConfirmMessageReceived", request, ConfirmMessageReceivedResponse)
+
+    def GetNodes(self, request: GetNodesRequest) -> GetNodesResponse:  # noqa: N802
+        return self._call("GetNodes", request, GetNodesResponse)
 
     def PushMessages(self, request: PushAppMessagesRequest) -> PushAppMessagesResponse:  # noqa: N802
         return self._call("PushMessages", request, PushAppMessagesResponse)
